@@ -1,0 +1,185 @@
+"""Extraction stage: images -> extractor -> feature store, resumable, with overlap.
+
+Decoding and resizing run in a thread pool ahead of the model (they release the GIL in
+Pillow/OpenCV, as does TensorFlow), so the model rarely waits for input. Finished batches
+are written as atomic chunks; rerunning the same command skips what is done.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .features import ImageFeatures, LocalFeatures
+from .images import ImageDecodeError, ImageSource, decode_image, downscale_to_max_size
+from .models.base import Extractor
+from .store import FeatureStore
+
+DEFAULT_BATCH_SIZE = 64
+
+
+@dataclass
+class ExtractionSummary:
+    """What one extraction run did.
+
+    ``images_per_second`` counts images extracted in this run (skipped ones excluded).
+    """
+
+    total: int
+    extracted: int
+    skipped: int
+    failed: int
+    seconds: float
+    store_bytes: int
+    bytes_per_image: float
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.extracted / self.seconds if self.seconds > 0 else 0.0
+
+    def report(self) -> str:
+        lines = [
+            f"images: {self.total} listed, {self.extracted} extracted, "
+            f"{self.skipped} already in store, {self.failed} failed",
+            f"speed: {self.images_per_second:.2f} images/s over {self.seconds:.1f} s",
+            f"store: {self.store_bytes / 1e6:.2f} MB, {self.bytes_per_image / 1e3:.1f} kB per image",
+        ]
+        lines += [f"  failed {image_id}: {reason}" for image_id, reason in self.failures[:20]]
+        if len(self.failures) > 20:
+            lines.append(f"  ... and {len(self.failures) - 20} more (see the store's failures.json)")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class _Decoded:
+    source: ImageSource
+    image: np.ndarray | None
+    factor: float
+    error: str | None
+
+
+def _decode(source: ImageSource, max_size: int | None) -> _Decoded:
+    try:
+        image = decode_image(source.read_bytes())
+        small, factor = downscale_to_max_size(image, max_size)
+        return _Decoded(source, small, factor, None)
+    except ImageDecodeError as error:
+        return _Decoded(source, None, 1.0, str(error))
+    except Exception as error:  # any decoder crash is one image's failure, not the run's
+        return _Decoded(source, None, 1.0, f"decode failed: {type(error).__name__}: {error}")
+
+
+def iter_decoded(
+    sources: Sequence[ImageSource], *, max_size: int | None = None, threads: int = 2, prefetch: int = 16
+) -> Iterator[_Decoded]:
+    """Decode (and downscale) images in a thread pool, yielding them in input order."""
+    with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="decode") as pool:
+        pending: deque[Future[_Decoded]] = deque()
+        position = 0
+        while position < len(sources) or pending:
+            while position < len(sources) and len(pending) < prefetch:
+                pending.append(pool.submit(_decode, sources[position], max_size))
+                position += 1
+            yield pending.popleft().result()
+
+
+def rescale_features(features: ImageFeatures, factor: float) -> ImageFeatures:
+    """Map local keypoints found on an image downscaled by ``factor`` back to original pixels."""
+    if factor == 1.0 or features.local is None:
+        return features
+    local = features.local
+    rescaled = LocalFeatures(
+        keypoints=((local.keypoints + 0.5) * factor - 0.5).astype(np.float32),
+        descriptors=local.descriptors,
+        scores=local.scores,
+        scales=local.scales,
+    )
+    return ImageFeatures(local=rescaled, global_descriptor=features.global_descriptor)
+
+
+def extract_to_store(
+    extractor: Extractor,
+    sources: Sequence[ImageSource],
+    store: FeatureStore,
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    decode_threads: int = 2,
+    retry_failed: bool = False,
+    progress: bool = True,
+    description: str = "extract",
+) -> ExtractionSummary:
+    """Extract features of ``sources`` into ``store``, skipping ids already there.
+
+    Parameters
+    ----------
+    batch_size : images per atomic chunk (a kill loses at most one chunk of work).
+    decode_threads : threads decoding ahead of the model.
+    retry_failed : also retry ids recorded as failures by an earlier run.
+
+    Images that cannot be decoded or extracted are recorded as ``(id, reason)`` and the
+    run goes on. The store is consolidated at the end.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    started = time.perf_counter()
+    done = store.completed_ids()
+    if retry_failed:
+        done -= store.failed_chunk_ids()
+    todo = [source for source in sources if source.id not in done]
+    skipped = len(sources) - len(todo)
+    # Downscaling happens in the decode threads; the extractor then sees a small image.
+    max_size = extractor.params.max_image_size
+    failures: list[tuple[str, str]] = []
+    extracted = 0
+    batch_ids: list[str] = []
+    batch_features: list[ImageFeatures] = []
+    batch_failures: list[tuple[str, str]] = []
+
+    def flush() -> None:
+        store.write_chunk(batch_ids, batch_features, batch_failures)
+        batch_ids.clear()
+        batch_features.clear()
+        batch_failures.clear()
+
+    bar = tqdm(total=len(todo), desc=description, unit="img", disable=not progress or not todo, smoothing=0.1)
+    for decoded in iter_decoded(todo, max_size=max_size, threads=decode_threads):
+        image_id = decoded.source.id
+        if decoded.error is not None:
+            batch_failures.append((image_id, decoded.error))
+            failures.append((image_id, decoded.error))
+        else:
+            try:
+                features = rescale_features(extractor.extract(decoded.image), decoded.factor)
+            except Exception as error:  # one bad image must not end a multi-day run
+                reason = f"extraction failed: {type(error).__name__}: {error}"
+                batch_failures.append((image_id, reason))
+                failures.append((image_id, reason))
+            else:
+                batch_ids.append(image_id)
+                batch_features.append(features)
+                extracted += 1
+        if len(batch_ids) + len(batch_failures) >= batch_size:
+            flush()
+        bar.update(1)
+        bar.set_postfix(failed=len(failures), refresh=False)
+    flush()
+    bar.close()
+    store.finalize()
+    seconds = time.perf_counter() - started
+    return ExtractionSummary(
+        total=len(sources),
+        extracted=extracted,
+        skipped=skipped,
+        failed=len(failures),
+        seconds=seconds,
+        store_bytes=store.nbytes(),
+        bytes_per_image=store.bytes_per_image(),
+        failures=failures,
+    )

@@ -1,0 +1,72 @@
+"""Feature containers shared by every stage.
+
+Conventions used throughout the package:
+
+* keypoints are ``(x, y)`` in pixels of the *original* (decoded, EXIF-rotated) image,
+  float32, shape ``[N, 2]``; x grows to the right, y downwards (OpenCV's convention,
+  the one ``cv2.findHomography`` takes). DELF/DELG models return boxes ``(ymin, xmin,
+  ymax, xmax)`` or locations ``(y, x)``; the adapters convert them.
+* local descriptors are float32 ``[N, D]``, each row L2-normalised.
+* a global descriptor is float32 ``[D]``, L2-normalised.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class LocalFeatures:
+    """Local features of one image.
+
+    Attributes
+    ----------
+    keypoints : float32 [N, 2]
+        ``(x, y)`` in original-image pixels.
+    descriptors : float32 [N, D]
+        L2-normalised rows (float16 when read from a float16 store).
+    scores : float32 [N]
+        Attention (DELF/DELG) or detector response (OpenCV); higher is stronger.
+    scales : float32 [N]
+        Image scale the feature was found at (DELF/DELG) or keypoint size in pixels
+        (OpenCV).
+    """
+
+    keypoints: np.ndarray
+    descriptors: np.ndarray
+    scores: np.ndarray
+    scales: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.keypoints.shape[0])
+
+    @classmethod
+    def empty(cls, dim: int) -> LocalFeatures:
+        """No features, with descriptor width ``dim``."""
+        return cls(
+            keypoints=np.zeros((0, 2), np.float32),
+            descriptors=np.zeros((0, dim), np.float32),
+            scores=np.zeros((0,), np.float32),
+            scales=np.zeros((0,), np.float32),
+        )
+
+
+@dataclass(frozen=True)
+class ImageFeatures:
+    """Everything an extractor returns for one image.
+
+    ``local`` is None for global-only models; ``global_descriptor`` (float32 [D],
+    L2-normalised) is None for local-only models until an aggregator (VLAD) is fitted.
+    """
+
+    local: LocalFeatures | None
+    global_descriptor: np.ndarray | None
+
+
+def l2_normalize(array: np.ndarray, axis: int = -1, eps: float = 1e-12) -> np.ndarray:
+    """Return ``array`` divided by its L2 norm along ``axis`` (float32, zeros stay zero)."""
+    array = np.asarray(array, dtype=np.float32)
+    norm = np.linalg.norm(array, axis=axis, keepdims=True)
+    return array / np.maximum(norm, eps)

@@ -1,0 +1,47 @@
+"""Packaging for delf_retrieval."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+
+
+def read_requirements() -> list[str]:
+    lines = (HERE / "requirements.txt").read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
+setup(
+    name="delf_retrieval",
+    version="0.1.0",
+    description=(
+        "Landmark recognition and retrieval with DELF/DELG features, "
+        "RANSAC re-ranking and Kaggle submissions"
+    ),
+    long_description=(HERE / "README.md").read_text() if (HERE / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10,<3.13",
+    packages=find_packages(include=["delf_retrieval", "delf_retrieval.*"]),
+    install_requires=read_requirements(),
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "ruff>=0.5",
+            "nbclient>=0.10",
+            "nbformat>=5.9",
+            "ipykernel>=6.29",
+        ],
+        "notebook": ["jupyter>=1.0"],
+        "ray": ["ray[default]>=2.30"],
+        "faiss": ["faiss-cpu>=1.8"],
+        "degensac": ["pydegensac>=0.1.2"],
+    },
+    entry_points={"console_scripts": ["delf-retrieval=delf_retrieval.cli:main"]},
+    classifiers=[
+        "Programming Language :: Python :: 3.10",
+        "Programming Language :: Python :: 3.11",
+        "Programming Language :: Python :: 3.12",
+        "Topic :: Scientific/Engineering :: Image Recognition",
+    ],
+)
