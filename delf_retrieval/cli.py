@@ -72,6 +72,118 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_recognize(args: argparse.Namespace) -> int:
+    from . import pipeline
+
+    extractor = build_extractor(args)
+    output = pipeline.recognize(
+        args.data_dir,
+        extractor,
+        _config(args, extractor),
+        output=args.output,
+        work_dir=args.work_dir,
+        use_nonlandmark=True if args.nonlandmark else None,
+        verify=not args.no_verify,
+        dtype=args.dtype,
+        progress=not args.no_progress,
+    )
+    _report_scores(args, output.submission, "recognition")
+    return 1 if output.problems else 0
+
+
+def _cmd_retrieve(args: argparse.Namespace) -> int:
+    from . import pipeline
+
+    extractor = build_extractor(args)
+    output = pipeline.retrieve(
+        args.data_dir,
+        extractor,
+        _config(args, extractor),
+        output=args.output,
+        work_dir=args.work_dir,
+        use_labels=not args.no_labels,
+        verify=not args.no_verify,
+        dtype=args.dtype,
+        progress=not args.no_progress,
+    )
+    _report_scores(args, output.submission, "retrieval")
+    return 1 if output.problems else 0
+
+
+def _report_scores(args: argparse.Namespace, submission, kind: str) -> None:
+    """Print the metric when the dataset ships its solution file."""
+    from .metrics import evaluate_recognition, evaluate_retrieval
+
+    name = "solution.csv" if kind == "recognition" else "retrieval_solution.csv"
+    solution = Path(args.data_dir) / name
+    if solution.is_file():
+        scores = (evaluate_recognition if kind == "recognition" else evaluate_retrieval)(submission, solution)
+        print(_format_scores(scores, "GAP" if kind == "recognition" else "mAP@100", str(solution)))
+
+
+def _format_scores(scores: dict, metric: str, against: str) -> str:
+    parts = ", ".join(f"{split} {value:.4f}" for split, value in scores.items())
+    return f"{metric} against {against}: {parts}"
+
+
+def _config(args: argparse.Namespace, extractor):
+    """--config (default: the preset suiting the model) with --set overrides applied."""
+    from .config import load_config
+
+    base = args.config or ("opencv-sift" if extractor.family == "opencv-sift" else "kaggle2020")
+    return load_config(base, **dict(_parse_overrides(args.set)))
+
+
+def _parse_overrides(items: Sequence[str] | None):
+    """``NAME=VALUE`` pairs with VALUE parsed as YAML (numbers, booleans, strings)."""
+    import yaml
+
+    for item in items or ():
+        if "=" not in item:
+            raise ValueError(f"--set expects NAME=VALUE, got {item!r}")
+        name, value = item.split("=", 1)
+        yield name.strip(), yaml.safe_load(value)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from .metrics import evaluate_recognition, evaluate_retrieval
+
+    header = pd.read_csv(args.submission, nrows=0).columns.tolist()
+    kind = args.kind or ("retrieval" if "images" in header else "recognition")
+    scores = (evaluate_recognition if kind == "recognition" else evaluate_retrieval)(args.submission, args.solution)
+    print(_format_scores(scores, "GAP" if kind == "recognition" else "mAP@100", str(args.solution)))
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from .submission import validate_submission
+
+    problems = validate_submission(args.submission, args.sample, kind=args.kind)
+    for problem in problems:
+        print(f"problem: {problem}")
+    print("valid" if not problems else f"{len(problems)} problem(s)")
+    return 1 if problems else 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, seed=args.seed, progress=not args.no_progress)
+    return 0
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("data_dir", type=Path, help="Kaggle-layout folder (train.csv, train/, test/, ...)")
+    parser.add_argument("-o", "--output", type=Path, default=Path("submission.csv"), help="submission file")
+    parser.add_argument("--config", default=None, help="preset name (kaggle2020, kaggle2020-nonlandmark, opencv-sift) or YAML/JSON file")
+    parser.add_argument("--set", action="append", metavar="NAME=VALUE", help="override one config field, e.g. --set NUM_TO_RERANK=10")
+    parser.add_argument("--work-dir", type=Path, default=None, help="feature cache (default ./delf_work)")
+    parser.add_argument("--no-verify", action="store_true", help="global similarity only, no RANSAC")
+    _add_model_arguments(parser)
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="delf-retrieval",
@@ -91,6 +203,34 @@ def make_parser() -> argparse.ArgumentParser:
     extract.add_argument("--retry-failed", action="store_true", help="retry images that failed before")
     _add_model_arguments(extract)
     extract.set_defaults(func=_cmd_extract)
+
+    recognize = commands.add_parser("recognize", help="recognition submission for a Kaggle-layout dataset")
+    _add_run_arguments(recognize)
+    recognize.add_argument("--nonlandmark", action="store_true", help="use nonlandmark.csv as distractor set")
+    recognize.set_defaults(func=_cmd_recognize)
+
+    retrieve = commands.add_parser("retrieve", help="retrieval submission for a Kaggle-layout dataset")
+    _add_run_arguments(retrieve)
+    retrieve.add_argument("--no-labels", action="store_true", help="do not use train.csv labels to re-rank")
+    retrieve.set_defaults(func=_cmd_retrieve)
+
+    evaluate = commands.add_parser("evaluate", help="GAP or mAP@100 of a submission (Public, Private, All)")
+    evaluate.add_argument("--submission", required=True, type=Path)
+    evaluate.add_argument("--solution", required=True, type=Path)
+    evaluate.add_argument("--kind", choices=("recognition", "retrieval"), default=None, help="default: from the header")
+    evaluate.set_defaults(func=_cmd_evaluate)
+
+    validate = commands.add_parser("validate", help="check a submission against sample_submission.csv")
+    validate.add_argument("submission", type=Path)
+    validate.add_argument("--sample", type=Path, required=True, help="sample_submission.csv")
+    validate.add_argument("--kind", choices=("recognition", "retrieval"), default="recognition")
+    validate.set_defaults(func=_cmd_validate)
+
+    demo = commands.add_parser("demo", help="build a small dataset from bundled photos and run recognition on it")
+    demo.add_argument("--out", type=Path, default=Path("demo_output"), help="output folder")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--no-progress", action="store_true")
+    demo.set_defaults(func=_cmd_demo)
     return parser
 
 

@@ -52,9 +52,9 @@ def random_view(
     rng: np.random.Generator,
     *,
     size: int = 480,
-    max_rotation: float = 20.0,
-    perspective: float = 0.12,
-    zoom: tuple[float, float] = (0.65, 1.0),
+    max_rotation: float = 30.0,
+    perspective: float = 0.18,
+    zoom: tuple[float, float] = (0.45, 0.9),
 ) -> np.ndarray:
     """One synthetic photo of ``image``: viewpoint, crop, lighting and colour changes.
 
