@@ -72,23 +72,18 @@ class OpenCVSiftExtractor(Extractor):
             raise ValueError(f"expected an RGB uint8 [H, W, 3] image, got {image.dtype} {image.shape}")
         small, factor = downscale_to_max_size(image, self.params.max_image_size)
         gray = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)
-        # nfeatures=0 keeps all; the cap is applied after sorting by response, so it
-        # does not depend on OpenCV's internal retention order.
         sift = cv2.SIFT_create()
-        keypoints, descriptors = sift.detectAndCompute(gray, None)
+        # Detect everything, keep the strongest, describe only those: describing is most
+        # of SIFT's cost. The cap does not depend on OpenCV's internal retention order.
+        detected = [kp for kp in sift.detect(gray, None) if kp.response >= self.params.score_threshold]
+        detected.sort(key=lambda kp: (-kp.response, kp.pt[1], kp.pt[0], -kp.size))
+        keypoints, descriptors = sift.compute(gray, detected[: self.params.max_feature_num])
         if descriptors is None or not keypoints:
             return ImageFeatures(local=LocalFeatures.empty(self.local_dim), global_descriptor=None)
-        responses = np.array([kp.response for kp in keypoints], np.float32)
-        points = np.array([kp.pt for kp in keypoints], np.float32)
-        sizes = np.array([kp.size for kp in keypoints], np.float32)
-        keep = responses >= self.params.score_threshold
-        # Stable order: strongest first, ties by position, so results are reproducible.
-        order = np.lexsort((points[:, 0], points[:, 1], -responses))
-        order = order[keep[order]][: self.params.max_feature_num]
         local = LocalFeatures(
-            keypoints=(points[order] + 0.5) * factor - 0.5,
-            descriptors=root_sift(descriptors[order]),
-            scores=responses[order],
-            scales=sizes[order],
+            keypoints=(np.array([kp.pt for kp in keypoints], np.float32) + 0.5) * factor - 0.5,
+            descriptors=root_sift(descriptors),
+            scores=np.array([kp.response for kp in keypoints], np.float32),
+            scales=np.array([kp.size for kp in keypoints], np.float32),
         )
         return ImageFeatures(local=local, global_descriptor=None)

@@ -1,0 +1,11 @@
+"""Feature extractors: one adapter per model family behind :class:`Extractor`.
+
+``load_extractor("opencv-sift")``, ``load_extractor("/path/to/delg_savedmodel")`` or
+``load_extractor("google/delf/1")`` (from the TF-Hub cache). Importing this package does
+not import TensorFlow; the adapters do when a model is loaded.
+"""
+
+from .base import Extractor, ExtractorParams
+from .loader import list_models, load_extractor
+
+__all__ = ["Extractor", "ExtractorParams", "list_models", "load_extractor"]
