@@ -1,0 +1,105 @@
+"""The notebooks run headless, top to bottom, on a tiny demo dataset."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from delf_retrieval.demo_data import build_demo_dataset
+from delf_retrieval.submission import validate_submission
+
+nbformat = pytest.importorskip("nbformat", reason="the notebook tests need nbformat")
+nbclient = pytest.importorskip("nbclient", reason="the notebook tests need nbclient")
+pytest.importorskip("ipykernel", reason="the notebook tests need an IPython kernel")
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOKS = REPO / "notebooks"
+SUBMISSION_NOTEBOOKS = {
+    "recognition_submission.ipynb": ("recognition", "GAP"),
+    "retrieval_submission.ipynb": ("retrieval", "mAP@100"),
+}
+ALL_NOTEBOOKS = [*SUBMISSION_NOTEBOOKS, "explore_matches.ipynb"]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A small demo dataset and one feature cache that all notebooks share (speed)."""
+    root = tmp_path_factory.mktemp("notebook_demo")
+    dataset = build_demo_dataset(
+        root / "data",
+        landmarks=("astronaut", "chelsea", "coffee", "rocket"),
+        train_views=2,
+        query_views=2,
+        nonlandmark_queries=("grass", "text"),
+        nonlandmark_set=("grass", "gravel"),
+        image_size=320,
+    )
+    return dataset.root, root / "work"
+
+
+def execute(name: str, data_dir: Path, work_dir: Path, cwd: Path):
+    """Run one notebook in a fresh python3 kernel; errors raise CellExecutionError."""
+    notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DELF_")}
+    env.update(DELF_DATA_DIR=str(data_dir), DELF_WORK_DIR=str(work_dir))
+    # The kernel must import this checkout even when the package is not installed.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    client = nbclient.NotebookClient(
+        notebook,
+        kernel_name="python3",
+        timeout=300,
+        resources={"metadata": {"path": str(cwd)}},
+    )
+    client.execute(env=env, cwd=str(cwd))
+    return notebook
+
+
+def outputs(notebook) -> list[dict]:
+    return [
+        output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs
+    ]
+
+
+def printed(notebook) -> str:
+    return "".join(output.get("text", "") for output in outputs(notebook))
+
+
+def pictures(notebook) -> int:
+    return sum("image/png" in output.get("data", {}) for output in outputs(notebook))
+
+
+def test_notebooks_are_stored_clean_with_a_parameters_cell():
+    assert sorted(path.name for path in NOTEBOOKS.glob("*.ipynb")) == sorted(ALL_NOTEBOOKS)
+    for name in ALL_NOTEBOOKS:
+        raw = json.loads((NOTEBOOKS / name).read_text())
+        code = [cell for cell in raw["cells"] if cell["cell_type"] == "code"]
+        assert all(cell["outputs"] == [] and cell["execution_count"] is None for cell in code), name
+        tagged = [cell for cell in code if "parameters" in cell["metadata"].get("tags", [])]
+        assert len(tagged) == 1, name
+        assert "DELF_DATA_DIR" in "".join(tagged[0]["source"]), name
+        assert raw["cells"][0]["cell_type"] == "markdown", name
+
+
+@pytest.mark.parametrize("name", list(SUBMISSION_NOTEBOOKS))
+def test_submission_notebooks_write_a_valid_submission(name, demo, tmp_path):
+    data_dir, work_dir = demo
+    notebook = execute(name, data_dir, work_dir, tmp_path)
+    kind, metric = SUBMISSION_NOTEBOOKS[name]
+    written = tmp_path / "submission.csv"
+    assert written.is_file()
+    assert validate_submission(written, data_dir / "sample_submission.csv", kind=kind) == []
+    assert f"{written.name}: valid" in printed(notebook)
+    assert re.search(rf"{metric} \(re-ranked\): Public \d\.\d{{4}}, Private", printed(notebook))
+    assert pictures(notebook) == 1
+
+
+def test_explore_matches_draws_neighbours_matches_and_gallery(demo, tmp_path):
+    data_dir, work_dir = demo
+    notebook = execute("explore_matches.ipynb", data_dir, work_dir, tmp_path)
+    # Neighbours, two match pictures (same and other landmark) and the gallery.
+    assert pictures(notebook) == 4
+    assert not (tmp_path / "submission.csv").exists()
