@@ -1,0 +1,494 @@
+"""Geometric verification: putative descriptor matches, then RANSAC inliers.
+
+The Kaggle 2020 host baseline looks every descriptor of the *query* image up in a KD-tree
+of the *train* image's descriptors (``cKDTree(train).query(test, distance_upper_bound=...)``)
+and fits a homography with pydegensac from query to train keypoints. Here image 1 plays
+the query and image 2 the train/index image, in that same direction, but the nearest
+neighbours come from one matrix product of L2-normalised descriptors
+(``distance**2 = 2 - 2 * similarity``), and RANSAC defaults to OpenCV's seeded MAGSAC++.
+
+Tie rule: a descriptor whose nearest neighbour is tied picks the smaller index.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from delf_retrieval.config import RANSAC_METHODS, Config
+from delf_retrieval.features import LocalFeatures, l2_normalize
+
+__all__ = [
+    "count_inliers",
+    "count_inliers_many",
+    "match_and_verify",
+    "putative_matches",
+    "ransac_inliers",
+]
+
+# Points that define a model: a homography always fits its 4 sample points exactly and an
+# affine map its 3, so a model supported by no more than these is no evidence at all.
+_SAMPLE_SIZE = {"magsac": 4, "opencv-ransac": 4, "degensac": 4, "skimage-affine": 3}
+# Point sets whose second singular value (after centring) is below this fraction of the
+# first lie on a line (or a point): no homography or affine map is determined.
+_DEGENERATE_RATIO = 1e-4
+# A fitted map must scale areas, at its median inlier, by a factor within these bounds
+# (a 30x zoom either way) and keep orientation at every inlier. Plain nearest-neighbour
+# matching sends hundreds of keypoints to a handful of points; a map that collapses them
+# (area scale ~1e-6) or mirrors them would count all of them as inliers.
+_MIN_AREA_SCALE, _MAX_AREA_SCALE = 1e-3, 1e3
+
+
+def putative_matches(
+    descriptors1: np.ndarray,
+    descriptors2: np.ndarray,
+    *,
+    max_distance: float = float("inf"),
+    mutual: bool = False,
+    ratio: float = 1.0,
+) -> np.ndarray:
+    """Nearest-neighbour matches from image 1 (query) to image 2 (train/index).
+
+    Every descriptor of image 1 is matched to its nearest descriptor of image 2 (L2
+    distance between L2-normalised rows), like the baseline's KD-tree query with
+    ``distance_upper_bound=max_distance``; optional filters drop some matches.
+
+    Parameters
+    ----------
+    descriptors1 : float array [N1, D]
+        Query-image descriptors (float16 is fine). Rows are L2-normalised here, so the
+        result depends only on their directions; an all-zero row is at distance
+        ``sqrt(2)`` from everything.
+    descriptors2 : float array [N2, D]
+        Train/index-image descriptors.
+    max_distance : float
+        Keep a match only if its L2 distance is strictly below this (``inf``: no bound).
+    mutual : bool
+        Keep a match only if the descriptor of image 1 is also the nearest neighbour, in
+        image 1, of its match (mutual nearest neighbours); when several descriptors of
+        image 1 are equally near to it, only the one with the smallest index is kept.
+    ratio : float
+        Lowe's ratio test: keep a match only if its distance is strictly below ``ratio``
+        times the distance to the second nearest descriptor. ``1.0`` disables the test.
+        With a single descriptor in image 2 the test passes.
+
+    Returns
+    -------
+    int64 [M, 2]
+        ``(index into descriptors1, index into descriptors2)``, sorted by the first column.
+    """
+    d1 = _as_descriptors(descriptors1, "descriptors1")
+    d2 = _as_descriptors(descriptors2, "descriptors2")
+    if d1.shape[1] != d2.shape[1]:
+        raise ValueError(f"descriptor widths differ: {d1.shape[1]} and {d2.shape[1]}")
+    _check_match_params(max_distance, ratio)
+    if d1.shape[0] == 0 or d2.shape[0] == 0:
+        return np.zeros((0, 2), np.int64)
+    return _match_normalized(l2_normalize(d1), l2_normalize(d2), max_distance, mutual, ratio)
+
+
+def ransac_inliers(
+    points1: np.ndarray,
+    points2: np.ndarray,
+    *,
+    method: str = "magsac",
+    max_reprojection_error: float = 4.0,
+    max_iterations: int = 1000,
+    confidence: float = 0.99,
+    seed: int = 0,
+) -> np.ndarray:
+    """Inliers of a robustly fitted map from ``points1`` to ``points2``.
+
+    Parameters
+    ----------
+    points1, points2 : float array [M, 2]
+        Matched ``(x, y)`` pixel positions in image 1 and image 2.
+    method : {"magsac", "opencv-ransac", "degensac", "skimage-affine"}
+        ``"magsac"``: homography with OpenCV USAC MAGSAC++ (``cv2.USAC_MAGSAC`` settings,
+        seeded through ``UsacParams.randomGeneratorState``). ``"opencv-ransac"``:
+        homography with ``cv2.RANSAC`` (OpenCV seeds it with a fixed state, so ``seed`` has
+        no effect; it is deterministic). ``"degensac"``: homography with
+        ``pydegensac.findHomography`` (the baseline's, optional extra). ``"skimage-affine"``:
+        affine map with ``skimage.measure.ransac`` (the TF-Hub DELF tutorial's).
+    max_reprojection_error : float
+        Inlier threshold, pixels (> 0).
+    max_iterations : int
+        Iteration cap (>= 1).
+    confidence : float
+        Stopping confidence in (0, 1).
+    seed : int
+        Random state (>= 0); the same seed gives the same inliers.
+
+    Returns
+    -------
+    bool [M]
+        All False when there are fewer than 5 matches, a point is not finite, either point
+        set is degenerate (all on one line), no model is found, the model is supported
+        only by its own minimal sample (4 points for a homography, 3 for an affine map), or
+        the model is implausible: it mirrors the image, or it scales areas at its median
+        inlier by less than 1/1000 or more than 1000 (a collapse of many matches onto a
+        few points, which plain nearest-neighbour matching invites).
+
+    Raises
+    ------
+    ValueError
+        For shapes other than two equal ``[M, 2]``, or invalid parameters.
+    ImportError
+        For ``method="degensac"`` without pydegensac.
+    """
+    p1 = _as_points(points1, "points1")
+    p2 = _as_points(points2, "points2")
+    if p1.shape[0] != p2.shape[0]:
+        raise ValueError(f"points1 has {p1.shape[0]} points but points2 has {p2.shape[0]}")
+    if method not in RANSAC_METHODS:
+        raise ValueError(f"unknown RANSAC method {method!r}; choose one of {RANSAC_METHODS}")
+    if not max_reprojection_error > 0:
+        raise ValueError(f"max_reprojection_error must be > 0, got {max_reprojection_error}")
+    if max_iterations < 1:
+        raise ValueError(f"max_iterations must be >= 1, got {max_iterations}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    if method == "degensac":
+        _import_pydegensac()
+
+    none = np.zeros(p1.shape[0], dtype=bool)
+    if p1.shape[0] < 5 or not (np.isfinite(p1).all() and np.isfinite(p2).all()):
+        return none
+    if _is_degenerate(p1) or _is_degenerate(p2):
+        return none
+    try:
+        model, mask = _ESTIMATORS[method](
+            p1, p2, float(max_reprojection_error), int(max_iterations), float(confidence), int(seed)
+        )
+    except (np.linalg.LinAlgError, ValueError, _cv2_error()):
+        return none
+    if model is None or mask is None:
+        return none
+    mask = np.asarray(mask).reshape(-1).astype(bool)
+    if mask.shape[0] != p1.shape[0] or mask.sum() <= _SAMPLE_SIZE[method]:
+        return none
+    if not _plausible(np.asarray(model, np.float64), p1[mask]):
+        return none
+    return mask
+
+
+def match_and_verify(
+    keypoints1: np.ndarray,
+    descriptors1: np.ndarray,
+    keypoints2: np.ndarray,
+    descriptors2: np.ndarray,
+    config: Config | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Putative matches and their RANSAC inlier mask, per ``config`` (for drawing).
+
+    Parameters
+    ----------
+    keypoints1 : float array [N1, 2]
+        Query-image ``(x, y)`` pixels.
+    descriptors1 : float array [N1, D]
+    keypoints2 : float array [N2, 2]
+        Train/index-image ``(x, y)`` pixels.
+    descriptors2 : float array [N2, D]
+    config : Config, optional
+        Uses MAX_DESCRIPTOR_DISTANCE, MUTUAL_NEAREST_NEIGHBOR, RATIO_TEST, MIN_MATCHES,
+        RANSAC_METHOD, MAX_REPROJECTION_ERROR, MAX_RANSAC_ITERATIONS,
+        HOMOGRAPHY_CONFIDENCE and RANSAC_SEED. Default: ``Config()`` (kaggle2020).
+
+    Returns
+    -------
+    matches : int64 [M, 2]
+        ``(index into image 1, index into image 2)``.
+    inliers : bool [M]
+        All False when ``M <= MIN_MATCHES``.
+    """
+    config = Config() if config is None else config
+    k1, d1 = _as_features(keypoints1, descriptors1, "1")
+    k2, d2 = _as_features(keypoints2, descriptors2, "2")
+    if d1.shape[1] != d2.shape[1]:
+        raise ValueError(f"descriptor widths differ: {d1.shape[1]} and {d2.shape[1]}")
+    if d1.shape[0] == 0 or d2.shape[0] == 0:
+        return np.zeros((0, 2), np.int64), np.zeros(0, bool)
+    return _verify_normalized(k1, l2_normalize(d1), k2, l2_normalize(d2), config)
+
+
+def count_inliers(
+    keypoints1: np.ndarray,
+    descriptors1: np.ndarray,
+    keypoints2: np.ndarray,
+    descriptors2: np.ndarray,
+    config: Config | None = None,
+) -> int:
+    """Number of RANSAC inliers between two images, as the baseline's ``get_num_inliers``.
+
+    Same arguments as :func:`match_and_verify`; 0 when there are ``MIN_MATCHES`` putative
+    matches or fewer.
+    """
+    _, inliers = match_and_verify(keypoints1, descriptors1, keypoints2, descriptors2, config)
+    return int(inliers.sum())
+
+
+def count_inliers_many(
+    query: LocalFeatures,
+    candidates: Sequence[LocalFeatures],
+    config: Config | None = None,
+) -> np.ndarray:
+    """Inlier counts of one query image against several candidates, in parallel.
+
+    Descriptors are matched one candidate after another (each matrix product already
+    uses every core through BLAS), then RANSAC runs for all pairs on ``config.WORKERS``
+    threads (0 = ``os.cpu_count()``; OpenCV and pydegensac release the GIL). Every pair is
+    seeded the same way, so the result equals calling :func:`count_inliers` in a loop.
+
+    Parameters
+    ----------
+    query : LocalFeatures
+        Image 1 of every pair.
+    candidates : sequence of LocalFeatures, length C
+        Image 2 of each pair.
+    config : Config, optional
+        As for :func:`match_and_verify`, plus WORKERS.
+
+    Returns
+    -------
+    int64 [C]
+    """
+    config = Config() if config is None else config
+    if len(candidates) == 0:
+        return np.zeros(0, np.int64)
+    k1, d1 = _as_features(query.keypoints, query.descriptors, "of the query")
+    d1 = l2_normalize(d1)
+    pairs = []  # (matched points of image 1, of image 2), or None: no RANSAC needed
+    for candidate in candidates:
+        k2, d2 = _as_features(candidate.keypoints, candidate.descriptors, "of a candidate")
+        if d2.shape[1] != d1.shape[1]:
+            raise ValueError(f"descriptor widths differ: {d1.shape[1]} and {d2.shape[1]}")
+        if d1.shape[0] == 0 or d2.shape[0] == 0:
+            pairs.append(None)
+            continue
+        matches = _matches_for(d1, l2_normalize(d2), config)
+        enough = matches.shape[0] > config.MIN_MATCHES
+        pairs.append((k1[matches[:, 0]], k2[matches[:, 1]]) if enough else None)
+
+    def one(pair: tuple[np.ndarray, np.ndarray] | None) -> int:
+        return 0 if pair is None else int(_ransac_for(pair[0], pair[1], config).sum())
+
+    workers = min(config.WORKERS or os.cpu_count() or 1, len(candidates))
+    if workers <= 1:
+        counts = [one(pair) for pair in pairs]
+    else:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            counts = list(pool.map(one, pairs))
+    return np.asarray(counts, dtype=np.int64)
+
+
+# --- matching ------------------------------------------------------------------------------
+
+
+def _match_normalized(
+    d1: np.ndarray, d2: np.ndarray, max_distance: float, mutual: bool, ratio: float
+) -> np.ndarray:
+    """Matches between non-empty, L2-normalised float32 descriptor arrays."""
+    sims = d1 @ d2.T
+    rows = np.arange(sims.shape[0])
+    nearest = sims.argmax(axis=1)  # first maximum: the smaller index wins ties
+    best = sims[rows, nearest].astype(np.float64)
+    keep = np.ones(sims.shape[0], dtype=bool)
+    if np.isfinite(max_distance):
+        keep &= _distance(best) < max_distance
+    if mutual:
+        # No row of image 1 is more similar to j than i (a column maximum is cheaper than
+        # an argmax along axis 0); of several rows tied for j, the smallest i is kept.
+        candidates = np.flatnonzero(keep & (sims[rows, nearest] == sims.max(axis=0)[nearest]))
+        _, first = np.unique(nearest[candidates], return_index=True)
+        keep = np.zeros_like(keep)
+        keep[candidates[first]] = True
+    if ratio < 1.0:
+        if sims.shape[1] > 1:
+            sims[rows, nearest] = -np.inf  # our own array: mask the nearest, take the next
+            second = _distance(sims.max(axis=1).astype(np.float64))
+            keep &= _distance(best) < ratio * second
+    return np.stack([rows[keep], nearest[keep]], axis=1).astype(np.int64)
+
+
+def _distance(similarity: np.ndarray) -> np.ndarray:
+    """L2 distance between unit vectors with the given cosine similarity (float64)."""
+    with np.errstate(invalid="ignore"):
+        return np.sqrt(np.maximum(2.0 - 2.0 * similarity, 0.0))
+
+
+def _verify_normalized(
+    k1: np.ndarray, d1: np.ndarray, k2: np.ndarray, d2: np.ndarray, config: Config
+) -> tuple[np.ndarray, np.ndarray]:
+    matches = _matches_for(d1, d2, config)
+    if matches.shape[0] <= config.MIN_MATCHES:
+        return matches, np.zeros(matches.shape[0], bool)
+    return matches, _ransac_for(k1[matches[:, 0]], k2[matches[:, 1]], config)
+
+
+def _matches_for(d1: np.ndarray, d2: np.ndarray, config: Config) -> np.ndarray:
+    return _match_normalized(
+        d1, d2, config.MAX_DESCRIPTOR_DISTANCE, config.MUTUAL_NEAREST_NEIGHBOR, config.RATIO_TEST
+    )
+
+
+def _ransac_for(points1: np.ndarray, points2: np.ndarray, config: Config) -> np.ndarray:
+    return ransac_inliers(
+        points1,
+        points2,
+        method=config.RANSAC_METHOD,
+        max_reprojection_error=config.MAX_REPROJECTION_ERROR,
+        max_iterations=config.MAX_RANSAC_ITERATIONS,
+        confidence=config.HOMOGRAPHY_CONFIDENCE,
+        seed=config.RANSAC_SEED,
+    )
+
+
+# --- RANSAC back ends ----------------------------------------------------------------------
+
+
+def _magsac(p1, p2, threshold, iterations, confidence, seed):
+    import cv2
+
+    # The settings cv2.USAC_MAGSAC uses, plus an explicit random state (the flag form
+    # always starts from state 0 and ignores cv2.setRNGSeed).
+    params = cv2.UsacParams()
+    params.threshold = threshold
+    params.confidence = confidence
+    params.maxIterations = iterations
+    params.sampler = cv2.SAMPLING_UNIFORM
+    params.score = cv2.SCORE_METHOD_MAGSAC
+    params.loMethod = cv2.LOCAL_OPTIM_SIGMA
+    params.loSampleSize = 75
+    params.loIterations = 15
+    params.randomGeneratorState = seed
+    return cv2.findHomography(_f32(p1), _f32(p2), params)
+
+
+def _opencv_ransac(p1, p2, threshold, iterations, confidence, seed):
+    import cv2
+
+    return cv2.findHomography(
+        _f32(p1), _f32(p2), cv2.RANSAC, threshold, maxIters=iterations, confidence=confidence
+    )
+
+
+def _degensac(p1, p2, threshold, iterations, confidence, seed):
+    pydegensac = _import_pydegensac()
+    return pydegensac.findHomography(
+        np.ascontiguousarray(p1, np.float64),
+        np.ascontiguousarray(p2, np.float64),
+        threshold,
+        confidence,
+        iterations,
+        seed=seed,
+    )
+
+
+def _skimage_affine(p1, p2, threshold, iterations, confidence, seed):
+    from skimage.measure import ransac
+    from skimage.transform import AffineTransform
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "No inliers found" and the like
+        model, mask = ransac(
+            (np.asarray(p1, np.float64), np.asarray(p2, np.float64)),
+            AffineTransform,
+            min_samples=3,
+            residual_threshold=threshold,
+            max_trials=iterations,
+            stop_probability=confidence,
+            rng=seed,
+        )
+    if model is None:
+        return None, None
+    return model.params, mask
+
+
+_ESTIMATORS = {
+    "magsac": _magsac,
+    "opencv-ransac": _opencv_ransac,
+    "degensac": _degensac,
+    "skimage-affine": _skimage_affine,
+}
+
+
+def _plausible(model: np.ndarray, inliers1: np.ndarray) -> bool:
+    """Whether a 3x3 map is finite, keeps orientation at every inlier and scales areas at
+    the median inlier within bounds. ``inliers1``: float64 [K, 2] points of image 1."""
+    if model.shape != (3, 3) or not np.isfinite(model).all():
+        return False
+    # The Jacobian determinant of x -> H x (in homogeneous coordinates) at (u, v) is
+    # det(H) / w**3 with w = h31 u + h32 v + h33; it is the local area scale.
+    w = inliers1 @ model[2, :2] + model[2, 2]
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        area = np.linalg.det(model) / w**3
+    if not (np.isfinite(area).all() and (area > 0).all()):
+        return False
+    return bool(_MIN_AREA_SCALE <= np.median(area) <= _MAX_AREA_SCALE)
+
+
+def _import_pydegensac():
+    try:
+        import pydegensac
+    except ImportError as error:
+        raise ImportError(
+            "RANSAC_METHOD='degensac' needs pydegensac: pip install delf_retrieval[degensac] "
+            "(or pip install pydegensac)"
+        ) from error
+    return pydegensac
+
+
+def _cv2_error() -> type[BaseException]:
+    try:
+        import cv2
+    except ImportError:  # pragma: no cover - OpenCV is a core dependency
+        return RuntimeError
+    return cv2.error
+
+
+# --- input checks --------------------------------------------------------------------------
+
+
+def _f32(points: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(points, dtype=np.float32)
+
+
+def _is_degenerate(points: np.ndarray) -> bool:
+    centred = np.asarray(points, np.float64) - np.mean(points, axis=0, dtype=np.float64)
+    singular = np.linalg.svd(centred, compute_uv=False)
+    return bool(singular[0] == 0 or singular[1] <= _DEGENERATE_RATIO * singular[0])
+
+
+def _as_descriptors(array: np.ndarray, name: str) -> np.ndarray:
+    array = np.asarray(array)
+    if array.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D array [N, D], got shape {array.shape}")
+    return array.astype(np.float32, copy=False)
+
+
+def _as_points(array: np.ndarray, name: str) -> np.ndarray:
+    array = np.asarray(array)
+    if array.ndim != 2 or array.shape[1] != 2:
+        raise ValueError(f"{name} must be an array [M, 2] of (x, y), got shape {array.shape}")
+    return array.astype(np.float64, copy=False)
+
+
+def _as_features(keypoints: np.ndarray, descriptors: np.ndarray, which: str):
+    k = _as_points(keypoints, f"keypoints {which}")
+    d = _as_descriptors(descriptors, f"descriptors {which}")
+    if k.shape[0] != d.shape[0]:
+        raise ValueError(f"image {which}: {k.shape[0]} keypoints but {d.shape[0]} descriptors")
+    return k, d
+
+
+def _check_match_params(max_distance: float, ratio: float) -> None:
+    if not max_distance > 0:
+        raise ValueError(f"max_distance must be > 0, got {max_distance}")
+    if not 0 < ratio <= 1:
+        raise ValueError(f"ratio must be in (0, 1], got {ratio}")
