@@ -28,6 +28,45 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def _add_ray_arguments(parser: argparse.ArgumentParser, *, shards: bool) -> None:
+    parser.add_argument(
+        "--ray",
+        metavar="ADDRESS",
+        default=None,
+        help="run extraction (and, with --shards, search) on Ray: 'local' (start Ray here), 'auto' (the cluster joined with `ray start`), "
+        "HOST:PORT or ray://HOST:10001 (see docs/ray.md)",
+    )
+    parser.add_argument(
+        "--ray-workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="Ray extraction actors (default: one per GPU, else one per CPU); CPUs of a --ray local start",
+    )
+    if shards:
+        parser.add_argument("--shards", type=int, default=1, metavar="N", help="with --ray: exact search split over N actors")
+
+
+def _ray_hooks(args: argparse.Namespace, extractor):
+    """Context giving pipeline.recognize/retrieve their Ray extract_fn/search_fn (or nothing)."""
+    import contextlib
+
+    if args.shards > 1 and not args.ray:
+        raise ValueError("--shards needs --ray")
+    if not args.ray:
+        return contextlib.nullcontext({})
+    from .distributed import RayRunner
+
+    runner = RayRunner(args.model, extractor.params, address=args.ray, num_workers=args.ray_workers, num_shards=args.shards)
+
+    @contextlib.contextmanager
+    def hooks():
+        with runner:
+            yield {"extract_fn": runner.extract, "search_fn": runner.search}
+
+    return hooks()
+
+
 def build_extractor(args: argparse.Namespace):
     """The extractor named by ``--model`` with the command line's parameter overrides."""
     from .models.loader import load_extractor
@@ -59,15 +98,31 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     extractor = build_extractor(args)
     store = FeatureStore(args.out, extractor.fingerprint(), dtype=args.dtype)
     print(f"model: {extractor!r}\nstore: {store.path}")
-    summary = extract_to_store(
-        extractor,
-        sources,
-        store,
-        batch_size=args.batch_size,
-        decode_threads=args.threads,
-        retry_failed=args.retry_failed,
-        progress=not args.no_progress,
-    )
+    if args.ray:
+        from .distributed import extract_to_store_ray
+
+        summary = extract_to_store_ray(
+            args.model,
+            extractor.params,
+            sources,
+            store,
+            address=args.ray,
+            num_workers=args.ray_workers,
+            batch_size=args.batch_size,
+            decode_threads=args.threads,
+            retry_failed=args.retry_failed,
+            progress=not args.no_progress,
+        )
+    else:
+        summary = extract_to_store(
+            extractor,
+            sources,
+            store,
+            batch_size=args.batch_size,
+            decode_threads=args.threads,
+            retry_failed=args.retry_failed,
+            progress=not args.no_progress,
+        )
     print(summary.report())
     return 0
 
@@ -76,17 +131,19 @@ def _cmd_recognize(args: argparse.Namespace) -> int:
     from . import pipeline
 
     extractor = build_extractor(args)
-    output = pipeline.recognize(
-        args.data_dir,
-        extractor,
-        _config(args, extractor),
-        output=args.output,
-        work_dir=args.work_dir,
-        use_nonlandmark=True if args.nonlandmark else None,
-        verify=not args.no_verify,
-        dtype=args.dtype,
-        progress=not args.no_progress,
-    )
+    with _ray_hooks(args, extractor) as hooks:
+        output = pipeline.recognize(
+            args.data_dir,
+            extractor,
+            _config(args, extractor),
+            output=args.output,
+            work_dir=args.work_dir,
+            use_nonlandmark=True if args.nonlandmark else None,
+            verify=not args.no_verify,
+            dtype=args.dtype,
+            progress=not args.no_progress,
+            **hooks,
+        )
     _report_scores(args, output.submission, "recognition")
     return 1 if output.problems else 0
 
@@ -95,17 +152,19 @@ def _cmd_retrieve(args: argparse.Namespace) -> int:
     from . import pipeline
 
     extractor = build_extractor(args)
-    output = pipeline.retrieve(
-        args.data_dir,
-        extractor,
-        _config(args, extractor),
-        output=args.output,
-        work_dir=args.work_dir,
-        use_labels=not args.no_labels,
-        verify=not args.no_verify,
-        dtype=args.dtype,
-        progress=not args.no_progress,
-    )
+    with _ray_hooks(args, extractor) as hooks:
+        output = pipeline.retrieve(
+            args.data_dir,
+            extractor,
+            _config(args, extractor),
+            output=args.output,
+            work_dir=args.work_dir,
+            use_labels=not args.no_labels,
+            verify=not args.no_verify,
+            dtype=args.dtype,
+            progress=not args.no_progress,
+            **hooks,
+        )
     _report_scores(args, output.submission, "retrieval")
     return 1 if output.problems else 0
 
@@ -182,6 +241,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--work-dir", type=Path, default=None, help="feature cache (default ./delf_work)")
     parser.add_argument("--no-verify", action="store_true", help="global similarity only, no RANSAC")
     _add_model_arguments(parser)
+    _add_ray_arguments(parser, shards=True)
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -202,6 +262,7 @@ def make_parser() -> argparse.ArgumentParser:
     extract.add_argument("--image-root", default=None, help="for a CSV: folder holding a/b/c/<id>.jpg")
     extract.add_argument("--retry-failed", action="store_true", help="retry images that failed before")
     _add_model_arguments(extract)
+    _add_ray_arguments(extract, shards=False)
     extract.set_defaults(func=_cmd_extract)
 
     recognize = commands.add_parser("recognize", help="recognition submission for a Kaggle-layout dataset")

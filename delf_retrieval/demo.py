@@ -94,7 +94,7 @@ def _draw_best_match(output: RunOutput, data_dir: Path, path: Path) -> Path | No
         train.keypoints,
         matches,
         inliers,
-        title=f"query {query_id} vs train {train_id}: {int(inliers.sum())} inliers",
+        title=f"query {query_id} vs train {train_id}",
         path=path,
     )
     import matplotlib.pyplot as plt

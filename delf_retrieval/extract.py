@@ -104,6 +104,33 @@ def rescale_features(features: ImageFeatures, factor: float) -> ImageFeatures:
     return ImageFeatures(local=rescaled, global_descriptor=features.global_descriptor)
 
 
+def extract_decoded(extractor: Extractor, decoded: _Decoded) -> tuple[ImageFeatures | None, str | None]:
+    """Features of one decoded image in original pixels, or ``(None, reason)`` on failure.
+
+    The one place where an image becomes features; the local runner and the Ray workers
+    (:mod:`delf_retrieval.distributed`) both call it, so their results are identical.
+    """
+    if decoded.error is not None:
+        return None, decoded.error
+    try:
+        return rescale_features(extractor.extract(decoded.image), decoded.factor), None
+    except Exception as error:  # one bad image must not end a multi-day run
+        return None, f"extraction failed: {type(error).__name__}: {error}"
+
+
+def pending_sources(
+    sources: Sequence[ImageSource], store: FeatureStore, *, retry_failed: bool = False
+) -> list[ImageSource]:
+    """``sources`` whose ids the store has no chunk for yet (resume), in input order.
+
+    With ``retry_failed``, ids recorded only as failures are pending again.
+    """
+    done = store.completed_ids()
+    if retry_failed:
+        done -= store.failed_chunk_ids()
+    return [source for source in sources if source.id not in done]
+
+
 def extract_to_store(
     extractor: Extractor,
     sources: Sequence[ImageSource],
@@ -129,10 +156,7 @@ def extract_to_store(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     started = time.perf_counter()
-    done = store.completed_ids()
-    if retry_failed:
-        done -= store.failed_chunk_ids()
-    todo = [source for source in sources if source.id not in done]
+    todo = pending_sources(sources, store, retry_failed=retry_failed)
     skipped = len(sources) - len(todo)
     # Downscaling happens in the decode threads; the extractor then sees a small image.
     max_size = extractor.params.max_image_size
@@ -151,20 +175,14 @@ def extract_to_store(
     bar = tqdm(total=len(todo), desc=description, unit="img", disable=not progress or not todo, smoothing=0.1)
     for decoded in iter_decoded(todo, max_size=max_size, threads=decode_threads):
         image_id = decoded.source.id
-        if decoded.error is not None:
-            batch_failures.append((image_id, decoded.error))
-            failures.append((image_id, decoded.error))
+        features, reason = extract_decoded(extractor, decoded)
+        if features is None:
+            batch_failures.append((image_id, reason))
+            failures.append((image_id, reason))
         else:
-            try:
-                features = rescale_features(extractor.extract(decoded.image), decoded.factor)
-            except Exception as error:  # one bad image must not end a multi-day run
-                reason = f"extraction failed: {type(error).__name__}: {error}"
-                batch_failures.append((image_id, reason))
-                failures.append((image_id, reason))
-            else:
-                batch_ids.append(image_id)
-                batch_features.append(features)
-                extracted += 1
+            batch_ids.append(image_id)
+            batch_features.append(features)
+            extracted += 1
         if len(batch_ids) + len(batch_failures) >= batch_size:
             flush()
         bar.update(1)

@@ -47,6 +47,10 @@ from .submission import (
 from .verify import count_inliers_many
 
 Log = Callable[[str], None]
+# Hooks that replace the local extraction runner and search (e.g. by Ray, see
+# delf_retrieval.distributed.RayRunner); same signatures as extract_to_store / cosine_topk.
+ExtractFn = Callable[..., ExtractionSummary]
+SearchFn = Callable[..., tuple[np.ndarray, np.ndarray]]
 CODEBOOK_FILE = "vlad_codebook.npy"
 
 
@@ -68,10 +72,15 @@ def extract_split(
     decode_threads: int = 2,
     progress: bool = True,
     log: Log = print,
+    extract_fn: ExtractFn = extract_to_store,
 ) -> tuple[FeatureStore, ExtractionSummary]:
-    """Extract (or reuse) features of one image set into ``work_dir/<model>/<split>``."""
+    """Extract (or reuse) features of one image set into ``work_dir/<model>/<split>``.
+
+    ``extract_fn`` runs the extraction (signature of :func:`.extract.extract_to_store`);
+    e.g. ``RayRunner.extract`` of :mod:`delf_retrieval.distributed` runs it on Ray.
+    """
     store = FeatureStore(Path(work_dir) / model_key(extractor) / split, extractor.fingerprint(), dtype=dtype)
-    summary = extract_to_store(
+    summary = extract_fn(
         extractor,
         list_images(images),
         store,
@@ -163,6 +172,7 @@ def recognize_stores(
     nonlandmark: FeatureStore | None = None,
     verify: bool = True,
     progress: bool = True,
+    search_fn: SearchFn = cosine_topk,
 ) -> RecognitionResult:
     """Recognition from feature stores: cosine top-k, RANSAC re-ranking, landmark votes.
 
@@ -173,11 +183,12 @@ def recognize_stores(
     config : NUM_TO_RERANK candidates are verified, TOP_K vote (see :mod:`.rerank`).
     nonlandmark : store of distractor images; used when ``NONLANDMARK_PENALTY > 0``.
     verify : False predicts from global similarity only.
+    search_fn : the exact top-k search (signature of :func:`.search.cosine_topk`).
     """
     started = time.perf_counter()
     query_ids, database_ids = queries.ids, database.ids
     num_candidates = max(config.NUM_TO_RERANK, config.TOP_K)
-    similarities, indices = cosine_topk(
+    similarities, indices = search_fn(
         _globals(queries), _globals(database), num_candidates, block_size=config.SEARCH_BLOCK_SIZE
     )
     seconds = {"search": time.perf_counter() - started}
@@ -236,10 +247,14 @@ class RetrievalResult:
 
 
 def _predicted_labels(
-    vectors: np.ndarray, database: FeatureStore, labels: dict[str, str], config: Config
+    vectors: np.ndarray,
+    database: FeatureStore,
+    labels: dict[str, str],
+    config: Config,
+    search_fn: SearchFn = cosine_topk,
 ) -> list[str | None]:
     """Landmark of each vector by global top-k voting over the labelled database."""
-    similarities, indices = cosine_topk(vectors, _globals(database), config.TOP_K, block_size=config.SEARCH_BLOCK_SIZE)
+    similarities, indices = search_fn(vectors, _globals(database), config.TOP_K, block_size=config.SEARCH_BLOCK_SIZE)
     ids = database.ids
     return [
         recognize_one([labels.get(ids[c]) for c in row_ids], row_sims.astype(np.float64), None, config)[0]
@@ -256,22 +271,41 @@ def retrieve_stores(
     labels: dict[str, str] | None = None,
     verify: bool = True,
     progress: bool = True,
+    search_fn: SearchFn = cosine_topk,
 ) -> RetrievalResult:
     """Retrieval: cosine top ``RETRIEVAL_TOP``, the first ``RETRIEVAL_NUM_TO_RERANK``
     re-ordered by inliers and, when a labelled ``train`` store is given, by agreement of
-    predicted landmarks (see :func:`.rerank.rerank_retrieval`)."""
+    predicted landmarks (see :func:`.rerank.rerank_retrieval`).
+
+    Index images get the landmark voted by their global neighbours in ``train``; a query
+    gets the landmark of its verified recognition, and only when its best candidate has
+    at least ``max(MIN_INLIERS, 1)`` inliers (global similarity alone when not verifying).
+    """
     started = time.perf_counter()
     index_ids = index.ids
-    similarities, indices = cosine_topk(
+    similarities, indices = search_fn(
         _globals(queries), _globals(index), config.RETRIEVAL_TOP, block_size=config.SEARCH_BLOCK_SIZE
     )
     seconds = {"search": time.perf_counter() - started}
     query_labels: list[str | None] = [None] * len(queries.ids)
     index_labels: list[str | None] | None = None
+    use_local = verify and bool(queries.local_dim) and bool(index.local_dim)
     if train is not None and labels:
-        query_labels = _predicted_labels(_globals(queries), train, labels, config)
-        index_labels = _predicted_labels(_globals(index), train, labels, config)
-    use_local = verify and config.RETRIEVAL_NUM_TO_RERANK > 0 and bool(queries.local_dim) and bool(index.local_dim)
+        index_labels = _predicted_labels(_globals(index), train, labels, config, search_fn)
+        if use_local and train.local_dim and config.NUM_TO_RERANK > 0:
+            # A query's landmark counts only when verified: a wrong global guess would
+            # boost a whole wrong landmark to the top of the list.
+            recognition = recognize_stores(
+                queries, train, labels, config, verify=True, progress=False, search_fn=search_fn
+            )
+            gate = max(config.MIN_INLIERS, 1)
+            query_labels = [
+                recognition.predictions[q][0] if recognition.inliers[q].max(initial=0) >= gate else None
+                for q in queries.ids
+            ]
+        else:
+            query_labels = _predicted_labels(_globals(queries), train, labels, config, search_fn)
+    use_local = use_local and config.RETRIEVAL_NUM_TO_RERANK > 0
     result = RetrievalResult(rankings={}, global_rankings={}, seconds=seconds)
     started = time.perf_counter()
     for row, query_id in enumerate(tqdm(queries.ids, desc="verify", unit="query", disable=not progress)):
@@ -360,27 +394,35 @@ def recognize(
     dtype: str = "float16",
     progress: bool = True,
     log: Log = print,
+    extract_fn: ExtractFn = extract_to_store,
+    search_fn: SearchFn = cosine_topk,
 ) -> RunOutput:
     """Recognition submission for a Kaggle-layout dataset.
 
     Reads ``train.csv`` + ``train/`` (database) and ``sample_submission.csv`` + ``test/``
     (queries); with ``use_nonlandmark`` (default: when the config's NONLANDMARK_PENALTY
-    > 0 and ``nonlandmark.csv`` exists) also ``nonlandmark.csv`` + ``nonlandmark/``.
+    > 0 and ``nonlandmark.csv`` exists) also ``nonlandmark.csv`` + ``nonlandmark/``
+    (``use_nonlandmark=True`` with a zero penalty uses a penalty of 1.0).
     ``config`` defaults to the preset suiting the model (``opencv-sift`` or
     ``kaggle2020``). Writes ``output`` (None: write nothing) and validates it.
+    ``extract_fn`` / ``search_fn`` replace the local extraction runner and search (see
+    :class:`delf_retrieval.distributed.RayRunner`).
     """
     data, extractor, config, work = _prepare(data_dir, model, config, work_dir, params, log)
     data.require("train.csv", "sample_submission.csv")
     if use_nonlandmark is None:
         use_nonlandmark = config.NONLANDMARK_PENALTY > 0 and data.has("nonlandmark.csv")
     splits = {"train": data.csv("train.csv"), "test": data.csv("sample_submission.csv")}
+    if use_nonlandmark and config.NONLANDMARK_PENALTY == 0:
+        log("note: NONLANDMARK_PENALTY is 0, so the non-landmark set changes nothing; using 1.0")
+        config = config.replace(NONLANDMARK_PENALTY=1.0)
     if use_nonlandmark:
         data.require("nonlandmark.csv")
         splits["nonlandmark"] = data.csv("nonlandmark.csv")
     stores, summaries = {}, {}
     for split, csv_path in splits.items():
         stores[split], summaries[split] = extract_split(
-            extractor, csv_path, work, split, dtype=dtype, progress=progress, log=log
+            extractor, csv_path, work, split, dtype=dtype, progress=progress, log=log, extract_fn=extract_fn
         )
     ensure_global_descriptors(stores["train"], [s for k, s in stores.items() if k != "train"], log=log)
     result = recognize_stores(
@@ -391,6 +433,7 @@ def recognize(
         nonlandmark=stores.get("nonlandmark"),
         verify=verify,
         progress=progress,
+        search_fn=search_fn,
     )
     sample = pd.read_csv(data.csv("sample_submission.csv"), dtype=str, keep_default_na=False)
     frame = recognition_dataframe(result.predictions, ids=sample["id"].tolist())
@@ -415,11 +458,14 @@ def retrieve(
     dtype: str = "float16",
     progress: bool = True,
     log: Log = print,
+    extract_fn: ExtractFn = extract_to_store,
+    search_fn: SearchFn = cosine_topk,
 ) -> RunOutput:
     """Retrieval submission (``id,images``) for a Kaggle-layout dataset.
 
     Reads ``index.csv`` + ``index/`` (database) and ``sample_submission.csv`` + ``test/``;
     with ``use_labels`` and a ``train.csv``, predicted landmarks re-order the top list.
+    ``extract_fn`` / ``search_fn`` as in :func:`recognize`.
     """
     data, extractor, config, work = _prepare(data_dir, model, config, work_dir, params, log)
     data.require("index.csv", "sample_submission.csv")
@@ -430,7 +476,7 @@ def retrieve(
     stores, summaries = {}, {}
     for split, csv_path in splits.items():
         stores[split], summaries[split] = extract_split(
-            extractor, csv_path, work, split, dtype=dtype, progress=progress, log=log
+            extractor, csv_path, work, split, dtype=dtype, progress=progress, log=log, extract_fn=extract_fn
         )
     ensure_global_descriptors(stores["index"], [s for k, s in stores.items() if k != "index"], log=log)
     result = retrieve_stores(
@@ -441,6 +487,7 @@ def retrieve(
         labels=read_labels_csv(data.csv("train.csv")) if labelled else None,
         verify=verify,
         progress=progress,
+        search_fn=search_fn,
     )
     sample = pd.read_csv(data.csv("sample_submission.csv"), dtype=str, keep_default_na=False)
     ids = sample["id"].tolist()

@@ -353,9 +353,10 @@ def rerank_retrieval(
 
     (stable: equal scores keep the retrieval order); the other ``R - n`` follow in their
     input (retrieval) order. The boost rewards index images whose predicted landmark is the
-    query's predicted landmark; the default 1.0 makes agreement worth as much as a fully
-    verified match (``MAX_INLIER_SCORE`` inliers), and values above 3 (the whole range of
-    the score) put every agreeing image first.
+    query's predicted landmark; the default 0.5 makes agreement worth half a fully
+    verified match (``MAX_INLIER_SCORE`` inliers), so a strongly verified image of another
+    landmark can still outrank an unverified agreeing one; values above 3 (the whole range
+    of the score) put every agreeing image first.
 
     Parameters
     ----------

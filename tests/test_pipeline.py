@@ -101,3 +101,19 @@ def test_module_entry_point_help():
     result = subprocess.run([sys.executable, "-m", "delf_retrieval.cli", "--help"], capture_output=True, text=True, check=True)
     for command in ("extract", "recognize", "retrieve", "evaluate", "validate", "demo"):
         assert command in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("model_fixture", "min_gap"),
+    [("delg_tf2_model", 0.9), ("delg_tf1_model", 0.9), ("delg_tf2_global_model", 0.7), ("delf_hub_model", 0.8)],
+)
+def test_recognize_with_fixture_savedmodels(model_fixture, min_gap, dataset, tmp_path, request, capsys):
+    model = request.getfixturevalue(model_fixture)
+    out = tmp_path / "s.csv"
+    args = ["recognize", str(dataset), "--model", str(model), "-o", str(out), "--work-dir", str(tmp_path / "w"), "--no-progress"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "NUM_TO_RERANK = 3" in printed  # DELF/DELG models default to the kaggle2020 preset
+    assert validate_submission(out, dataset / "sample_submission.csv") == []
+    # Global-only models skip verification; DELF (local only) gets VLAD globals.
+    assert evaluate_recognition(out, dataset / "solution.csv")["All"] >= min_gap
