@@ -419,11 +419,7 @@ def recognize(
     if use_nonlandmark:
         data.require("nonlandmark.csv")
         splits["nonlandmark"] = data.csv("nonlandmark.csv")
-    stores, summaries = {}, {}
-    for split, csv_path in splits.items():
-        stores[split], summaries[split] = extract_split(
-            extractor, csv_path, work, split, dtype=dtype, progress=progress, log=log, extract_fn=extract_fn
-        )
+    stores, summaries = _extract_splits(extractor, splits, work, dtype, progress, log, extract_fn)
     ensure_global_descriptors(stores["train"], [s for k, s in stores.items() if k != "train"], log=log)
     result = recognize_stores(
         stores["test"],
@@ -439,9 +435,7 @@ def recognize(
     frame = recognition_dataframe(result.predictions, ids=sample["id"].tolist())
     path = write_recognition_submission(output, result.predictions, ids=sample["id"].tolist()) if output else None
     problems = validate_submission(frame, sample, kind="recognition")
-    log(_timing_line(result.seconds) + (f"\nwrote {path}" if path else ""))
-    for problem in problems:
-        log(f"submission problem: {problem}")
+    _report(result.seconds, path, problems, log)
     return RunOutput(frame, path, problems, result, stores, summaries)
 
 
@@ -473,11 +467,7 @@ def retrieve(
     labelled = use_labels and data.has("train.csv")
     if labelled:
         splits["train"] = data.csv("train.csv")
-    stores, summaries = {}, {}
-    for split, csv_path in splits.items():
-        stores[split], summaries[split] = extract_split(
-            extractor, csv_path, work, split, dtype=dtype, progress=progress, log=log, extract_fn=extract_fn
-        )
+    stores, summaries = _extract_splits(extractor, splits, work, dtype, progress, log, extract_fn)
     ensure_global_descriptors(stores["index"], [s for k, s in stores.items() if k != "index"], log=log)
     result = retrieve_stores(
         stores["test"],
@@ -494,11 +484,31 @@ def retrieve(
     frame = retrieval_dataframe(result.rankings, ids=ids, top=config.RETRIEVAL_TOP)
     path = write_retrieval_submission(output, result.rankings, ids=ids, top=config.RETRIEVAL_TOP) if output else None
     problems = validate_submission(frame, sample, kind="retrieval")
-    log(_timing_line(result.seconds) + (f"\nwrote {path}" if path else ""))
-    for problem in problems:
-        log(f"submission problem: {problem}")
+    _report(result.seconds, path, problems, log)
     return RunOutput(frame, path, problems, result, stores, summaries)
 
 
-def _timing_line(seconds: dict[str, float]) -> str:
-    return "time: " + ", ".join(f"{name} {value:.2f} s" for name, value in seconds.items())
+def _extract_splits(
+    extractor: Extractor,
+    splits: dict[str, Path],
+    work: Path,
+    dtype: str,
+    progress: bool,
+    log: Log,
+    extract_fn: ExtractFn,
+) -> tuple[dict[str, FeatureStore], dict[str, ExtractionSummary]]:
+    """:func:`extract_split` of every ``{split: csv}``; returns stores and summaries by split."""
+    stores, summaries = {}, {}
+    for split, csv_path in splits.items():
+        stores[split], summaries[split] = extract_split(
+            extractor, csv_path, work, split, dtype=dtype, progress=progress, log=log, extract_fn=extract_fn
+        )
+    return stores, summaries
+
+
+def _report(seconds: dict[str, float], path: Path | None, problems: list[str], log: Log) -> None:
+    log("time: " + ", ".join(f"{name} {value:.2f} s" for name, value in seconds.items()))
+    if path:
+        log(f"wrote {path}")
+    for problem in problems:
+        log(f"submission problem: {problem}")
