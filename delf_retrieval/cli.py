@@ -131,11 +131,14 @@ def _cmd_recognize(args: argparse.Namespace) -> int:
     from . import pipeline
 
     extractor = build_extractor(args)
+    config = _config(args, extractor)
+    if args.nonlandmark and config.NONLANDMARK_PENALTY == 0:
+        config = config.replace(NONLANDMARK_PENALTY=1.0)  # the flag means: use the set
     with _ray_hooks(args, extractor) as hooks:
         output = pipeline.recognize(
             args.data_dir,
             extractor,
-            _config(args, extractor),
+            config,
             output=args.output,
             work_dir=args.work_dir,
             use_nonlandmark=True if args.nonlandmark else None,
@@ -267,7 +270,11 @@ def make_parser() -> argparse.ArgumentParser:
 
     recognize = commands.add_parser("recognize", help="recognition submission for a Kaggle-layout dataset")
     _add_run_arguments(recognize)
-    recognize.add_argument("--nonlandmark", action="store_true", help="use nonlandmark.csv as distractor set")
+    recognize.add_argument(
+        "--nonlandmark",
+        action="store_true",
+        help="penalise queries and train images that look like nonlandmark.csv's photos (NONLANDMARK_PENALTY 1.0 unless set)",
+    )
     recognize.set_defaults(func=_cmd_recognize)
 
     retrieve = commands.add_parser("retrieve", help="retrieval submission for a Kaggle-layout dataset")

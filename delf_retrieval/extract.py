@@ -48,7 +48,9 @@ class ExtractionSummary:
         lines = [
             f"images: {self.total} listed, {self.extracted} extracted, "
             f"{self.skipped} already in store, {self.failed} failed",
-            f"speed: {self.images_per_second:.2f} images/s over {self.seconds:.1f} s",
+            f"speed: {self.images_per_second:.2f} images/s over {self.seconds:.1f} s"
+            if self.extracted
+            else "speed: nothing left to extract (rerun of a finished or empty set)",
             f"store: {self.store_bytes / 1e6:.2f} MB, {self.bytes_per_image / 1e3:.1f} kB per image",
         ]
         lines += [f"  failed {image_id}: {reason}" for image_id, reason in self.failures[:20]]

@@ -201,7 +201,8 @@ def recognize_stores(
     use_local = verify and config.NUM_TO_RERANK > 0 and bool(queries.local_dim) and bool(database.local_dim)
     result = RecognitionResult(predictions={}, global_predictions={}, seconds=seconds)
     started = time.perf_counter()
-    for row, query_id in enumerate(tqdm(query_ids, desc="verify", unit="query", disable=not progress)):
+    description = "verify" if use_local else "rank"
+    for row, query_id in enumerate(tqdm(query_ids, desc=description, unit="query", disable=not progress)):
         candidates = indices[row]
         cosine = similarities[row].astype(np.float64)
         candidate_labels = [database_labels[c] for c in candidates]
@@ -308,7 +309,8 @@ def retrieve_stores(
     use_local = use_local and config.RETRIEVAL_NUM_TO_RERANK > 0
     result = RetrievalResult(rankings={}, global_rankings={}, seconds=seconds)
     started = time.perf_counter()
-    for row, query_id in enumerate(tqdm(queries.ids, desc="verify", unit="query", disable=not progress)):
+    description = "verify" if use_local else "rank"
+    for row, query_id in enumerate(tqdm(queries.ids, desc=description, unit="query", disable=not progress)):
         candidates = indices[row]
         inliers = None
         if use_local:

@@ -117,3 +117,13 @@ def test_recognize_with_fixture_savedmodels(model_fixture, min_gap, dataset, tmp
     assert validate_submission(out, dataset / "sample_submission.csv") == []
     # Global-only models skip verification; DELF (local only) gets VLAD globals.
     assert evaluate_recognition(out, dataset / "solution.csv")["All"] >= min_gap
+
+
+def test_nonlandmark_flag_turns_the_penalty_on(dataset, tmp_path, capsys):
+    out = tmp_path / "s.csv"
+    args = ["recognize", str(dataset), "-o", str(out), "--work-dir", str(tmp_path / "w"), "--no-progress", "--nonlandmark"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "NONLANDMARK_PENALTY = 1.0" in printed
+    assert "[nonlandmark] images: 4 listed, 4 extracted" in printed
+    assert evaluate_recognition(out, dataset / "solution.csv")["All"] >= 0.9
