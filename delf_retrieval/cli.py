@@ -131,14 +131,11 @@ def _cmd_recognize(args: argparse.Namespace) -> int:
     from . import pipeline
 
     extractor = build_extractor(args)
-    config = _config(args, extractor)
-    if args.nonlandmark and config.NONLANDMARK_PENALTY == 0:
-        config = config.replace(NONLANDMARK_PENALTY=1.0)  # the flag means: use the set
     with _ray_hooks(args, extractor) as hooks:
         output = pipeline.recognize(
             args.data_dir,
             extractor,
-            config,
+            _config(args, extractor),
             output=args.output,
             work_dir=args.work_dir,
             use_nonlandmark=True if args.nonlandmark else None,

@@ -127,9 +127,8 @@ def pending_sources(
 
     With ``retry_failed``, ids recorded only as failures are pending again.
     """
-    done = store.completed_ids()
-    if retry_failed:
-        done -= store.failed_chunk_ids()
+    extracted, failed = store.chunk_ids()
+    done = extracted if retry_failed else extracted | failed
     return [source for source in sources if source.id not in done]
 
 

@@ -36,7 +36,7 @@ from .rerank import (
     rerank_retrieval,
 )
 from .search import cosine_topk
-from .store import FeatureStore, atomic_write_bytes
+from .store import FeatureStore, atomic_write_bytes, ids_hash
 from .submission import (
     recognition_dataframe,
     retrieval_dataframe,
@@ -111,9 +111,9 @@ def ensure_global_descriptors(
         return
     codebook_path = database.path / "derived" / CODEBOOK_FILE
     codebook_info = database.path / "derived" / "vlad_codebook.json"
-    ids_hash = hashlib.sha1("\n".join(database.ids).encode()).hexdigest()[:16]
+    database_hash = ids_hash(database.ids)
     info = json.loads(codebook_info.read_text()) if codebook_info.is_file() else {}
-    if codebook_path.is_file() and info.get("ids_hash") == ids_hash and info.get("num_clusters") == num_clusters:
+    if codebook_path.is_file() and info.get("ids_hash") == database_hash and info.get("num_clusters") == num_clusters:
         codebook = np.load(codebook_path)
     else:
         started = time.perf_counter()
@@ -123,7 +123,7 @@ def ensure_global_descriptors(
         codebook = aggregation.fit_codebook(sample, num_clusters, seed=seed)
         codebook_path.parent.mkdir(exist_ok=True)
         np.save(codebook_path, codebook)
-        record = {"ids_hash": ids_hash, "num_clusters": num_clusters, "seed": seed}
+        record = {"ids_hash": database_hash, "num_clusters": num_clusters, "seed": seed}
         atomic_write_bytes(codebook_info, json.dumps(record).encode())
         log(
             f"VLAD codebook: {codebook.shape[0]} clusters fitted on {sample.shape[0]} descriptors "
@@ -138,10 +138,6 @@ def ensure_global_descriptors(
         for row, image_id in enumerate(store.ids):
             vectors[row] = aggregation.vlad(store.local_features(image_id).descriptors, codebook)
         store.write_derived("vlad", vectors.astype(store.dtype), {"codebook": codebook_hash})
-
-
-def _globals(store: FeatureStore) -> np.ndarray:
-    return store.global_descriptors()
 
 
 # --------------------------------------------------------------------------- recognition
@@ -189,17 +185,18 @@ def recognize_stores(
     query_ids, database_ids = queries.ids, database.ids
     num_candidates = max(config.NUM_TO_RERANK, config.TOP_K)
     similarities, indices = search_fn(
-        _globals(queries), _globals(database), num_candidates, block_size=config.SEARCH_BLOCK_SIZE
+        queries.global_descriptors(), database.global_descriptors(), num_candidates, block_size=config.SEARCH_BLOCK_SIZE
     )
     seconds = {"search": time.perf_counter() - started}
     database_labels = [labels.get(image_id) for image_id in database_ids]
     query_penalty = candidate_penalty = None
     if nonlandmark is not None and config.NONLANDMARK_PENALTY > 0 and len(nonlandmark.ids):
-        distractors = np.asarray(_globals(nonlandmark), np.float32)
-        query_penalty = nonlandmark_similarity(_globals(queries), distractors, config.NONLANDMARK_TOP_K)
-        candidate_penalty = nonlandmark_similarity(_globals(database), distractors, config.NONLANDMARK_TOP_K)
+        distractors = np.asarray(nonlandmark.global_descriptors(), np.float32)
+        query_penalty = nonlandmark_similarity(queries.global_descriptors(), distractors, config.NONLANDMARK_TOP_K)
+        candidate_penalty = nonlandmark_similarity(database.global_descriptors(), distractors, config.NONLANDMARK_TOP_K)
     use_local = verify and config.NUM_TO_RERANK > 0 and bool(queries.local_dim) and bool(database.local_dim)
     result = RecognitionResult(predictions={}, global_predictions={}, seconds=seconds)
+    global_config = config.replace(NONLANDMARK_PENALTY=0.0)  # global-only reference predictions
     started = time.perf_counter()
     description = "verify" if use_local else "rank"
     for row, query_id in enumerate(tqdm(query_ids, desc=description, unit="query", disable=not progress)):
@@ -208,9 +205,7 @@ def recognize_stores(
         candidate_labels = [database_labels[c] for c in candidates]
         candidate_nl = None if candidate_penalty is None else candidate_penalty[candidates]
         query_nl = None if query_penalty is None else float(query_penalty[row])
-        result.global_predictions[query_id] = recognize_one(
-            candidate_labels, cosine, None, config.replace(NONLANDMARK_PENALTY=0.0)
-        )
+        result.global_predictions[query_id] = recognize_one(candidate_labels, cosine, None, global_config)
         inliers = None
         if use_local:
             verified = candidates[: config.NUM_TO_RERANK]
@@ -255,7 +250,7 @@ def _predicted_labels(
     search_fn: SearchFn = cosine_topk,
 ) -> list[str | None]:
     """Landmark of each vector by global top-k voting over the labelled database."""
-    similarities, indices = search_fn(vectors, _globals(database), config.TOP_K, block_size=config.SEARCH_BLOCK_SIZE)
+    similarities, indices = search_fn(vectors, database.global_descriptors(), config.TOP_K, block_size=config.SEARCH_BLOCK_SIZE)
     ids = database.ids
     return [
         recognize_one([labels.get(ids[c]) for c in row_ids], row_sims.astype(np.float64), None, config)[0]
@@ -285,14 +280,14 @@ def retrieve_stores(
     started = time.perf_counter()
     index_ids = index.ids
     similarities, indices = search_fn(
-        _globals(queries), _globals(index), config.RETRIEVAL_TOP, block_size=config.SEARCH_BLOCK_SIZE
+        queries.global_descriptors(), index.global_descriptors(), config.RETRIEVAL_TOP, block_size=config.SEARCH_BLOCK_SIZE
     )
     seconds = {"search": time.perf_counter() - started}
     query_labels: list[str | None] = [None] * len(queries.ids)
     index_labels: list[str | None] | None = None
     use_local = verify and bool(queries.local_dim) and bool(index.local_dim)
     if train is not None and labels:
-        index_labels = _predicted_labels(_globals(index), train, labels, config, search_fn)
+        index_labels = _predicted_labels(index.global_descriptors(), train, labels, config, search_fn)
         if use_local and train.local_dim and config.NUM_TO_RERANK > 0:
             # A query's landmark counts only when verified: a wrong global guess would
             # boost a whole wrong landmark to the top of the list.
@@ -305,7 +300,7 @@ def retrieve_stores(
                 for q in queries.ids
             ]
         else:
-            query_labels = _predicted_labels(_globals(queries), train, labels, config, search_fn)
+            query_labels = _predicted_labels(queries.global_descriptors(), train, labels, config, search_fn)
     use_local = use_local and config.RETRIEVAL_NUM_TO_RERANK > 0
     result = RetrievalResult(rankings={}, global_rankings={}, seconds=seconds)
     started = time.perf_counter()
@@ -379,7 +374,7 @@ def _prepare(
         config = "opencv-sift"
     config = load_config(config)
     work = Path(work_dir) if work_dir is not None else Path.cwd() / "delf_work"
-    log(f"model: {extractor!r}\nfeatures cached in: {work / model_key(extractor)}\nconfig:\n{config.describe()}")
+    log(f"model: {extractor!r}\nfeatures cached in: {work / model_key(extractor)}")
     return data, extractor, config, work
 
 
@@ -416,8 +411,8 @@ def recognize(
         use_nonlandmark = config.NONLANDMARK_PENALTY > 0 and data.has("nonlandmark.csv")
     splits = {"train": data.csv("train.csv"), "test": data.csv("sample_submission.csv")}
     if use_nonlandmark and config.NONLANDMARK_PENALTY == 0:
-        log("note: NONLANDMARK_PENALTY is 0, so the non-landmark set changes nothing; using 1.0")
-        config = config.replace(NONLANDMARK_PENALTY=1.0)
+        config = config.replace(NONLANDMARK_PENALTY=1.0)  # a distractor set with no weight does nothing
+    log(f"config:\n{config.describe()}")
     if use_nonlandmark:
         data.require("nonlandmark.csv")
         splits["nonlandmark"] = data.csv("nonlandmark.csv")
@@ -465,6 +460,7 @@ def retrieve(
     """
     data, extractor, config, work = _prepare(data_dir, model, config, work_dir, params, log)
     data.require("index.csv", "sample_submission.csv")
+    log(f"config:\n{config.describe()}")
     splits = {"index": data.csv("index.csv"), "test": data.csv("sample_submission.csv")}
     labelled = use_labels and data.has("train.csv")
     if labelled:

@@ -54,7 +54,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _ids_hash(ids: Sequence[str]) -> str:
+def ids_hash(ids: Sequence[str]) -> str:
+    """Short stable hash of an id list (names chunks, ties derived arrays to their ids)."""
     return hashlib.sha1("\n".join(ids).encode()).hexdigest()[:16]
 
 
@@ -132,24 +133,24 @@ class FeatureStore:
     def chunk_paths(self) -> list[Path]:
         return sorted((self.path / "chunks").glob("chunk-*.npz"))
 
-    def completed_ids(self) -> set[str]:
-        """Ids already in chunks, extracted or failed (a rerun skips them)."""
-        done: set[str] = set()
-        for chunk in self.chunk_paths():
-            with np.load(chunk) as data:
-                done.update(data["ids"].tolist())
-                done.update(data["failed_ids"].tolist())
-        return done
-
-    def failed_chunk_ids(self) -> set[str]:
-        """Ids that failed in some chunk and succeeded in none."""
-        succeeded: set[str] = set()
+    def chunk_ids(self) -> tuple[set[str], set[str]]:
+        """``(extracted, failed)`` ids over all chunks (failed: in no chunk as extracted)."""
+        extracted: set[str] = set()
         failed: set[str] = set()
         for chunk in self.chunk_paths():
             with np.load(chunk) as data:
-                succeeded.update(data["ids"].tolist())
+                extracted.update(data["ids"].tolist())
                 failed.update(data["failed_ids"].tolist())
-        return failed - succeeded
+        return extracted, failed - extracted
+
+    def completed_ids(self) -> set[str]:
+        """Ids already in chunks, extracted or failed (a rerun skips them)."""
+        extracted, failed = self.chunk_ids()
+        return extracted | failed
+
+    def failed_chunk_ids(self) -> set[str]:
+        """Ids that failed in some chunk and succeeded in none."""
+        return self.chunk_ids()[1]
 
     def write_chunk(
         self,
@@ -168,7 +169,7 @@ class FeatureStore:
         arrays = self._pack(list(ids), list(features))
         arrays["failed_ids"] = np.array([f[0] for f in failures], dtype=str)
         arrays["failed_reasons"] = np.array([f[1] for f in failures], dtype=str)
-        name = f"chunk-{_ids_hash(list(ids) + ['#failed'] + [f[0] for f in failures])}.npz"
+        name = f"chunk-{ids_hash(list(ids) + ['#failed'] + [f[0] for f in failures])}.npz"
         path = self.path / "chunks" / name
         tmp = path.with_name(f".{name}.tmp-{uuid.uuid4().hex}")
         with open(tmp, "wb") as handle:
@@ -382,7 +383,7 @@ class FeatureStore:
         with open(tmp, "wb") as handle:
             np.save(handle, array)
         os.replace(tmp, folder / f"{name}.npy")
-        record = {"ids_hash": _ids_hash(self.ids), **(info or {})}
+        record = {"ids_hash": ids_hash(self.ids), **(info or {})}
         atomic_write_bytes(folder / f"{name}.json", json.dumps(record, default=str).encode())
 
     def read_derived(self, name: str) -> tuple[np.ndarray, dict[str, Any]] | None:
@@ -392,7 +393,7 @@ class FeatureStore:
         if not info_path.is_file() or not array_path.is_file():
             return None
         info = json.loads(info_path.read_text())
-        if info.get("ids_hash") != _ids_hash(self.ids):
+        if info.get("ids_hash") != ids_hash(self.ids):
             return None
         return np.load(array_path, mmap_mode="r"), info
 
