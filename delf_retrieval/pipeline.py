@@ -25,10 +25,11 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from . import aggregation
-from .config import Config, load_config
+from .config import Config, default_preset, load_config
 from .extract import ExtractionSummary, extract_to_store
 from .images import list_images, read_labels_csv
 from .models.base import Extractor, ExtractorParams, fingerprint_key
+from .query_expansion import expand_globals
 from .rerank import (
     nonlandmark_similarity,
     penalize_frequent_landmarks,
@@ -184,9 +185,8 @@ def recognize_stores(
     started = time.perf_counter()
     query_ids, database_ids = queries.ids, database.ids
     num_candidates = max(config.NUM_TO_RERANK, config.TOP_K)
-    similarities, indices = search_fn(
-        queries.global_descriptors(), database.global_descriptors(), num_candidates, block_size=config.SEARCH_BLOCK_SIZE
-    )
+    query_vectors, database_vectors = expand_globals(queries.global_descriptors(), database.global_descriptors(), config)
+    similarities, indices = search_fn(query_vectors, database_vectors, num_candidates, block_size=config.SEARCH_BLOCK_SIZE)
     seconds = {"search": time.perf_counter() - started}
     database_labels = [labels.get(image_id) for image_id in database_ids]
     query_penalty = candidate_penalty = None
@@ -279,9 +279,8 @@ def retrieve_stores(
     """
     started = time.perf_counter()
     index_ids = index.ids
-    similarities, indices = search_fn(
-        queries.global_descriptors(), index.global_descriptors(), config.RETRIEVAL_TOP, block_size=config.SEARCH_BLOCK_SIZE
-    )
+    query_vectors, index_vectors = expand_globals(queries.global_descriptors(), index.global_descriptors(), config)
+    similarities, indices = search_fn(query_vectors, index_vectors, config.RETRIEVAL_TOP, block_size=config.SEARCH_BLOCK_SIZE)
     seconds = {"search": time.perf_counter() - started}
     query_labels: list[str | None] = [None] * len(queries.ids)
     index_labels: list[str | None] | None = None
@@ -370,8 +369,8 @@ def _prepare(
         from .models.loader import load_extractor
 
         extractor = load_extractor(model, params)
-    if config is None and extractor.family == "opencv-sift":
-        config = "opencv-sift"
+    if config is None:
+        config = default_preset(extractor.family)
     config = load_config(config)
     work = Path(work_dir) if work_dir is not None else Path.cwd() / "delf_work"
     log(f"model: {extractor!r}\nfeatures cached in: {work / model_key(extractor)}")

@@ -13,7 +13,11 @@ Scores (Kaggle 2020 host baseline, extended as the 2020 winners did)::
                     TOP_K best, - NONLANDMARK_PENALTY * nl_query
 
 where ``nl`` is :func:`nonlandmark_similarity` of the train image (``nl_j``) or of the
-query (``nl_query``). Subtracting keeps confidences comparable across queries (GAP
+query (``nl_query``). With ``NONLANDMARK_RULE="excess"`` only the part of ``nl`` above the
+landmark evidence is subtracted: ``max(nl_j - cosine_j, 0)`` and ``max(nl_query -
+max_j cosine_j, 0)``; a query (or train image) that is nearer to its landmark candidates
+than to the distractor set is then not penalised at all, so a distractor set unlike the
+queries changes nothing. Subtracting keeps confidences comparable across queries (GAP
 sorts them), so a query that looks like the distractor set drops down the list instead
 of being dropped; confidences may become negative, which submissions and GAP accept.
 """
@@ -82,7 +86,9 @@ def candidate_scores(
         Uses ``MAX_INLIER_SCORE``, ``MIN_INLIERS`` and ``NONLANDMARK_PENALTY``.
     nonlandmark : float array [R] or None
         Non-landmark similarity of each candidate's train image
-        (:func:`nonlandmark_similarity`); subtracted times ``NONLANDMARK_PENALTY``.
+        (:func:`nonlandmark_similarity`); subtracted times ``NONLANDMARK_PENALTY``
+        (``NONLANDMARK_RULE="excess"``: only its excess over the candidate's cosine,
+        ``max(nonlandmark - cosine, 0)``).
 
     Returns
     -------
@@ -102,6 +108,8 @@ def candidate_scores(
     if nonlandmark is not None and config.NONLANDMARK_PENALTY > 0:
         similarity = _vector(nonlandmark, "nonlandmark")
         _same_length(cos, similarity, "nonlandmark")
+        if config.NONLANDMARK_RULE == "excess":
+            similarity = np.maximum(similarity - cos, 0.0)
         scores -= config.NONLANDMARK_PENALTY * similarity
     return scores.astype(np.float32)
 
@@ -312,7 +320,9 @@ def recognize_one(
         Non-landmark similarity of each candidate's train image.
     query_nonlandmark : float or None
         Non-landmark similarity of the query; the confidence loses
-        ``NONLANDMARK_PENALTY * query_nonlandmark``.
+        ``NONLANDMARK_PENALTY * query_nonlandmark`` (``NONLANDMARK_RULE="excess"``: only
+        ``max(query_nonlandmark - max(cand_cosine), 0)``, the part by which the query is
+        nearer to the distractor set than to its best landmark candidate).
 
     Returns
     -------
@@ -334,7 +344,10 @@ def recognize_one(
     if query_nonlandmark is not None and config.NONLANDMARK_PENALTY > 0:
         if not np.isfinite(query_nonlandmark):
             raise ValueError("query_nonlandmark must be finite")
-        confidence -= config.NONLANDMARK_PENALTY * float(query_nonlandmark)
+        penalty = float(query_nonlandmark)
+        if config.NONLANDMARK_RULE == "excess":
+            penalty = max(penalty - float(cosine.max()), 0.0)
+        confidence -= config.NONLANDMARK_PENALTY * penalty
     return label, confidence
 
 

@@ -199,6 +199,8 @@ def match_and_verify(
         Uses MAX_DESCRIPTOR_DISTANCE, MUTUAL_NEAREST_NEIGHBOR, RATIO_TEST, MIN_MATCHES,
         RANSAC_METHOD, MAX_REPROJECTION_ERROR, MAX_RANSAC_ITERATIONS,
         HOMOGRAPHY_CONFIDENCE and RANSAC_SEED. Default: ``Config()`` (kaggle2020).
+        ``MATCHER="lightglue"`` / ``"lighterglue"`` finds the matches with a learned
+        matcher instead (:func:`delf_retrieval.learned_matching.verify_learned`).
 
     Returns
     -------
@@ -210,6 +212,10 @@ def match_and_verify(
     config = Config() if config is None else config
     k1, d1 = _as_features(keypoints1, descriptors1, "1")
     k2, d2 = _as_features(keypoints2, descriptors2, "2")
+    if config.MATCHER != "nn":  # a learned matcher (extra [learned])
+        from .learned_matching import verify_learned
+
+        return verify_learned(_local(k1, d1), _local(k2, d2), config)
     if d1.shape[1] != d2.shape[1]:
         raise ValueError(f"descriptor widths differ: {d1.shape[1]} and {d2.shape[1]}")
     if d1.shape[0] == 0 or d2.shape[0] == 0:
@@ -261,6 +267,10 @@ def count_inliers_many(
     config = Config() if config is None else config
     if len(candidates) == 0:
         return np.zeros(0, np.int64)
+    if config.MATCHER != "nn":  # a learned matcher (extra [learned])
+        from .learned_matching import count_inliers_learned
+
+        return count_inliers_learned(query, candidates, config)
     k1, d1 = _as_features(query.keypoints, query.descriptors, "of the query")
     d1 = l2_normalize(d1)
     pairs = []  # (matched points of image 1, of image 2), or None: no RANSAC needed
@@ -485,6 +495,11 @@ def _as_features(keypoints: np.ndarray, descriptors: np.ndarray, which: str):
     if k.shape[0] != d.shape[0]:
         raise ValueError(f"image {which}: {k.shape[0]} keypoints but {d.shape[0]} descriptors")
     return k, d
+
+
+def _local(keypoints: np.ndarray, descriptors: np.ndarray) -> LocalFeatures:
+    count = keypoints.shape[0]
+    return LocalFeatures(keypoints, descriptors, np.zeros(count, np.float32), np.ones(count, np.float32))
 
 
 def _check_match_params(max_distance: float, ratio: float) -> None:

@@ -14,7 +14,8 @@ from .base import Extractor, ExtractorParams
 
 SIFT_NAMES = ("opencv-sift", "sift", "opencv")
 SUPPORTED = (
-    "'opencv-sift' (aliases 'sift', 'opencv'); a SavedModel folder of DELG in TF2 format "
+    "'opencv-sift' (aliases 'sift', 'opencv'); 'aliked', 'disk' or 'xfeat' (learned, optional "
+    "extra [learned]); a SavedModel folder of DELG in TF2 format "
     "(serving_default with input_image, input_scales, input_global_scales_ind, ...), "
     "DELG in TF1 format (Kaggle delg-saved-models: input_image:0, input_scales:0, "
     "global_descriptors:0, ...) or the DELF v1 TF-Hub module (signature 'default' with "
@@ -32,7 +33,7 @@ def list_models() -> list[str]:
 
     ``google/delf/1`` needs the module in the TF-Hub cache (see ``TFHUB_CACHE_DIR``).
     """
-    return ["google/delf/1", "opencv-sift"]
+    return ["aliked", "disk", "google/delf/1", "opencv-sift", "xfeat"]
 
 
 def detect_format(folder: str | os.PathLike) -> str:
@@ -106,7 +107,8 @@ def load_extractor(spec: str | os.PathLike, params: ExtractorParams | None = Non
 
     Parameters
     ----------
-    spec : ``"opencv-sift"`` (or ``"sift"``, ``"opencv"``); a SavedModel folder (DELG TF2,
+    spec : ``"opencv-sift"`` (or ``"sift"``, ``"opencv"``); ``"aliked"``, ``"disk"`` or
+        ``"xfeat"`` (learned local features, extra ``[learned]``); a SavedModel folder (DELG TF2,
         DELG TF1 or DELF TF-Hub, detected from its files); or a TF-Hub handle
         (``"google/delf/1"``, ``"https://tfhub.dev/google/delf/1"``) found in the TF-Hub
         cache, never downloaded.
@@ -116,6 +118,9 @@ def load_extractor(spec: str | os.PathLike, params: ExtractorParams | None = Non
     ------
     ValueError
         For a name, path or model that is not supported.
+    MissingExtraError
+        (an ``ImportError``) for a learned model without the ``[learned]`` extra; the
+        message says how to install it.
     HubModuleNotCachedError
         (a ``FileNotFoundError``) for a handle that is not in the TF-Hub cache.
     """
@@ -123,6 +128,12 @@ def load_extractor(spec: str | os.PathLike, params: ExtractorParams | None = Non
         from .opencv_sift import OpenCVSiftExtractor
 
         return OpenCVSiftExtractor(params)
+    from .learned import learned_name
+
+    if learned_name(spec) is not None:
+        from .learned import LearnedExtractor
+
+        return LearnedExtractor(learned_name(spec), params)
     if not isinstance(spec, (str, os.PathLike)):
         raise ValueError(f"expected a model name or path, got {type(spec).__name__}")
     if not os.fspath(spec).strip():

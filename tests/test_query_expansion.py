@@ -1,0 +1,86 @@
+"""alpha-QE, DBA and the 'excess' non-landmark rule on hand-made vectors with exact results."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from delf_retrieval.config import Config
+from delf_retrieval.query_expansion import alpha_query_expansion, database_augmentation, expand_globals
+from delf_retrieval.rerank import candidate_scores, recognize_one
+
+
+def _unit(*values: float) -> np.ndarray:
+    vector = np.array(values, np.float64)
+    return vector / np.linalg.norm(vector)
+
+
+def test_alpha_qe_adds_the_nearest_neighbours_weighted_by_cosine_to_the_alpha():
+    database = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1]], np.float32)
+    query = np.array([[0.8, 0.6, 0.0]], np.float32)
+    # k = 1: only e1 (cosine 0.8) joins; alpha = 3 weighs it 0.512.
+    expanded = alpha_query_expansion(query, database, top_k=1, alpha=3.0)
+    np.testing.assert_allclose(expanded[0], _unit(0.8 + 0.512, 0.6, 0.0), atol=1e-6)
+    # k = 2, alpha = 1: e1 with 0.8 and e2 with 0.6.
+    expanded = alpha_query_expansion(query, database, top_k=2, alpha=1.0)
+    np.testing.assert_allclose(expanded[0], _unit(1.6, 1.2, 0.0), atol=1e-6)
+    # k = 0 only normalises.
+    np.testing.assert_allclose(alpha_query_expansion(2 * query, database, 0), query, atol=1e-7)
+
+
+def test_negative_cosines_weigh_nothing():
+    database = np.array([[-1.0, 0.0], [0.0, 1.0]], np.float32)
+    query = np.array([[0.6, 0.8]], np.float32)
+    expanded = alpha_query_expansion(query, database, top_k=2, alpha=0.5)
+    # (-1, 0) has cosine -0.6 -> weight 0; (0, 1) has 0.8 -> weight sqrt(0.8).
+    np.testing.assert_allclose(expanded[0], _unit(0.6, 0.8 + np.sqrt(0.8)), atol=1e-6)
+
+
+def test_dba_uses_the_other_database_vectors_only():
+    database = np.array([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]], np.float32)
+    augmented = database_augmentation(database, top_k=1, alpha=1.0)
+    np.testing.assert_allclose(augmented[0], _unit(1.0 + 0.8 * 0.8, 0.8 * 0.6), atol=1e-6)
+    np.testing.assert_allclose(augmented[1], _unit(0.8 + 0.8, 0.6), atol=1e-6)
+    np.testing.assert_allclose(augmented[2], _unit(0.6 * 0.8, 1.0 + 0.6 * 0.6), atol=1e-6)
+
+
+def test_dba_with_a_duplicate_row_adds_the_duplicate_once():
+    database = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]], np.float32)
+    augmented = database_augmentation(database, top_k=1, alpha=2.0)
+    np.testing.assert_allclose(augmented[:2], [[1.0, 0.0], [1.0, 0.0]], atol=1e-6)
+    np.testing.assert_allclose(augmented[2], [0.0, 1.0], atol=1e-6)
+
+
+def test_expand_globals_runs_dba_first_then_qe_against_the_augmented_database():
+    database = np.array([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]], np.float32)
+    query = np.array([[0.0, 1.0]], np.float32)
+    config = Config(DBA_TOP_K=1, DBA_ALPHA=1.0, QE_TOP_K=1, QE_ALPHA=1.0)
+    expanded, augmented = expand_globals(query, database, config)
+    row2 = _unit(0.48, 1.36)  # DBA of (0, 1), see the test above
+    np.testing.assert_allclose(augmented[2], row2, atol=1e-6)
+    np.testing.assert_allclose(expanded[0], _unit(row2[0] * row2[1], 1.0 + row2[1] * row2[1]), atol=1e-6)
+    same_q, same_db = expand_globals(query, database, Config())
+    assert same_q is query and same_db is database
+
+
+@pytest.mark.parametrize("bad", [{"QE_TOP_K": -1}, {"DBA_ALPHA": -0.5}, {"NONLANDMARK_RULE": "drop"}])
+def test_config_rejects_bad_values(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        Config(**bad)
+
+
+def test_excess_rule_penalises_only_what_exceeds_the_landmark_evidence():
+    cosine = np.array([0.5, 0.3])
+    nonlandmark = np.array([0.4, 0.45])
+    subtract = Config(NONLANDMARK_PENALTY=2.0)
+    excess = subtract.replace(NONLANDMARK_RULE="excess")
+    np.testing.assert_allclose(candidate_scores(cosine, None, subtract, nonlandmark), [0.5 - 0.8, 0.3 - 0.9], atol=1e-6)
+    # Candidate 0 is nearer to the query than to the distractors: no penalty; 1 loses 2 * 0.15.
+    np.testing.assert_allclose(candidate_scores(cosine, None, excess, nonlandmark), [0.5, 0.3 - 0.3], atol=1e-6)
+    labels = ["a", "b"]
+    top1 = Config(TOP_K=1, NONLANDMARK_PENALTY=2.0, NONLANDMARK_RULE="excess")
+    # Query similarity 0.45 to the distractors is below its best cosine 0.5: unchanged.
+    assert recognize_one(labels, cosine, None, top1, None, 0.45) == ("a", 0.5)
+    # 0.7 exceeds 0.5 by 0.2: the confidence loses 2 * 0.2.
+    label, confidence = recognize_one(labels, cosine, None, top1, None, 0.7)
+    assert label == "a" and confidence == pytest.approx(0.5 - 0.4)
