@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .atomic import atomic_write_bytes
+
 RECOGNITION_COLUMNS = ("id", "landmarks")
 RETRIEVAL_COLUMNS = ("id", "images")
 KAGGLE_RETRIEVAL_TOP = 100
@@ -175,14 +177,8 @@ def retrieval_dataframe(
 def _write_atomic(path: PathLike, frame: pd.DataFrame) -> Path:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
-        frame.to_csv(temporary, index=False, lineterminator="\n")
-        os.replace(temporary, target)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
-    return target
+    text = frame.to_csv(index=False, lineterminator="\n")
+    return atomic_write_bytes(target, text.encode("utf-8"))
 
 
 def write_recognition_submission(
