@@ -31,7 +31,7 @@ from .run import (
     search_store,
 )
 from .store import FeatureStore
-from .submission import recognition_dataframe, write_recognition_submission
+from .submission import recognition_dataframe
 from .verify import count_inliers_many
 
 __all__ = ["RecognitionResult", "recognize", "recognize_neighbours", "recognize_stores"]
@@ -201,8 +201,6 @@ def recognize(
         progress=progress,
         index_factory=None if runner is None else runner.index,
     )
-    sample, ids = data.sample_ids()
-    frame = recognition_dataframe(result.predictions, ids=ids)
-    path = write_recognition_submission(output, result.predictions, ids=ids) if output else None
-    problems = finish_run(frame, path, sample, "recognition", result.seconds, log)
+    frame = recognition_dataframe(result.predictions, ids=data.sample()["id"].tolist())
+    path, problems = finish_run(data, frame, output, "recognition", result.seconds, log)
     return RunOutput(frame, path, problems, result, stores, summaries)

@@ -33,7 +33,7 @@ from .run import (
     search_store,
 )
 from .store import FeatureStore
-from .submission import retrieval_dataframe, write_retrieval_submission
+from .submission import retrieval_dataframe
 from .verify import count_inliers_many
 
 __all__ = ["RetrievalResult", "predicted_landmarks", "retrieve", "retrieve_stores"]
@@ -196,8 +196,6 @@ def retrieve(
         progress=progress,
         index_factory=None if runner is None else runner.index,
     )
-    sample, ids = data.sample_ids()
-    frame = retrieval_dataframe(result.rankings, ids=ids, top=config.RETRIEVAL_TOP)
-    path = write_retrieval_submission(output, result.rankings, ids=ids, top=config.RETRIEVAL_TOP) if output else None
-    problems = finish_run(frame, path, sample, "retrieval", result.seconds, log)
+    frame = retrieval_dataframe(result.rankings, ids=data.sample()["id"].tolist(), top=config.RETRIEVAL_TOP)
+    path, problems = finish_run(data, frame, output, "retrieval", result.seconds, log)
     return RunOutput(frame, path, problems, result, stores, summaries)

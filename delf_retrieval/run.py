@@ -33,7 +33,7 @@ from .images import ImageSource, list_images
 from .models.base import Extractor, ExtractorParams
 from .search import BACKENDS, CosineIndex, SearchIndex
 from .store import FeatureStore, fingerprint_key, ids_hash
-from .submission import validate_submission
+from .submission import validate_submission, write_submission
 
 if TYPE_CHECKING:
     from .recognition import RecognitionResult
@@ -251,10 +251,9 @@ class KaggleData:
                 "(expected train.csv + train/, sample_submission.csv + test/, for retrieval index.csv + index/)"
             )
 
-    def sample_ids(self) -> tuple[pd.DataFrame, list[str]]:
-        """``sample_submission.csv`` (all text) and its ids in file order."""
-        sample = pd.read_csv(self.csv("sample_submission.csv"), dtype=str, keep_default_na=False)
-        return sample, sample["id"].tolist()
+    def sample(self) -> pd.DataFrame:
+        """``sample_submission.csv``, every cell as text."""
+        return pd.read_csv(self.csv("sample_submission.csv"), dtype=str, keep_default_na=False)
 
 
 @dataclass
@@ -296,18 +295,23 @@ def open_run(
 
 
 def finish_run(
+    data: KaggleData,
     frame: pd.DataFrame,
-    path: Path | None,
-    sample: pd.DataFrame,
+    output: str | Path | None,
     kind: str,
     seconds: dict[str, float],
     log: Log,
-) -> list[str]:
-    """Validate the submission ``frame`` against ``sample``, log times, file and problems."""
-    problems = validate_submission(frame, sample, kind=kind)
+) -> tuple[Path | None, list[str]]:
+    """Write the submission ``frame`` to ``output`` (None: nowhere), validate it against
+    ``sample_submission.csv`` and log times, file and problems.
+
+    Returns ``(path written or None, problems)``; ``kind``: recognition or retrieval.
+    """
+    path = write_submission(output, frame) if output else None
+    problems = validate_submission(frame, data.sample(), kind=kind)
     log("time: " + ", ".join(f"{name} {value:.2f} s" for name, value in seconds.items()))
     if path:
         log(f"wrote {path}")
     for problem in problems:
         log(f"submission problem: {problem}")
-    return problems
+    return path, problems

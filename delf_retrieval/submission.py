@@ -174,7 +174,9 @@ def retrieval_dataframe(
 # ----------------------------------------------------------------------------- write
 
 
-def _write_atomic(path: PathLike, frame: pd.DataFrame) -> Path:
+def write_submission(path: PathLike, frame: pd.DataFrame) -> Path:
+    """Write a submission ``frame`` (from :func:`recognition_dataframe` or
+    :func:`retrieval_dataframe`) to ``path`` atomically; returns the path written."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     text = frame.to_csv(index=False, lineterminator="\n")
@@ -190,7 +192,7 @@ def write_recognition_submission(
 
     Arguments as :func:`recognition_dataframe`; returns the path written.
     """
-    return _write_atomic(path, recognition_dataframe(predictions, ids))
+    return write_submission(path, recognition_dataframe(predictions, ids))
 
 
 def write_retrieval_submission(
@@ -203,7 +205,7 @@ def write_retrieval_submission(
 
     Arguments as :func:`retrieval_dataframe`; returns the path written.
     """
-    return _write_atomic(path, retrieval_dataframe(predictions, ids, top))
+    return write_submission(path, retrieval_dataframe(predictions, ids, top))
 
 
 # ----------------------------------------------------------------------------- read
