@@ -39,8 +39,9 @@ def _reference_ransac(index_points, query_points, seed, threshold=10.0):
     return [] if inliers is None else inliers
 
 
-def _reference_match_features(query_locations, query_descriptors, index_locations,
-                              index_descriptors, seed):
+def _reference_match_features(
+    query_locations, query_descriptors, index_locations, index_descriptors, seed
+):
     """MatchFeatures restated (use_ratio_test=False, its default thresholds)."""
     if not query_locations.shape[0] or not index_locations.shape[0]:
         return 0
@@ -70,15 +71,22 @@ def _noisy_pairs(matrix, seed, count=120, outliers=50, noise=2.5):
     rng = np.random.default_rng(seed)
     query = rng.uniform(0, 640, size=(count, 2))
     index = _apply(matrix, query) + rng.normal(0, noise, size=(count, 2))
-    index[count - outliers:] = rng.uniform(0, 1900, size=(outliers, 2))
+    index[count - outliers :] = rng.uniform(0, 1900, size=(outliers, 2))
     return query, index
 
 
 @pytest.mark.parametrize("seed", range(6))
 def test_same_mask_as_a_direct_reference_call(seed):
     query, index = _noisy_pairs(ZOOM, seed)
-    ours = ransac_inliers(query, index, method="skimage-affine", max_reprojection_error=10.0,
-                          max_iterations=1000, confidence=1.0, seed=seed)
+    ours = ransac_inliers(
+        query,
+        index,
+        method="skimage-affine",
+        max_reprojection_error=10.0,
+        max_iterations=1000,
+        confidence=1.0,
+        seed=seed,
+    )
     reference = _reference_ransac(index, query, seed)
     np.testing.assert_array_equal(ours, reference)
 
@@ -86,8 +94,9 @@ def test_same_mask_as_a_direct_reference_call(seed):
 def test_random_points_count_like_the_reference():
     rng = np.random.default_rng(5)
     query, index = rng.uniform(0, 1000, size=(2, 30, 2))
-    ours = ransac_inliers(query, index, method="skimage-affine", max_reprojection_error=2.0,
-                          confidence=1.0, seed=1)
+    ours = ransac_inliers(
+        query, index, method="skimage-affine", max_reprojection_error=2.0, confidence=1.0, seed=1
+    )
     np.testing.assert_array_equal(ours, _reference_ransac(index, query, 1, threshold=2.0))
     assert 3 <= ours.sum() <= 5  # the minimal sample fits itself; no filter removes it
 
@@ -99,8 +108,17 @@ def test_fit_direction_is_index_to_query():
     reference = int(sum(_reference_ransac(index, query, 3)))
     other_way = int(sum(_reference_ransac(query, index, 3)))
     assert reference != other_way
-    assert ransac_inliers(query, index, method="skimage-affine", max_reprojection_error=10.0,
-                          confidence=1.0, seed=3).sum() == reference
+    assert (
+        ransac_inliers(
+            query,
+            index,
+            method="skimage-affine",
+            max_reprojection_error=10.0,
+            confidence=1.0,
+            seed=3,
+        ).sum()
+        == reference
+    )
 
 
 def test_no_filter_after_ransac():
@@ -111,8 +129,9 @@ def test_no_filter_after_ransac():
     assert ransac_inliers(query, mirrored, method="skimage-affine", confidence=1.0).sum() == 60
     assert sum(_reference_ransac(mirrored, query, 0, threshold=4.0)) == 60
     cluster = np.r_[300 + rng.uniform(0, 1, size=(40, 2)), rng.uniform(0, 640, size=(20, 2))]
-    ours = ransac_inliers(query, cluster, method="skimage-affine", confidence=1.0, seed=2,
-                          max_reprojection_error=10.0)
+    ours = ransac_inliers(
+        query, cluster, method="skimage-affine", confidence=1.0, seed=2, max_reprojection_error=10.0
+    )
     np.testing.assert_array_equal(ours, _reference_ransac(cluster, query, 2))
     assert ours.sum() > 0
 
@@ -127,10 +146,13 @@ def test_minimum_match_rules():
     assert count_inliers(query, descriptors, index, descriptors, PRESET) == 4
     assert _reference_match_features(query, descriptors, index, descriptors, 0) == 4
     # 3 matches: 0 in both
-    assert count_inliers(query[:3], descriptors[:3, :3], index[:3], descriptors[:3, :3],
-                         PRESET) == 0
-    assert _reference_match_features(query[:3], descriptors[:3, :3], index[:3],
-                                     descriptors[:3, :3], 0) == 0
+    assert (
+        count_inliers(query[:3], descriptors[:3, :3], index[:3], descriptors[:3, :3], PRESET) == 0
+    )
+    assert (
+        _reference_match_features(query[:3], descriptors[:3, :3], index[:3], descriptors[:3, :3], 0)
+        == 0
+    )
 
 
 # --- real photo pairs: views of scikit-image's photos under known homographies ------------
@@ -138,8 +160,14 @@ def test_minimum_match_rules():
 
 def _view(image, matrix):
     """``image`` seen through the homography ``matrix`` (output -> input pixels), uint8."""
-    warped = transform.warp(image, transform.ProjectiveTransform(matrix), preserve_range=True,
-                            output_shape=image.shape[:2], order=1, mode="edge")
+    warped = transform.warp(
+        image,
+        transform.ProjectiveTransform(matrix),
+        preserve_range=True,
+        output_shape=image.shape[:2],
+        order=1,
+        mode="edge",
+    )
     return np.clip(np.round(warped), 0, 255).astype(np.uint8)
 
 
@@ -164,8 +192,11 @@ def photo_features():
 
 
 def test_real_pairs_equal_the_reference(photo_features):
-    pairs = [((name, -1), (name, k)) for name in ("astronaut", "coffee", "chelsea")
-             for k in range(len(VIEWS))]
+    pairs = [
+        ((name, -1), (name, k))
+        for name in ("astronaut", "coffee", "chelsea")
+        for k in range(len(VIEWS))
+    ]
     pairs += [(("astronaut", -1), ("coffee", 0)), (("chelsea", 0), ("astronaut", 1))]
     counts = []
     for seed, (query_key, index_key) in enumerate(pairs):
@@ -176,8 +207,9 @@ def test_real_pairs_equal_the_reference(photo_features):
         descriptors_i = index.descriptors.astype(np.float64)
         config = PRESET.replace(RANSAC_SEED=seed)
         ours = count_inliers(keypoints_q, descriptors_q, keypoints_i, descriptors_i, config)
-        reference = _reference_match_features(keypoints_q, descriptors_q, keypoints_i,
-                                              descriptors_i, seed)
+        reference = _reference_match_features(
+            keypoints_q, descriptors_q, keypoints_i, descriptors_i, seed
+        )
         assert ours == reference, (query_key, index_key)
         counts.append(ours)
     # the views of one photo verify far better than unrelated photos
