@@ -3,7 +3,10 @@
 The names follow the Kaggle 2020 host baseline (``NUM_TO_RERANK``, ``TOP_K``, ...).
 ``kaggle2020`` reproduces that baseline; ``opencv-sift`` suits the weights-free RootSIFT
 extractor, whose descriptors need mutual nearest neighbours and a ratio test instead of
-the baseline's plain distance bound.
+the baseline's plain distance bound; ``delf-matchfeatures`` is the reference re-ranking
+of tensorflow/models (image_reranking.py ``MatchFeatures``); ``delg-r50-gldv2clean`` and
+``delg-r101-gldv2clean`` load the model with the official DELG extraction configs
+(field ``EXTRACTION_PRESET``).
 """
 
 from __future__ import annotations
@@ -76,6 +79,12 @@ class Config:
         of confidence (0 disables it).
     FREQUENT_LANDMARK_MIN_COUNT : int
         Number of queries a landmark may be predicted for without penalty.
+    EXTRACTION_PRESET : str
+        Name of the extraction settings (scales, thresholds, size cap, EXIF) to load the
+        model with, from :data:`delf_retrieval.models.presets.EXTRACTION_PRESETS`
+        (``delg-r50-gldv2clean``, ...); ``""`` keeps the model family's defaults. The CLI
+        (``--config``) and the notebooks apply it; ``pipeline`` functions take the
+        extraction settings through their ``params`` argument.
     """
 
     NUM_TO_RERANK: int = 3
@@ -100,6 +109,7 @@ class Config:
     RETRIEVAL_LABEL_BOOST: float = 0.5
     FREQUENT_LANDMARK_PENALTY: float = 0.0
     FREQUENT_LANDMARK_MIN_COUNT: int = 1
+    EXTRACTION_PRESET: str = ""
 
     def __post_init__(self) -> None:
         checks = {
@@ -125,6 +135,10 @@ class Config:
             "FREQUENT_LANDMARK_PENALTY": self.FREQUENT_LANDMARK_PENALTY >= 0,
             "FREQUENT_LANDMARK_MIN_COUNT": self.FREQUENT_LANDMARK_MIN_COUNT >= 1,
         }
+        if self.EXTRACTION_PRESET:
+            from .models.presets import EXTRACTION_PRESETS
+
+            checks["EXTRACTION_PRESET"] = self.EXTRACTION_PRESET in EXTRACTION_PRESETS
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             values = ", ".join(f"{name}={getattr(self, name)!r}" for name in bad)
@@ -165,6 +179,11 @@ PRESETS: dict[str, Config] = {
         HOMOGRAPHY_CONFIDENCE=1.0,
         MIN_MATCHES=3,
     ),
+    # The official DELG extraction configs (tensorflow/models research/delf/delf/python/delg/
+    # r50delg_gldv2clean_config.pbtxt, r101delg_gldv2clean_config.pbtxt) with the baseline's
+    # search and re-ranking; see delf_retrieval.models.presets.
+    "delg-r50-gldv2clean": Config(EXTRACTION_PRESET="delg-r50-gldv2clean"),
+    "delg-r101-gldv2clean": Config(EXTRACTION_PRESET="delg-r101-gldv2clean"),
     # RootSIFT from the weights-free extractor: mutual NN + ratio test, looser RANSAC.
     "opencv-sift": Config(
         NUM_TO_RERANK=10,
