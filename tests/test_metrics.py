@@ -323,9 +323,7 @@ def _random_recognition_files(rng, folder, index):
     solution = folder / f"solution{index}.csv"
     submission = folder / f"submission{index}.csv"
     solution.write_text("id,landmarks,Usage\n" + "\n".join(solution_rows) + "\n")
-    submission.write_text(
-        "id,landmarks\n" + "\n".join(submission_rows[i] for i in order) + "\n"
-    )
+    submission.write_text("id,landmarks\n" + "\n".join(submission_rows[i] for i in order) + "\n")
     return submission, solution
 
 
@@ -356,7 +354,9 @@ def _official_scores(submission, solution, task):
     score = _official_gap if task == "recognition" else _official_map
     positives = (lambda s: any(s.values())) if task == "recognition" else bool
     result = {}
-    for name, truth, prediction in zip(("Public", "Private"), (public, private), predicted, strict=True):
+    for name, truth, prediction in zip(
+        ("Public", "Private"), (public, private), predicted, strict=True
+    ):
         result[name] = score(prediction, truth) if positives(truth) else 0.0
     return result
 
@@ -374,3 +374,21 @@ def test_random_files_equal_the_reference_definitions(tmp_path, task):
         official = _official_scores(submission, solution, task)
         for split, value in official.items():
             assert ours[split] == pytest.approx(value, abs=1e-12), (index, split)
+
+
+def test_cli_evaluate_prints_the_reference_numbers(tmp_path, capsys):
+    import numpy as np
+
+    from delf_retrieval.cli import main
+
+    rng = np.random.default_rng(11)
+    for task, make in (
+        ("recognition", _random_recognition_files),
+        ("retrieval", _random_retrieval_files),
+    ):
+        submission, solution = make(rng, tmp_path, 0)
+        official = _official_scores(submission, solution, task)
+        assert main(["evaluate", "--submission", str(submission), "--solution", str(solution)]) == 0
+        printed = capsys.readouterr().out
+        for split, value in official.items():
+            assert f"{split} {value:.4f}" in printed, (task, printed)
