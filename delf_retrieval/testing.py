@@ -642,7 +642,10 @@ def build_delf_hub(path: str | os.PathLike) -> Path:
     ``tensorflow_hub.load(path).signatures["default"]`` takes ``image`` (float32
     [H, W, 3] in [0, 1]), ``score_threshold`` (float32 []), ``image_scales`` (float32
     [S]) and ``max_feature_num`` (int32 []) and returns ``locations`` (float32 [N, 2],
-    (y, x) in original pixels) and ``descriptors`` (float32 [N, 40]).
+    (y, x) in original pixels: the centres of the receptive boxes divided by their
+    scale, as research/delf/delf/python/feature_extractor.py CalculateKeypointCenters)
+    and ``descriptors`` (float32 [N, 40]), strongest first after one cross-scale NMS
+    like the DELG export's.
 
     Parameters
     ----------
