@@ -430,10 +430,17 @@ def _skimage_affine(
             residual_threshold=threshold,
             max_trials=iterations,
             stop_probability=confidence,
-            rng=seed,
+            **{_skimage_seed_keyword(ransac): seed},
         )
     # The reference counts sum(inliers) whatever the final refit gives; None means none.
     return none if inliers is None else np.asarray(inliers, dtype=bool).reshape(-1)
+
+
+def _skimage_seed_keyword(ransac: object) -> str:
+    """``rng`` (scikit-image >= 0.23) or ``random_state`` (older releases, as the reference)."""
+    import inspect
+
+    return "rng" if "rng" in inspect.signature(ransac).parameters else "random_state"
 
 
 _ESTIMATORS = {
