@@ -35,7 +35,7 @@ except ImportError:  # run from a checkout without installing
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from delf_retrieval import pipeline
+from delf_retrieval import pipeline, recognition, retrieval
 from delf_retrieval.config import default_preset, load_config
 from delf_retrieval.images import read_labels_csv
 from delf_retrieval.metrics import evaluate_recognition, evaluate_retrieval
@@ -45,7 +45,7 @@ from delf_retrieval.store import FeatureStore
 from delf_retrieval.submission import recognition_dataframe, retrieval_dataframe
 
 _inliers: dict[tuple[bytes, ...], np.ndarray] = {}
-_count = pipeline.count_inliers_many
+_count = recognition.count_inliers_many
 
 
 def _digest(local) -> bytes:
@@ -71,7 +71,8 @@ def main() -> None:
     parser.add_argument("--distractors", type=Path, default=None, help="dataset whose nonlandmark.csv is the distractor set")
     parser.add_argument("--no-verify", action="store_true", help="global similarity only")
     args = parser.parse_args()
-    pipeline.count_inliers_many = cached_count_inliers_many
+    recognition.count_inliers_many = cached_count_inliers_many
+    retrieval.count_inliers_many = cached_count_inliers_many
 
     extractor = load_extractor(args.model)
     base = load_config(args.preset or default_preset(extractor.family))
@@ -85,14 +86,14 @@ def main() -> None:
     labels = read_labels_csv(args.data / "train.csv")
     ids = stores["test"].ids
 
-    def recognition(config) -> float:
+    def gap(config) -> float:
         result = pipeline.recognize_stores(
             stores["test"], stores["train"], labels, config, nonlandmark=nl_store, verify=not args.no_verify, progress=False
         )
         frame = recognition_dataframe(result.predictions, ids=ids)
         return evaluate_recognition(frame, args.data / "solution.csv")["All"]
 
-    def retrieval(config) -> float:
+    def map100(config) -> float:
         if "index" not in stores:
             return float("nan")
         result = pipeline.retrieve_stores(
@@ -115,8 +116,8 @@ def main() -> None:
     print(f"{'setting':24s} {'GAP':>7s} {'mAP@100':>8s}")
     for name, changes in settings.items():
         config = base.replace(**changes)
-        retrieval_score = retrieval(config) if not name.startswith("nonlandmark") else float("nan")
-        print(f"{name:24s} {recognition(config):7.4f} {retrieval_score:8.4f}", flush=True)
+        retrieval_score = map100(config) if not name.startswith("nonlandmark") else float("nan")
+        print(f"{name:24s} {gap(config):7.4f} {retrieval_score:8.4f}", flush=True)
 
     # Why a rule helps or hurts: distractor similarity vs the landmark evidence per query.
     if len(nl_store.ids):

@@ -6,7 +6,11 @@ import numpy as np
 import pytest
 
 from delf_retrieval.config import Config
-from delf_retrieval.query_expansion import alpha_query_expansion, database_augmentation, expand_globals
+from delf_retrieval.query_expansion import (
+    alpha_query_expansion,
+    database_augmentation,
+    expand_globals,
+)
 from delf_retrieval.rerank import candidate_scores, recognize_one
 
 

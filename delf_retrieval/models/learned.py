@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from ..features import ImageFeatures, LocalFeatures, l2_normalize
+from ..features import ImageFeatures, LocalFeatures, l2_normalize, to_original_pixels
 from ..images import downscale_to_max_size
 from .base import Extractor, ExtractorParams
 
@@ -174,7 +174,7 @@ class LearnedExtractor(Extractor):
             for local, (_, factor) in zip(self._run([small for small, _ in group]), group, strict=True):
                 if factor != 1.0:
                     local = LocalFeatures(
-                        keypoints=((local.keypoints + 0.5) * factor - 0.5).astype(np.float32),
+                        keypoints=to_original_pixels(local.keypoints, factor),
                         descriptors=local.descriptors,
                         scores=local.scores,
                         scales=local.scales,
@@ -204,11 +204,13 @@ class LearnedExtractor(Extractor):
         new_h, new_w = max(32, height // 32 * 32), max(32, width // 32 * 32)
         resized = torch.nn.functional.interpolate(batch, (new_h, new_w), mode="bilinear", align_corners=False)
         out = self._model.detectAndCompute(resized * 255.0, top_k=self.params.max_feature_num)
-        factor = torch.tensor([width / new_w, height / new_h], device=resized.device)
-        return [
-            self._local((item["keypoints"] + 0.5) * factor - 0.5, item["descriptors"], item["scores"])
-            for item in out
-        ]
+        results = []
+        for item in out:
+            local = self._local(item["keypoints"], item["descriptors"], item["scores"])
+            x = to_original_pixels(local.keypoints[:, 0], width / new_w, always=True)
+            y = to_original_pixels(local.keypoints[:, 1], height / new_h, always=True)
+            results.append(LocalFeatures(np.stack([x, y], axis=1), local.descriptors, local.scores, local.scales))
+        return results
 
     def _local(self, keypoints, descriptors, scores) -> LocalFeatures:
         keypoints = keypoints.detach().float().cpu().numpy().reshape(-1, 2)
