@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -125,6 +125,45 @@ def extract_decoded(extractor: Extractor, decoded: _Decoded) -> tuple[ImageFeatu
         return None, f"extraction failed: {type(error).__name__}: {error}"
 
 
+def iter_extracted(
+    extractor: Extractor, decoded_items: Iterable[_Decoded]
+) -> Iterator[tuple[_Decoded, ImageFeatures | None, str | None]]:
+    """:func:`extract_decoded` over a stream, in order: ``(decoded, features, reason)``.
+
+    An extractor with a ``model_batch_size`` attribute above 1 (the learned models on a
+    GPU) gets that many images per ``extract_many`` call; if a batch fails, its images are
+    extracted one by one, so one bad image is still one failure.
+    """
+    size = max(1, int(getattr(extractor, "model_batch_size", 1)))
+    group: list[_Decoded] = []
+    for decoded in decoded_items:
+        group.append(decoded)
+        if len(group) >= size:
+            yield from _extract_group(extractor, group)
+            group = []
+    yield from _extract_group(extractor, group)
+
+
+def _extract_group(extractor: Extractor, group: list[_Decoded]):
+    good = [decoded for decoded in group if decoded.error is None]
+    if len(group) <= 1 or not good:
+        for decoded in group:
+            yield (decoded, *extract_decoded(extractor, decoded))
+        return
+    try:
+        features = extractor.extract_many([decoded.image for decoded in good])
+    except Exception:  # retried one by one: the failure belongs to one image
+        for decoded in group:
+            yield (decoded, *extract_decoded(extractor, decoded))
+        return
+    found = {id(decoded): f for decoded, f in zip(good, features, strict=True)}
+    for decoded in group:
+        if decoded.error is not None:
+            yield decoded, None, decoded.error
+        else:
+            yield decoded, rescale_features(found[id(decoded)], decoded.factor), None
+
+
 def pending_sources(
     sources: Sequence[ImageSource], store: FeatureStore, *, retry_failed: bool = False
 ) -> list[ImageSource]:
@@ -180,9 +219,9 @@ def extract_to_store(
 
     bar = tqdm(total=len(todo), desc=description, unit="img", disable=not progress or not todo, smoothing=0.1)
     exif = extractor.params.exif_transpose
-    for decoded in iter_decoded(todo, max_size=max_size, threads=decode_threads, exif_transpose=exif):
+    decoded_items = iter_decoded(todo, max_size=max_size, threads=decode_threads, exif_transpose=exif)
+    for decoded, features, reason in iter_extracted(extractor, decoded_items):
         image_id = decoded.source.id
-        features, reason = extract_decoded(extractor, decoded)
         if features is None:
             batch_failures.append((image_id, reason))
             failures.append((image_id, reason))

@@ -132,3 +132,42 @@ def test_names_presets_and_matcher_settings():
         Config(MATCHER="lightglue", MATCHER_FEATURES="xfeat")
     with pytest.raises(ValueError, match="MATCHER"):
         Config(MATCHER="superglue")
+
+
+def test_store_extraction_batches_for_extractors_that_ask_and_retries_a_failed_batch(tmp_path):
+    from delf_retrieval.extract import extract_to_store
+    from delf_retrieval.features import ImageFeatures, LocalFeatures
+    from delf_retrieval.images import list_images
+    from delf_retrieval.models.base import Extractor
+    from delf_retrieval.store import FeatureStore
+
+    class Batching(Extractor):
+        family, has_local, local_dim, model_batch_size = "fake", True, 2, 3
+
+        def __init__(self) -> None:
+            super().__init__(ExtractorParams(image_scales=(1.0,), global_scales=(1.0,), max_image_size=32), "fake")
+            self.batches: list[int] = []
+
+        def extract(self, image):
+            if image.mean() > 200:
+                raise ValueError("too bright")
+            # One keypoint at the last pixel column of the (downscaled) image.
+            local = LocalFeatures(np.array([[image.shape[1] - 1.0, 0.0]], np.float32), np.array([[1.0, 0.0]], np.float32),
+                                  np.ones(1, np.float32), np.ones(1, np.float32))
+            return ImageFeatures(local, None)
+
+        def extract_many(self, images):
+            self.batches.append(len(images))
+            return [self.extract(image) for image in images]
+
+    for i, value in enumerate([10, 20, 30, 250, 40]):  # image 3 is "too bright"
+        cv2.imwrite(str(tmp_path / f"img{i}.png"), np.full((64, 64, 3), value, np.uint8))
+    extractor = Batching()
+    store = FeatureStore(tmp_path / "store", extractor.fingerprint())
+    summary = extract_to_store(extractor, list_images(tmp_path), store, progress=False)
+    # Batches of 3: the first succeeds whole; the second (with the bright image) fails and
+    # is redone one image at a time, so only that image fails.
+    assert extractor.batches == [3, 2]
+    assert (summary.extracted, summary.failed) == (4, 1) and summary.failures[0][0] == "img3"
+    # 64 px images were decoded at 32 px: pixel (31, 0) is (62.5, 0.5) of the original.
+    np.testing.assert_allclose(store.local_features("img0").keypoints, [[62.5, 0.5]])
