@@ -70,6 +70,7 @@ def main() -> None:
     parser.add_argument("--preset", default=None, help="default: the model's")
     parser.add_argument("--distractors", type=Path, default=None, help="dataset whose nonlandmark.csv is the distractor set")
     parser.add_argument("--no-verify", action="store_true", help="global similarity only")
+    parser.add_argument("--only", default="", help="run only the settings whose name contains this")
     args = parser.parse_args()
     recognition.count_inliers_many = cached_count_inliers_many
     retrieval.count_inliers_many = cached_count_inliers_many
@@ -108,13 +109,15 @@ def main() -> None:
         "DBA k=2 a=3": {"DBA_TOP_K": 2, "DBA_ALPHA": 3.0},
         "QE+DBA k=2 a=3": {"QE_TOP_K": 2, "DBA_TOP_K": 2},
         "nonlandmark subtract": {"NONLANDMARK_PENALTY": 1.0},
-        "nonlandmark excess": {"NONLANDMARK_PENALTY": 1.0, "NONLANDMARK_RULE": "excess"},
+        "nonlandmark unverified": {"NONLANDMARK_PENALTY": 1.0, "NONLANDMARK_RULE": "unverified"},
     }
     mode = "global only" if args.no_verify else f"verified ({base.MATCHER})"
     print(f"{args.data.name}, {args.model}, preset {args.preset or default_preset(extractor.family)}, {mode}; "
           f"distractors: {len(nl_store.ids)} photos of {distractor_data.name}")
     print(f"{'setting':24s} {'GAP':>7s} {'mAP@100':>8s}")
     for name, changes in settings.items():
+        if args.only not in name and name != "baseline":
+            continue
         config = base.replace(**changes)
         retrieval_score = map100(config) if not name.startswith("nonlandmark") else float("nan")
         print(f"{name:24s} {gap(config):7.4f} {retrieval_score:8.4f}", flush=True)

