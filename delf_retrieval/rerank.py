@@ -92,7 +92,8 @@ def candidate_scores(
         Non-landmark similarity of each candidate's train image
         (:func:`nonlandmark_similarity`); subtracted times ``NONLANDMARK_PENALTY``
         (``NONLANDMARK_RULE="unverified"``: only for candidates with fewer than
-        ``max(MIN_INLIERS, 1)`` inliers).
+        ``max(MIN_INLIERS, 1)`` inliers; ``"excess"``: only its excess over the
+        candidate's cosine, ``max(nonlandmark - cosine, 0)``).
 
     Returns
     -------
@@ -116,6 +117,8 @@ def candidate_scores(
         _same_length(cos, similarity, "nonlandmark")
         if config.NONLANDMARK_RULE == "unverified":
             similarity = np.where(verified, 0.0, similarity)
+        elif config.NONLANDMARK_RULE == "excess":
+            similarity = np.maximum(similarity - cos, 0.0)
         scores -= config.NONLANDMARK_PENALTY * similarity
     return scores.astype(np.float32)
 
@@ -318,7 +321,9 @@ def recognize_one(
         Non-landmark similarity of the query; the confidence loses
         ``NONLANDMARK_PENALTY * query_nonlandmark`` (``NONLANDMARK_RULE="unverified"``:
         only when none of the predicted landmark's voting candidates has
-        ``max(MIN_INLIERS, 1)`` inliers).
+        ``max(MIN_INLIERS, 1)`` inliers; ``"excess"``: only ``max(query_nonlandmark -
+        max(cand_cosine), 0)``, by how much the query is nearer to the distractor set
+        than to its best candidate).
 
     Returns
     -------
@@ -340,8 +345,12 @@ def recognize_one(
     if query_nonlandmark is not None and config.NONLANDMARK_PENALTY > 0:
         if not np.isfinite(query_nonlandmark):
             raise ValueError("query_nonlandmark must be finite")
-        if not (config.NONLANDMARK_RULE == "unverified" and _label_verified(label, names, order, cand_inliers, config)):
-            confidence -= config.NONLANDMARK_PENALTY * float(query_nonlandmark)
+        penalty = float(query_nonlandmark)
+        if config.NONLANDMARK_RULE == "unverified" and _label_verified(label, names, order, cand_inliers, config):
+            penalty = 0.0
+        elif config.NONLANDMARK_RULE == "excess":
+            penalty = max(penalty - float(cosine.max()), 0.0)
+        confidence -= config.NONLANDMARK_PENALTY * penalty
     return label, confidence
 
 

@@ -1,4 +1,4 @@
-"""alpha-QE, DBA and the 'unverified' non-landmark rule on hand-made vectors with exact results."""
+"""alpha-QE, DBA and the non-landmark rules on hand-made vectors with exact results."""
 
 from __future__ import annotations
 
@@ -99,3 +99,16 @@ def test_unverified_rule_penalises_only_where_no_match_is_verified():
     gated = top1.replace(MIN_INLIERS=50)
     label, confidence = recognize_one(labels, cosine, inliers, gated, None, 0.7)
     assert label == "a" and confidence == pytest.approx(0.5 - 1.4)
+
+
+def test_excess_rule_penalises_only_what_exceeds_the_landmark_evidence():
+    cosine = np.array([0.5, 0.3])
+    nonlandmark = np.array([0.4, 0.45])
+    excess = Config(NONLANDMARK_PENALTY=2.0, NONLANDMARK_RULE="excess")
+    # Candidate 0 is nearer to the query than the distractors are: no penalty; 1 loses 2 * 0.15.
+    np.testing.assert_allclose(candidate_scores(cosine, None, excess, nonlandmark), [0.5, 0.3 - 0.3], atol=1e-6)
+    top1 = excess.replace(TOP_K=1)
+    assert recognize_one(["a", "b"], cosine, None, top1, None, 0.45) == ("a", 0.5)
+    # 0.7 exceeds the best cosine 0.5 by 0.2: the confidence loses 2 * 0.2.
+    label, confidence = recognize_one(["a", "b"], cosine, None, top1, None, 0.7)
+    assert label == "a" and confidence == pytest.approx(0.5 - 0.4)
