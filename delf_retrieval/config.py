@@ -224,6 +224,7 @@ _LEARNED_NN = dict(
     RATIO_TEST=0.9,
     MIN_INLIERS=12,
     MAX_INLIER_SCORE=60,
+    NONLANDMARK_RULE="unverified",
 )
 _LEARNED_MATCHER = dict(
     _LEARNED_NN,
@@ -270,6 +271,9 @@ PRESETS: dict[str, Config] = {
         MUTUAL_NEAREST_NEIGHBOR=True,
         RATIO_TEST=0.8,
         MIN_INLIERS=8,
+        # With --nonlandmark: never worse than "subtract" on gldv2-mini-dev and paris-dev
+        # (docs/learned.md); the penalty itself stays off by default.
+        NONLANDMARK_RULE="unverified",
     ),
     # Learned features with mutual NN (+ ratio) matching and RANSAC.
     "aliked": Config(**_LEARNED_NN),
