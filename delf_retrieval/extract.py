@@ -120,6 +120,26 @@ def extract_decoded(extractor: Extractor, decoded: _Decoded) -> tuple[ImageFeatu
         return None, f"extraction failed: {type(error).__name__}: {error}"
 
 
+def extract_decoded_many(
+    extractor: Extractor, decoded: Sequence[_Decoded]
+) -> list[tuple[ImageFeatures | None, str | None]]:
+    """:func:`extract_decoded` of several images with one ``extractor.extract_many`` call.
+
+    Extractors that batch (``batch_size`` > 1, e.g. Keras models) run the decoded images
+    through the model together; if the batch fails, each image is retried alone so that
+    one bad image fails only itself. Results are in input order.
+    """
+    good = [item for item in decoded if item.error is None]
+    if len(good) <= 1:
+        return [extract_decoded(extractor, item) for item in decoded]
+    try:
+        features = extractor.extract_many([item.image for item in good])
+    except Exception:
+        return [extract_decoded(extractor, item) for item in decoded]
+    by_id = {id(item): rescale_features(f, item.factor) for item, f in zip(good, features, strict=True)}
+    return [(by_id[id(item)], None) if item.error is None else (None, item.error) for item in decoded]
+
+
 def pending_sources(
     sources: Sequence[ImageSource], store: FeatureStore, *, retry_failed: bool = False
 ) -> list[ImageSource]:
@@ -173,21 +193,34 @@ def extract_to_store(
         batch_features.clear()
         batch_failures.clear()
 
-    bar = tqdm(total=len(todo), desc=description, unit="img", disable=not progress or not todo, smoothing=0.1)
-    for decoded in iter_decoded(todo, max_size=max_size, threads=decode_threads):
-        image_id = decoded.source.id
-        features, reason = extract_decoded(extractor, decoded)
-        if features is None:
-            batch_failures.append((image_id, reason))
-            failures.append((image_id, reason))
-        else:
-            batch_ids.append(image_id)
-            batch_features.append(features)
-            extracted += 1
-        if len(batch_ids) + len(batch_failures) >= batch_size:
-            flush()
-        bar.update(1)
+    # Extractors that batch their model calls (Keras) get this many decoded images at once.
+    model_batch = max(1, int(getattr(extractor, "batch_size", 1)))
+    pending: list[_Decoded] = []
+
+    def run_model() -> None:
+        nonlocal extracted
+        for decoded, (features, reason) in zip(pending, extract_decoded_many(extractor, pending), strict=True):
+            image_id = decoded.source.id
+            if features is None:
+                batch_failures.append((image_id, reason))
+                failures.append((image_id, reason))
+            else:
+                batch_ids.append(image_id)
+                batch_features.append(features)
+                extracted += 1
+            if len(batch_ids) + len(batch_failures) >= batch_size:
+                flush()
+        bar.update(len(pending))
         bar.set_postfix(failed=len(failures), refresh=False)
+        pending.clear()
+
+    bar = tqdm(total=len(todo), desc=description, unit="img", disable=not progress or not todo, smoothing=0.1)
+    prefetch = max(16, 2 * model_batch)
+    for decoded in iter_decoded(todo, max_size=max_size, threads=decode_threads, prefetch=prefetch):
+        pending.append(decoded)
+        if len(pending) >= model_batch:
+            run_model()
+    run_model()
     flush()
     bar.close()
     store.finalize()
