@@ -72,6 +72,17 @@ class Config:
         of confidence (0 disables it).
     FREQUENT_LANDMARK_MIN_COUNT : int
         Number of queries a landmark may be predicted for without penalty.
+    WHITENING_DIM : int
+        Learned PCA-whitening of global descriptors, fitted on the database store
+        (:mod:`delf_retrieval.whitening`): 0 off, ``d > 0`` whiten and keep ``d``
+        dimensions, -1 keep all (both capped at the rank of the database).
+    CLASSIFIER_MODE : str
+        ``"off"`` (kNN only), ``"classifier"`` (softmax classifier(s) alone) or ``"fused"``
+        (kNN and classifier, :mod:`delf_retrieval.classifier`); needs classifiers.
+    FUSION_COSINE_POWER : float
+        ``a`` in the fused score ``sum_j s_j ** a * p(l) ** b``.
+    FUSION_PROB_POWER : float
+        ``b`` in that score.
     """
 
     NUM_TO_RERANK: int = 3
@@ -96,6 +107,10 @@ class Config:
     RETRIEVAL_LABEL_BOOST: float = 0.5
     FREQUENT_LANDMARK_PENALTY: float = 0.0
     FREQUENT_LANDMARK_MIN_COUNT: int = 1
+    WHITENING_DIM: int = 0
+    CLASSIFIER_MODE: str = "off"
+    FUSION_COSINE_POWER: float = 1.0
+    FUSION_PROB_POWER: float = 1.0
 
     def __post_init__(self) -> None:
         checks = {
@@ -119,6 +134,10 @@ class Config:
             "RETRIEVAL_LABEL_BOOST": self.RETRIEVAL_LABEL_BOOST >= 0,
             "FREQUENT_LANDMARK_PENALTY": self.FREQUENT_LANDMARK_PENALTY >= 0,
             "FREQUENT_LANDMARK_MIN_COUNT": self.FREQUENT_LANDMARK_MIN_COUNT >= 1,
+            "WHITENING_DIM": self.WHITENING_DIM >= -1,
+            "CLASSIFIER_MODE": self.CLASSIFIER_MODE in CLASSIFIER_MODES,
+            "FUSION_COSINE_POWER": self.FUSION_COSINE_POWER >= 0,
+            "FUSION_PROB_POWER": self.FUSION_PROB_POWER >= 0,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -141,6 +160,7 @@ class Config:
 
 
 RANSAC_METHODS = ("magsac", "opencv-ransac", "degensac", "skimage-affine")
+CLASSIFIER_MODES = ("off", "classifier", "fused")
 
 PRESETS: dict[str, Config] = {
     # The Kaggle 2020 host baseline, parameter for parameter.
@@ -160,6 +180,11 @@ PRESETS: dict[str, Config] = {
         RATIO_TEST=0.8,
         MIN_INLIERS=8,
     ),
+    # Your own softmax classifier(s) alone (needs classifiers: model + class mapping CSV).
+    "classifier": Config(CLASSIFIER_MODE="classifier"),
+    # kNN over the global descriptors fused with the classifier probabilities
+    # (Kaggle 2020 recognition 3rd place): sum over the TOP_K neighbours of cos^a * p^b.
+    "knn-classifier": Config(CLASSIFIER_MODE="fused", TOP_K=5),
 }
 
 

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from . import aggregation
+from . import aggregation, classifier, whitening
 from .config import Config, load_config
 from .extract import ExtractionSummary, extract_to_store
 from .images import list_images, read_labels_csv
@@ -370,7 +370,7 @@ def _prepare(
         from .models.loader import load_extractor
 
         extractor = load_extractor(model, params)
-    if config is None and extractor.family == "opencv-sift":
+    if config is None and extractor.family.split("+")[-1] == "opencv-sift":  # also keras+opencv-sift
         config = "opencv-sift"
     config = load_config(config)
     work = Path(work_dir) if work_dir is not None else Path.cwd() / "delf_work"
@@ -393,6 +393,7 @@ def recognize(
     log: Log = print,
     extract_fn: ExtractFn = extract_to_store,
     search_fn: SearchFn = cosine_topk,
+    classifiers: Sequence[classifier.Classifier] = (),
 ) -> RunOutput:
     """Recognition submission for a Kaggle-layout dataset.
 
@@ -403,7 +404,10 @@ def recognize(
     ``config`` defaults to the preset suiting the model (``opencv-sift`` or
     ``kaggle2020``). Writes ``output`` (None: write nothing) and validates it.
     ``extract_fn`` / ``search_fn`` replace the local extraction runner and search (see
-    :class:`delf_retrieval.distributed.RayRunner`).
+    :class:`delf_retrieval.distributed.RayRunner`). ``classifiers`` (softmax models with
+    their class mappings, :func:`delf_retrieval.classifier.load_classifier`) are used when
+    ``CLASSIFIER_MODE`` is ``classifier`` or ``fused``; ``WHITENING_DIM`` whitens the global
+    descriptors first (:mod:`delf_retrieval.whitening`).
     """
     data, extractor, config, work = _prepare(data_dir, model, config, work_dir, params, log)
     data.require("train.csv", "sample_submission.csv")
@@ -418,15 +422,20 @@ def recognize(
         splits["nonlandmark"] = data.csv("nonlandmark.csv")
     stores, summaries = _extract_splits(extractor, splits, work, dtype, progress, log, extract_fn)
     ensure_global_descriptors(stores["train"], [s for k, s in stores.items() if k != "train"], log=log)
+    searched = whitening.whiten_for_run(stores, "train", config.WHITENING_DIM, log=log)  # hook (issue 11)
+    labels = read_labels_csv(data.csv("train.csv"))
     result = recognize_stores(
-        stores["test"],
-        stores["train"],
-        read_labels_csv(data.csv("train.csv")),
+        searched["test"],
+        searched["train"],
+        labels,
         config,
-        nonlandmark=stores.get("nonlandmark"),
+        nonlandmark=searched.get("nonlandmark"),
         verify=verify,
         progress=progress,
         search_fn=search_fn,
+    )
+    result = classifier.apply_classifiers(  # hook (issue 11): no-op when CLASSIFIER_MODE is "off"
+        result, classifiers, stores["test"], splits["test"], labels, config, progress=progress, log=log
     )
     sample = pd.read_csv(data.csv("sample_submission.csv"), dtype=str, keep_default_na=False)
     frame = recognition_dataframe(result.predictions, ids=sample["id"].tolist())
@@ -467,11 +476,12 @@ def retrieve(
         splits["train"] = data.csv("train.csv")
     stores, summaries = _extract_splits(extractor, splits, work, dtype, progress, log, extract_fn)
     ensure_global_descriptors(stores["index"], [s for k, s in stores.items() if k != "index"], log=log)
+    searched = whitening.whiten_for_run(stores, "index", config.WHITENING_DIM, log=log)  # hook (issue 11)
     result = retrieve_stores(
-        stores["test"],
-        stores["index"],
+        searched["test"],
+        searched["index"],
         config,
-        train=stores.get("train"),
+        train=searched.get("train"),
         labels=read_labels_csv(data.csv("train.csv")) if labelled else None,
         verify=verify,
         progress=progress,
