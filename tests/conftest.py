@@ -50,3 +50,35 @@ def delg_tf1_global_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def delf_hub_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Folder of a DELF-v1-like TF-Hub module."""
     return _build(tmp_path_factory, "delf_hub")
+
+
+# --- Small Keras models (issue 11: your own model) ----------------------------------------
+
+
+def build_small_keras_classifier(num_classes: int = 5, seed: int = 0):
+    """A seeded conv net: conv1 -> conv2 -> global max pooling 'gmp' -> softmax 'head'."""
+    keras = pytest.importorskip("keras", reason="Keras models need Keras")
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((None, None, 3))
+    x = keras.layers.Conv2D(8, 3, strides=2, activation="relu", name="conv1")(inputs)
+    x = keras.layers.Conv2D(16, 3, strides=2, activation="relu", name="conv2")(x)
+    x = keras.layers.GlobalMaxPooling2D(name="gmp")(x)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", name="head")(x)
+    return keras.Model(inputs, outputs)
+
+
+@pytest.fixture(scope="session")
+def keras_classifier(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Folder with one small classifier saved three ways: ``model.keras``, ``model.h5`` and
+    ``saved_model/`` (exported with outputs ``output_0`` = gmp, ``output_1`` = head), plus
+    ``classes.csv`` mapping its 5 classes to the demo dataset's landmarks 1000..1004."""
+    keras = pytest.importorskip("keras", reason="Keras models need Keras")
+    folder = tmp_path_factory.mktemp("keras") / "classifier"
+    folder.mkdir()
+    model = build_small_keras_classifier()
+    model.save(folder / "model.keras")
+    model.save(folder / "model.h5")
+    both = keras.Model(model.inputs, [model.get_layer("gmp").output, model.output])
+    both.export(str(folder / "saved_model"), verbose=False)
+    (folder / "classes.csv").write_text("class_index,landmark_id\n" + "".join(f"{i},{1000 + i}\n" for i in range(5)))
+    return folder
