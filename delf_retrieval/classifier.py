@@ -160,7 +160,9 @@ def query_class_predictions(
         images.clear()
 
     bar = tqdm(total=len(ids), desc="classify", unit="img", disable=not progress)
-    for row, decoded in enumerate(iter_decoded([by_id[i] for i in ids], max_size=max_size, threads=decode_threads)):
+    prepare = getattr(classifier.extractor, "prepare_image", None)
+    todo = [by_id[i] for i in ids]
+    for row, decoded in enumerate(iter_decoded(todo, max_size=max_size, threads=decode_threads, prepare=prepare)):
         if decoded.error is not None:
             raise ValueError(f"{decoded.source.id}: {decoded.error}")
         rows.append(row)

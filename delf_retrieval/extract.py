@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -62,15 +63,17 @@ class ExtractionSummary:
 @dataclass(frozen=True)
 class _Decoded:
     source: ImageSource
-    image: np.ndarray | None
+    image: Any  # RGB uint8 [H, W, 3], or what the extractor's prepare_image made of it; None on failure
     factor: float
     error: str | None
 
 
-def _decode(source: ImageSource, max_size: int | None) -> _Decoded:
+def _decode(source: ImageSource, max_size: int | None, prepare: Callable[[np.ndarray], Any] | None = None) -> _Decoded:
     try:
         image = decode_image(source.read_bytes())
         small, factor = downscale_to_max_size(image, max_size)
+        if prepare is not None:  # e.g. a Keras model's resize + preprocessing, off the model thread
+            small = prepare(small)
         return _Decoded(source, small, factor, None)
     except ImageDecodeError as error:
         return _Decoded(source, None, 1.0, str(error))
@@ -79,15 +82,24 @@ def _decode(source: ImageSource, max_size: int | None) -> _Decoded:
 
 
 def iter_decoded(
-    sources: Sequence[ImageSource], *, max_size: int | None = None, threads: int = 2, prefetch: int = 16
+    sources: Sequence[ImageSource],
+    *,
+    max_size: int | None = None,
+    threads: int = 2,
+    prefetch: int = 16,
+    prepare: Callable[[np.ndarray], Any] | None = None,
 ) -> Iterator[_Decoded]:
-    """Decode (and downscale) images in a thread pool, yielding them in input order."""
+    """Decode (and downscale) images in a thread pool, yielding them in input order.
+
+    ``prepare`` (e.g. ``KerasExtractor.prepare_image``) runs on each decoded image in the
+    same threads; its result replaces the image.
+    """
     with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="decode") as pool:
         pending: deque[Future[_Decoded]] = deque()
         position = 0
         while position < len(sources) or pending:
             while position < len(sources) and len(pending) < prefetch:
-                pending.append(pool.submit(_decode, sources[position], max_size))
+                pending.append(pool.submit(_decode, sources[position], max_size, prepare))
                 position += 1
             yield pending.popleft().result()
 
@@ -216,7 +228,8 @@ def extract_to_store(
 
     bar = tqdm(total=len(todo), desc=description, unit="img", disable=not progress or not todo, smoothing=0.1)
     prefetch = max(16, 2 * model_batch)
-    for decoded in iter_decoded(todo, max_size=max_size, threads=decode_threads, prefetch=prefetch):
+    prepare = getattr(extractor, "prepare_image", None)
+    for decoded in iter_decoded(todo, max_size=max_size, threads=decode_threads, prefetch=prefetch, prepare=prepare):
         pending.append(decoded)
         if len(pending) >= model_batch:
             run_model()

@@ -470,6 +470,10 @@ class KerasExtractor(Extractor):
             raise ValueError(f"image has no pixels (shape {image.shape})")
         return downscale_to_max_size(image, self.params.max_image_size)[0]
 
+    def _views(self) -> list[tuple[float, bool]]:
+        flips = (False, True) if self.options.flip else (False,)
+        return [(scale, flip) for scale in self.options.scales for flip in flips]
+
     def model_inputs(self, image: np.ndarray, scale: float, flip: bool = False) -> np.ndarray:
         """The preprocessed model input of one image at one scale: float [h, w, 3]."""
         height, width = target_size(image.shape, self.options, scale)
@@ -478,6 +482,15 @@ class KerasExtractor(Extractor):
             resized = resized[:, ::-1]
         return preprocess(resized, self.options.preprocess).astype(self.network.input_dtype.as_numpy_dtype)
 
+    def prepare_image(self, image: np.ndarray) -> PreparedImage:
+        """Resize and preprocess one image for every scale/flip (thread-safe, no TensorFlow).
+
+        The extraction runner calls this in its decoding threads, so the model thread only
+        stacks ready inputs; :meth:`extract_many` also accepts raw images.
+        """
+        image = self._check(image)
+        return PreparedImage({view: self.model_inputs(image, *view) for view in self._views()})
+
     def _run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Descriptors ``[B, D]`` (pooled, not normalised) and probabilities ``[B, C]`` or None."""
         descriptor, probabilities = self.network(batch)
@@ -485,22 +498,24 @@ class KerasExtractor(Extractor):
             descriptor = pool_map(descriptor, self.options.pooling, self.options.gem_p)
         return descriptor.reshape(descriptor.shape[0], -1).astype(np.float32), probabilities
 
-    def _forward(self, images: list[np.ndarray], want_probabilities: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    def _forward(
+        self, images: Sequence[np.ndarray | PreparedImage], want_probabilities: bool
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         """Summed, normalised descriptors ``[N, D]`` and averaged probabilities ``[N, C]``."""
-        count = len(images)
+        prepared = [item if isinstance(item, PreparedImage) else self.prepare_image(item) for item in images]
+        count = len(prepared)
         total = np.zeros((count, self.global_dim), np.float32)
         probabilities = np.zeros((count, self.num_classes), np.float64) if want_probabilities else None
-        views = [(scale, flip) for scale in self.options.scales for flip in ((False, True) if self.options.flip else (False,))]
-        for scale, flip in views:
+        views = self._views()
+        for view in views:
             # Same-size inputs share a model call; sizes differ only with resize="longest".
-            groups: dict[tuple[int, int], list[int]] = {}
-            for index, image in enumerate(images):
-                groups.setdefault(target_size(image.shape, self.options, scale), []).append(index)
+            groups: dict[tuple[int, ...], list[int]] = {}
+            for index, item in enumerate(prepared):
+                groups.setdefault(item.inputs[view].shape, []).append(index)
             for members in groups.values():
                 for start in range(0, len(members), self.batch_size):
                     rows = members[start : start + self.batch_size]
-                    batch = np.stack([self.model_inputs(images[i], scale, flip) for i in rows])
-                    descriptor, probs = self._run(batch)
+                    descriptor, probs = self._run(np.stack([prepared[i].inputs[view] for i in rows]))
                     total[rows] += l2_normalize(descriptor, axis=1)
                     if probabilities is not None:
                         if probs is None:
@@ -514,15 +529,14 @@ class KerasExtractor(Extractor):
         """Global descriptor of one RGB uint8 image ``[H, W, 3]`` (float32 [D], L2-normalised)."""
         return self.extract_many([image])[0]
 
-    def extract_many(self, images: Sequence[np.ndarray]) -> list[ImageFeatures]:
-        """Global descriptors of several images, batched through the model."""
-        checked = [self._check(image) for image in images]
-        if not checked:
+    def extract_many(self, images: Sequence[np.ndarray | PreparedImage]) -> list[ImageFeatures]:
+        """Global descriptors of several images (raw or :meth:`prepare_image`-d), batched."""
+        if not images:
             return []
-        vectors, _ = self._forward(checked, want_probabilities=False)
+        vectors, _ = self._forward(images, want_probabilities=False)
         return [ImageFeatures(local=None, global_descriptor=vector) for vector in vectors]
 
-    def class_probabilities(self, images: Sequence[np.ndarray]) -> np.ndarray:
+    def class_probabilities(self, images: Sequence[np.ndarray | PreparedImage]) -> np.ndarray:
         """Softmax outputs ``[N, C]`` of the classifier head (averaged over scales/flips).
 
         Raises ValueError when the model has no softmax head.
@@ -532,12 +546,18 @@ class KerasExtractor(Extractor):
                 f"{self.path}: the model has no softmax classification head "
                 "(a final Dense layer with softmax; SavedModel: name the output with head=...)"
             )
-        checked = [self._check(image) for image in images]
-        if not checked:
+        if not images:
             return np.zeros((0, self.num_classes), np.float32)
-        _, probabilities = self._forward(checked, want_probabilities=True)
+        _, probabilities = self._forward(images, want_probabilities=True)
         assert probabilities is not None
         return probabilities.astype(np.float32)
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """Model inputs of one image: ``inputs[(scale, flip)]`` = preprocessed float ``[h, w, 3]``."""
+
+    inputs: dict[tuple[float, bool], np.ndarray]
 
 
 def _replace(options: KerasOptions, **changes: Any) -> KerasOptions:
