@@ -41,11 +41,11 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return dataset.root, root / "work"
 
 
-def execute(name: str, data_dir: Path, work_dir: Path, cwd: Path):
+def execute(name: str, data_dir: Path, work_dir: Path, cwd: Path, **extra_env: str):
     """Run one notebook in a fresh python3 kernel; errors raise CellExecutionError."""
     notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
     env = {k: v for k, v in os.environ.items() if not k.startswith("DELF_")}
-    env.update(DELF_DATA_DIR=str(data_dir), DELF_WORK_DIR=str(work_dir))
+    env.update(DELF_DATA_DIR=str(data_dir), DELF_WORK_DIR=str(work_dir), **extra_env)
     # The kernel must import this checkout even when the package is not installed.
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     client = nbclient.NotebookClient(
@@ -103,3 +103,24 @@ def test_explore_matches_draws_neighbours_matches_and_gallery(demo, tmp_path):
     # Neighbours, two match pictures (same and other landmark) and the gallery.
     assert pictures(notebook) == 4
     assert not (tmp_path / "submission.csv").exists()
+
+
+def test_recognition_notebook_with_your_own_keras_model(demo, tmp_path, keras_classifier):
+    """Issue 11: a Keras model for search + RootSIFT for re-ranking, fused with its softmax head."""
+    data_dir, work_dir = demo
+    notebook = execute(
+        "recognition_submission.ipynb",
+        data_dir,
+        work_dir,
+        tmp_path,
+        DELF_GLOBAL_MODEL=str(keras_classifier / "model.keras"),
+        DELF_LOCAL_MODEL="opencv-sift",
+        DELF_MODEL_OPTIONS=json.dumps({"preprocess": "tf", "image_size": 64}),
+        DELF_CLASSES=str(keras_classifier / "classes.csv"),
+        DELF_PRESET="knn-classifier",
+    )
+    written = tmp_path / "submission.csv"
+    assert validate_submission(written, data_dir / "sample_submission.csv", kind="recognition") == []
+    text = printed(notebook)
+    assert "KerasExtractor(" in text and "classifier: fused predictions from 1 classifier(s)" in text
+    assert any(path.name.startswith("keras+opencv-sift-") for path in work_dir.iterdir())
