@@ -264,3 +264,15 @@ def test_fixed_input_models_and_options_for_other_models(tmp_path: Path) -> None
 
 def test_delg_exports_are_not_taken_for_keras_models(delg_tf2_model: Path) -> None:
     assert detect_format(delg_tf2_model) == "delg-tf2"
+
+
+def test_layer_inside_a_nested_model_is_explained(tmp_path: Path) -> None:
+    inner_input = keras.Input((None, None, 3))
+    base = keras.Model(inner_input, keras.layers.Conv2D(4, 3, name="inner_conv")(inner_input), name="backbone")
+    inputs = keras.Input((None, None, 3))
+    outputs = keras.layers.Dense(3, activation="softmax")(keras.layers.GlobalMaxPooling2D(name="gmp")(base(inputs)))
+    path = tmp_path / "nested.keras"
+    keras.Model(inputs, outputs).save(path)
+    assert load_extractor(path, image_size=32).global_dim == 4  # the default layer still works
+    with pytest.raises(ValueError, match="'inner_conv' is inside the nested model 'backbone'"):
+        load_extractor(path, layer="inner_conv")

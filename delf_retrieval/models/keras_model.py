@@ -253,6 +253,18 @@ class _KerasNetwork:
         if options.layer is not None:
             names = [layer.name for layer in model.layers]
             if options.layer not in names:
+                nested = [
+                    layer.name
+                    for layer in model.layers
+                    if hasattr(layer, "layers") and options.layer in [inner.name for inner in layer.layers]
+                ]
+                if nested:
+                    raise ValueError(
+                        f"{path}: layer {options.layer!r} is inside the nested model {nested[0]!r}, whose "
+                        "inner layers cannot be cut out; name a layer of the outer model (one of "
+                        f"{', '.join(repr(n) for n in names[-8:])}) or build the model functionally "
+                        "(x = base.output instead of base(inputs))"
+                    )
                 raise ValueError(f"{path}: no layer named {options.layer!r}{_close_names(options.layer, names)}")
             descriptor = model.get_layer(options.layer).output
             where = f"layer {options.layer!r}"
