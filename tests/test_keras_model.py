@@ -189,6 +189,8 @@ def test_fingerprint_covers_every_option_and_the_store_refuses_others(keras_clas
     ]
     keys = {str(base.fingerprint())} | {str(load_extractor(keras_classifier / "model.keras", **v).fingerprint()) for v in variants}
     assert len(keys) == len(variants) + 1
+    # The model batch size only changes speed: a store may be resumed with another one.
+    assert load_extractor(keras_classifier / "model.keras", preprocess="tf", image_size=64, batch_size=5).fingerprint() == base.fingerprint()
     FeatureStore(tmp_path / "s", base.fingerprint())
     other = load_extractor(keras_classifier / "model.keras", preprocess="caffe", image_size=64)
     with pytest.raises(StoreMismatchError, match="preprocess"):

@@ -127,7 +127,8 @@ def target_size(shape: Sequence[int], options: KerasOptions, scale: float = 1.0)
 
 @dataclass(frozen=True)
 class KerasOptions:
-    """How a Keras/TF model turns images into a global descriptor (all in the fingerprint).
+    """How a Keras/TF model turns images into a global descriptor (all but ``batch_size``
+    are in the store fingerprint).
 
     Attributes
     ----------
@@ -297,7 +298,10 @@ class _KerasNetwork:
         self.input_hw = tuple(model.inputs[0].shape[1:3])
         self.input_dtype = tf.as_dtype(model.inputs[0].dtype or "float32")
         spec = tf.TensorSpec([None, None, None, 3], self.input_dtype)
-        self._call = tf.function(lambda x: self.model(x, training=False), input_signature=[spec])
+        self._call = tf.function(self._predict, input_signature=[spec], autograph=False)
+
+    def _predict(self, batch: Any) -> Any:
+        return self.model(batch, training=False)
 
     def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         outputs = self._call(batch)
@@ -465,7 +469,9 @@ class KerasExtractor(Extractor):
         )
 
     def fingerprint(self) -> dict[str, Any]:
-        return {**super().fingerprint(), "options": self.options.to_dict()}
+        """Model content hash, every option but ``batch_size`` (speed only), dimensions."""
+        options = {k: v for k, v in self.options.to_dict().items() if k != "batch_size"}
+        return {**super().fingerprint(), "options": options}
 
     def __repr__(self) -> str:
         return (
