@@ -226,7 +226,7 @@ def test_a_file_that_is_not_a_model(tmp_path: Path) -> None:
         load_extractor(fake)
     text = tmp_path / "weights.txt"
     text.write_text("hello")
-    with pytest.raises(ValueError, match=r"is a file but not a Keras model file"):
+    with pytest.raises(ValueError, match=r"not a folder; expected a SavedModel folder or a Keras model file"):
         load_extractor(text)
 
 

@@ -51,7 +51,9 @@ def detect_format(folder: str | os.PathLike) -> str:
     """
     folder = Path(folder)
     if not folder.is_dir():
-        raise ValueError(f"{folder} is not a folder; expected a SavedModel folder")
+        raise ValueError(
+            f"{folder} is not a folder; expected a SavedModel folder or a Keras model file (.keras, .h5, .hdf5)"
+        )
     graph_file = folder / "saved_model.pb"
     if not graph_file.is_file():
         raise ValueError(
@@ -176,14 +178,11 @@ def load_extractor(
     if not os.fspath(spec).strip():
         raise ValueError(f"empty model name. Supported: {SUPPORTED}")
     path = Path(spec).expanduser()
-    if path.is_file():
-        from .keras_model import KERAS_SUFFIXES, KerasExtractor, KerasOptions, is_keras_file
+    from .keras_model import is_keras_file  # no TensorFlow import until a model is built
 
-        if not is_keras_file(path):
-            raise ValueError(
-                f"{path} is a file but not a Keras model file ({', '.join(KERAS_SUFFIXES)}). "
-                f"Supported: {SUPPORTED}"
-            )
+    if path.is_file() and is_keras_file(path):
+        from .keras_model import KerasExtractor, KerasOptions
+
         return KerasExtractor(path, KerasOptions.from_mapping(options), params, custom_objects)
     if path.exists():
         folder = path
