@@ -39,6 +39,19 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--scales", type=float, nargs="+", default=None, help="image scales for local features"
     )
     parser.add_argument("--score-threshold", type=float, default=None, help="min attention score")
+    parser.add_argument(
+        "--extraction-preset",
+        default=None,
+        help="extraction settings of a reference pipeline: kaggle2020, delg-r50-gldv2clean, "
+        "delg-r101-gldv2clean, delf-hub-tutorial (default: the config's EXTRACTION_PRESET, else "
+        "the model's defaults); --scales etc. override it",
+    )
+    parser.add_argument(
+        "--exif-transpose",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="rotate photos by their EXIF orientation (default: on, off in the reference presets)",
+    )
     parser.add_argument("--dtype", choices=("float32", "float16"), default="float16", help="stored descriptors")
     parser.add_argument("--batch-size", type=int, default=64, help="images per atomic store chunk")
     parser.add_argument("--threads", type=int, default=2, help="image decoding threads")
@@ -85,6 +98,17 @@ def _ray_hooks(args: argparse.Namespace, extractor):
     return hooks()
 
 
+def _extraction_preset(args: argparse.Namespace) -> str:
+    """``--extraction-preset``, else the EXTRACTION_PRESET of ``--config`` (if any), else ""."""
+    if args.extraction_preset:
+        return args.extraction_preset
+    if getattr(args, "config", None):
+        from .config import load_config
+
+        return load_config(args.config).EXTRACTION_PRESET
+    return ""
+
+
 def _model_options(args: argparse.Namespace) -> dict:
     """Keras/TF model options given on the command line (only those set)."""
     options = {
@@ -123,12 +147,17 @@ def _load_one(spec: str, args: argparse.Namespace, options: dict, *, for_global:
     """One model with the command line's overrides: Keras options for Keras models, local
     parameters when it supplies local features, global scales when it supplies the global one."""
     from .models.loader import load_extractor
+    from .models.presets import extraction_params
 
     keras = _is_keras_spec(spec)
     if keras and for_global and args.global_scales is not None:
         options = {**options, "scales": tuple(args.global_scales)}
-    extractor = load_extractor(spec, **options)  # options on a non-Keras model raise a clear error
+    preset = "" if keras else _extraction_preset(args)  # extraction presets are DELG/DELF settings
+    # Options given to a non-Keras model raise a clear error.
+    extractor = load_extractor(spec, extraction_params(preset) if preset else None, **options)
     changes = {}
+    if args.exif_transpose is not None:
+        changes["exif_transpose"] = args.exif_transpose
     if args.max_image_size is not None:
         changes["max_image_size"] = args.max_image_size
     if for_local and args.max_features is not None:
@@ -345,8 +374,10 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("data_dir", type=Path, help="Kaggle-layout folder (train.csv, train/, test/, ...)")
     parser.add_argument("-o", "--output", type=Path, default=Path("submission.csv"), help="submission file")
     parser.add_argument(
-        "--config", default=None,
-        help="preset name (kaggle2020, kaggle2020-nonlandmark, opencv-sift, classifier, knn-classifier) or YAML/JSON file",
+        "--config",
+        default=None,
+        help="preset name (kaggle2020, kaggle2020-nonlandmark, opencv-sift, delf-matchfeatures, "
+        "delg-r50-gldv2clean, delg-r101-gldv2clean, classifier, knn-classifier) or YAML/JSON file",
     )
     parser.add_argument("--set", action="append", metavar="NAME=VALUE", help="override one config field, e.g. --set NUM_TO_RERANK=10")
     parser.add_argument("--work-dir", type=Path, default=None, help="feature cache (default ./delf_work)")

@@ -68,9 +68,14 @@ class _Decoded:
     error: str | None
 
 
-def _decode(source: ImageSource, max_size: int | None, prepare: Callable[[np.ndarray], Any] | None = None) -> _Decoded:
+def _decode(
+    source: ImageSource,
+    max_size: int | None,
+    exif_transpose: bool = True,
+    prepare: Callable[[np.ndarray], Any] | None = None,
+) -> _Decoded:
     try:
-        image = decode_image(source.read_bytes())
+        image = decode_image(source.read_bytes(), exif_transpose=exif_transpose)
         small, factor = downscale_to_max_size(image, max_size)
         if prepare is not None:  # e.g. a Keras model's resize + preprocessing, off the model thread
             small = prepare(small)
@@ -87,6 +92,7 @@ def iter_decoded(
     max_size: int | None = None,
     threads: int = 2,
     prefetch: int = 16,
+    exif_transpose: bool = True,
     prepare: Callable[[np.ndarray], Any] | None = None,
 ) -> Iterator[_Decoded]:
     """Decode (and downscale) images in a thread pool, yielding them in input order.
@@ -99,7 +105,7 @@ def iter_decoded(
         position = 0
         while position < len(sources) or pending:
             while position < len(sources) and len(pending) < prefetch:
-                pending.append(pool.submit(_decode, sources[position], max_size, prepare))
+                pending.append(pool.submit(_decode, sources[position], max_size, exif_transpose, prepare))
                 position += 1
             yield pending.popleft().result()
 
@@ -229,7 +235,11 @@ def extract_to_store(
     bar = tqdm(total=len(todo), desc=description, unit="img", disable=not progress or not todo, smoothing=0.1)
     prefetch = max(16, 2 * model_batch)
     prepare = getattr(extractor, "prepare_image", None)
-    for decoded in iter_decoded(todo, max_size=max_size, threads=decode_threads, prefetch=prefetch, prepare=prepare):
+    exif = extractor.params.exif_transpose
+    decoded_images = iter_decoded(
+        todo, max_size=max_size, threads=decode_threads, prefetch=prefetch, exif_transpose=exif, prepare=prepare
+    )
+    for decoded in decoded_images:
         pending.append(decoded)
         if len(pending) >= model_batch:
             run_model()

@@ -27,7 +27,8 @@ class CompositeExtractor(Extractor):
     """``global_extractor``'s global descriptor + ``local_extractor``'s local features.
 
     Each part applies its own image-size cap and scales; the decoder only caps images to
-    the larger of the two caps (keypoints stay in original pixels).
+    the larger of the two caps (keypoints stay in original pixels) and rotates them by
+    their EXIF orientation as the local model's parameters say.
     """
 
     family = "composite"
@@ -51,6 +52,7 @@ class CompositeExtractor(Extractor):
             score_threshold=local_extractor.params.score_threshold,
             max_feature_num=local_extractor.params.max_feature_num,
             max_image_size=cap,
+            exif_transpose=local_extractor.params.exif_transpose,  # keypoints live in these pixels
         )
         super().__init__(params, f"{global_extractor.model_id}+{local_extractor.model_id}")
         self.family = f"{global_extractor.family}+{local_extractor.family}"

@@ -414,8 +414,8 @@ class KerasExtractor(Extractor):
     ----------
     path : ``.keras`` / ``.h5`` file or SavedModel folder (see the module docstring).
     options : :class:`KerasOptions` (defaults when None).
-    params : only ``max_image_size`` is used: images are first capped to it (saves
-        resizing work for huge photos); the rest of the sizing is ``options``.
+    params : only ``max_image_size`` (images are first capped to it, which saves resizing
+        work for huge photos) and ``exif_transpose`` are used; the rest is ``options``.
     custom_objects : passed to ``keras.models.load_model`` for models with custom layers.
     """
 
@@ -459,11 +459,11 @@ class KerasExtractor(Extractor):
         self.global_dim = network.dim
         self.num_classes = network.num_classes
         self.batch_size = options.batch_size
-        cap = params.max_image_size if params is not None else None
+        given = params or ExtractorParams()
         super().__init__(
             ExtractorParams(
                 image_scales=(1.0,), global_scales=options.scales, score_threshold=0.0,
-                max_feature_num=0, max_image_size=cap,
+                max_feature_num=0, max_image_size=given.max_image_size, exif_transpose=given.exif_transpose,
             ),
             model_id,
         )
