@@ -72,6 +72,14 @@ class Config:
         of confidence (0 disables it).
     FREQUENT_LANDMARK_MIN_COUNT : int
         Number of queries a landmark may be predicted for without penalty.
+    MATCH_DTYPE : str
+        Precision of the descriptor product that finds putative matches: ``"float32"``
+        (exact), ``"int8"`` (8-bit product through ONNX Runtime's integer kernels, then
+        the best candidates re-scored in float32, see :mod:`delf_retrieval.matching`) or
+        ``"float16"``/``"bfloat16"`` (TensorFlow ``tf.matmul``, for GPUs).
+    MATCH_DEVICE : str
+        Where matching runs: ``"cpu"`` (NumPy/ONNX Runtime), ``"gpu"`` (TensorFlow on a
+        GPU, an error without one) or ``"auto"`` (a GPU when TensorFlow sees one).
     """
 
     NUM_TO_RERANK: int = 3
@@ -96,6 +104,8 @@ class Config:
     RETRIEVAL_LABEL_BOOST: float = 0.5
     FREQUENT_LANDMARK_PENALTY: float = 0.0
     FREQUENT_LANDMARK_MIN_COUNT: int = 1
+    MATCH_DTYPE: str = "float32"
+    MATCH_DEVICE: str = "cpu"
 
     def __post_init__(self) -> None:
         checks = {
@@ -119,6 +129,8 @@ class Config:
             "RETRIEVAL_LABEL_BOOST": self.RETRIEVAL_LABEL_BOOST >= 0,
             "FREQUENT_LANDMARK_PENALTY": self.FREQUENT_LANDMARK_PENALTY >= 0,
             "FREQUENT_LANDMARK_MIN_COUNT": self.FREQUENT_LANDMARK_MIN_COUNT >= 1,
+            "MATCH_DTYPE": self.MATCH_DTYPE in MATCH_DTYPES,
+            "MATCH_DEVICE": self.MATCH_DEVICE in MATCH_DEVICES,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -141,6 +153,8 @@ class Config:
 
 
 RANSAC_METHODS = ("magsac", "opencv-ransac", "degensac", "skimage-affine")
+MATCH_DTYPES = ("float32", "int8", "float16", "bfloat16")
+MATCH_DEVICES = ("cpu", "gpu", "auto")
 
 PRESETS: dict[str, Config] = {
     # The Kaggle 2020 host baseline, parameter for parameter.
