@@ -208,8 +208,10 @@ def _approximate_group(d1, stacked, bounds, max_distance, mutual, ratio, dtype, 
 
     The product is computed a tile of query rows at a time (the tile stays in cache while
     it is reduced) with the passes of the float32 path: per row and candidate segment the
-    two best columns (argmax, masked argmax), per column the maximum; :func:`_decide`
-    re-scores the chosen pairs in float32.
+    two best columns (argmax, masked argmax), per column the maximum. A row whose two
+    best are within ``2 * margin`` of each other, and that could still pass the distance
+    and ratio tests, is re-ranked exactly over every column within ``2 * margin`` of its
+    maximum. :func:`_decide` re-scores the chosen pairs in float32.
     """
     n1, total = d1.shape[0], stacked.shape[0]
     segments = list(zip(bounds[:-1], bounds[1:], strict=True))
@@ -217,6 +219,7 @@ def _approximate_group(d1, stacked, bounds, max_distance, mutual, ratio, dtype, 
     values = np.full((len(segments), 2, n1), -np.inf)  # their approximate similarities
     column_max = np.full(total, -np.inf)
     product, unit, margin = _approximate_product(d1, stacked, dtype, where, state)
+    band = 2 * margin
     tile = max(16, min(n1, _TILE_ELEMENTS // max(total, 1)))
     for start in range(0, n1, tile):
         block = product(start, min(start + tile, n1))  # [t, total] approximate, x unit
@@ -229,16 +232,62 @@ def _approximate_group(d1, stacked, bounds, max_distance, mutual, ratio, dtype, 
             j1 = view.argmax(axis=1)
             top = view[rows, j1]
             picks[s, 0, start:stop], values[s, 0, start:stop] = j1, top / unit
-            if hi - lo > 1:
-                view[rows, j1] = _lowest(block.dtype)
-                j2 = view.argmax(axis=1)
-                picks[s, 1, start:stop], values[s, 1, start:stop] = j2, view[rows, j2] / unit
-                view[rows, j1] = top
+            if hi - lo < 2:
+                continue
+            view[rows, j1] = _lowest(block.dtype)
+            j2 = view.argmax(axis=1)
+            picks[s, 1, start:stop], values[s, 1, start:stop] = j2, view[rows, j2] / unit
+            view[rows, j1] = top
+            y1, y2 = values[s, 0, start:stop], values[s, 1, start:stop]
+            unsure = (y1 - y2 <= band) | _ratio_undecided(y1, y2, margin, ratio)
+            unsure = np.flatnonzero(unsure & _could_pass(y1, y2, margin, max_distance, ratio))
+            if len(unsure):
+                _rerank_exactly(d1, stacked, view, unsure, start, lo, y2, band, unit, picks[s], values[s])
     return [
         _decide(d1, stacked[lo:hi], picks[s], values[s], column_max[lo:hi], margin,
                 max_distance, mutual, ratio)
         for s, (lo, hi) in enumerate(segments)
     ]
+
+
+def _could_pass(y1, y2, margin, max_distance, ratio) -> np.ndarray:
+    """Whether a row with approximate best / second best similarities ``y1 >= y2`` might
+    pass the distance and ratio tests for some exact values within ``margin``."""
+    possible = np.ones(len(y1), bool)
+    if np.isfinite(max_distance):
+        possible &= _distance(np.minimum(y1 + margin, 1.0)) < max_distance
+    if ratio < 1.0:
+        possible &= _distance(np.minimum(y1 + margin, 1.0)) < ratio * _distance(y2 - margin)
+    return possible
+
+
+def _ratio_undecided(y1, y2, margin, ratio) -> np.ndarray:
+    """Rows whose ratio test could go either way for exact values within ``margin``."""
+    if ratio >= 1.0:
+        return np.zeros(len(y1), bool)
+    can_pass = _distance(np.minimum(y1 + margin, 1.0)) < ratio * _distance(y2 - margin)
+    can_fail = _distance(np.minimum(y1 - margin, 1.0)) >= ratio * _distance(np.minimum(y2 + margin, 1.0))
+    return can_pass & can_fail
+
+
+def _rerank_exactly(d1, stacked, view, unsure, start, lo, y2, band, unit, picks, values) -> None:
+    """Exact best two of the ``unsure`` rows of a tile over their shortlists (every column
+    within ``band`` of the approximate second best, so the exact second best is among
+    them), written into ``picks``/``values``."""
+    sub = view[unsure]
+    rows, cols = np.nonzero(sub >= ((y2[unsure] - band) * unit)[:, None])
+    exact = _dots(d1, stacked, unsure[rows] + start, cols + lo)
+    order = np.lexsort((cols, -exact, rows))
+    rows, cols = rows[order], cols[order]
+    first = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
+    runner = first + 1
+    has_runner = runner < len(rows)
+    has_runner[has_runner] &= rows[runner[has_runner]] == rows[first[has_runner]]
+    target = unsure[rows[first]] + start
+    picks[0, target] = cols[first]
+    values[0, target] = sub[rows[first], cols[first]] / unit
+    picks[1, target[has_runner]] = cols[runner[has_runner]]
+    values[1, target[has_runner]] = sub[rows[runner[has_runner]], cols[runner[has_runner]]] / unit
 
 
 def _lowest(dtype: np.dtype):
@@ -249,30 +298,36 @@ def _decide(d1, d2, picks, values, column_max, margin, max_distance, mutual, rat
     """Matches from each row's approximate two best columns, re-scored in float32 (the
     exactly better one is the nearest), and the approximate column maxima.
 
-    Mutual test: a row claims its nearest column when its approximate similarity there
-    is within ``2 * margin`` of the column's approximate maximum; of the claimants of a
-    column the exactly most similar wins (ties: the smaller row).
+    Mutual test: a row claims each of its two columns where its approximate similarity
+    is within ``2 * margin`` of the column's approximate maximum; a column goes to its
+    exactly most similar claimant (ties: the smaller row), and a row is mutual when it
+    wins its nearest column.
     """
     n1, n2 = d1.shape[0], d2.shape[0]
     rows = np.arange(n1)
-    nearest, approx = picks[0].copy(), values[0].copy()
-    best = _dots(d1, d2, rows, nearest)
-    second = np.full(n1, -np.inf, np.float32)
+    exact = np.full((2, n1), -np.inf, np.float32)
+    exact[0] = _dots(d1, d2, rows, picks[0])
     has_second = picks[1] >= 0
-    second[has_second] = _dots(d1, d2, rows[has_second], picks[1][has_second])
-    swap = second > best
-    nearest[swap], approx[swap] = picks[1][swap], values[1][swap]
-    best[swap], second[swap] = second[swap], best[swap]
+    exact[1, has_second] = _dots(d1, d2, rows[has_second], picks[1][has_second])
+    swap = exact[1] > exact[0]
+    nearest = np.where(swap, picks[1], picks[0])
+    best = np.where(swap, exact[1], exact[0])
+    second = np.where(swap, exact[0], exact[1])
     keep = np.ones(n1, bool)
     if np.isfinite(max_distance):
         keep &= _distance(best.astype(np.float64)) < max_distance
     if mutual:
-        claims = np.flatnonzero(approx >= column_max[nearest] - 2 * margin)
-        order = claims[np.lexsort((claims, -best[claims], nearest[claims]))]
-        _, first = np.unique(nearest[order], return_index=True)
-        winners = np.zeros(n1, bool)
-        winners[order[first]] = True
-        keep &= winners
+        claim_rows = np.r_[rows, rows[has_second]]
+        claim_cols = np.r_[picks[0], picks[1][has_second]]
+        claim_value = np.r_[exact[0], exact[1][has_second]]
+        approx = np.r_[values[0], values[1][has_second]]
+        close = approx >= column_max[claim_cols] - 2 * margin
+        claim_rows, claim_cols, claim_value = claim_rows[close], claim_cols[close], claim_value[close]
+        order = np.lexsort((claim_rows, -claim_value, claim_cols))
+        first = order[np.unique(claim_cols[order], return_index=True)[1]]
+        winner = np.full(n2, -1, np.int64)
+        winner[claim_cols[first]] = claim_rows[first]
+        keep &= winner[nearest] == rows
     if ratio < 1.0 and n2 > 1:
         keep &= _distance(best.astype(np.float64)) < ratio * _distance(second.astype(np.float64))
     return np.stack([rows[keep], nearest[keep]], axis=1).astype(np.int64)
