@@ -488,6 +488,9 @@ def clean_dataset(
         f"{len(plan.pairs)} pairs verified; kept {len(kept)}, removed {len(removed)}; "
         f"{len(result.small_classes)} classes left with < 2 verified photos ({small_classes})"
     )
+    if result.small_classes:
+        shown = ", ".join(result.small_classes[:20]) + (" ..." if len(result.small_classes) > 20 else "")
+        log(f"classes left with < 2 verified photos ({small_classes}): {shown}")
     log(f"wrote {output} and {report_path}")
     if pictures_dir != "":
         folder = Path(pictures_dir) if pictures_dir else output.with_name(f"{output.stem}_removed")
@@ -550,8 +553,8 @@ def write_removal_pictures(
             query_title=f"landmark {landmark}\n{anchor_title}",
             correct=[False] * len(images),
             path=folder / f"{_safe_name(str(landmark))}.png",
-            panel_size=2.0,
-            dpi=60,
+            panel_size=2.2,
+            dpi=80,
         )
         written += 1
     return written
