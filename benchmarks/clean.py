@@ -114,16 +114,16 @@ def main() -> None:
     counts = pair_counts(class_sizes())
     print(f"\nGLDv2-scale projection: {GLDV2_CLASSES} classes, {GLDV2_PHOTOS} photos "
           "(log-normal class sizes, mean 19.4, median 9; see the module notes)")
-    header = f"{'pairs':22s} {'count':>12s} " + " ".join(f"{name.split(',')[0][:18]:>20s}" for name, _ in measured[1:])
-    print(header + "   (days on one 2-core machine)")
+    short = ["bound", "ours f32", "ours int8", "baseline"]
+    print(f"{'pairs':22s} {'count':>12s} " + " ".join(f"{name:>10s}" for name in short) + "   (days, one 2-core machine)")
     for label, count in counts.items():
-        days = [count / (n / seconds) / 86400 for _, seconds in measured[1:]]
-        print(f"{label:22s} {count:12,d} " + " ".join(f"{d:20.2f}" for d in days))
+        days = [count / (n / seconds) / 86400 for _, seconds in measured]
+        print(f"{label:22s} {count:12,d} " + " ".join(f"{d:10.2f}" for d in days))
     print(f"\nwith Ray (linear scaling assumed), days for '{list(counts)[0]}' / '{list(counts)[1]}':")
     for nodes in args.nodes:
         line = ", ".join(
-            f"{name.split(' (')[0]}: {counts[list(counts)[0]] / (n / s) / 86400 / nodes:.2f} / {counts[list(counts)[1]] / (n / s) / 86400 / nodes:.2f}"
-            for name, s in measured[1:]
+            f"{name} {counts[list(counts)[0]] / (n / s) / 86400 / nodes:.2f} / {counts[list(counts)[1]] / (n / s) / 86400 / nodes:.2f}"
+            for name, (_, s) in zip(short, measured, strict=True)
         )
         print(f"  {nodes:3d} nodes x 2 cores: {line}")
     print(f"cited: {CITED_DAYS:g} days of matching on one 8-core machine (multiprocessing)")

@@ -12,15 +12,18 @@ Precision (``Config.MATCH_DTYPE``):
     NumPy/BLAS ``sgemm``; equal to :func:`~delf_retrieval.verify.putative_matches`.
 ``"int8"``
     The product runs on 8-bit integers through ONNX Runtime's ``MatMulInteger`` (MLAS
-    u8 x s8 kernels: ``vpmaddubsw`` on AVX2, VNNI where the CPU has it), about twice the
-    float32 rate on this project's AVX2 machines, which have no AVX-512 VNNI/BF16/AMX. Query
-    descriptors are quantised to 7 bits (the u8 x s8 AVX2 kernel saturates on larger
-    values), candidates to 8. Approximate similarities only *choose*: the nearest and second
-    nearest neighbours and the column winners are re-scored in float32, and rows whose two
-    best approximate similarities are within the quantisation error margin are re-ranked
-    exactly over every candidate column inside that margin. The margin is statistical
-    (``_SIGMAS`` standard deviations of the rounding error), so rare near-ties can still
-    differ from float32; ``benchmarks/verification.py`` measures the agreement on real pairs.
+    u8 x s8 kernels, ``onnxruntime/core/mlas/lib/qgemm_kernel_avx2.cpp``: ``vpmaddubsw`` +
+    ``vpmaddwd`` on AVX2, ``vpdpbusd`` where the CPU has AVX-512/AVX VNNI). This project's
+    machines (AMD EPYC, AVX2 only: no AVX-512, VNNI, BF16 or AMX) run the product alone at
+    about 1.6-2x the float32 rate, but the reductions over the int32 result cost what they
+    cost in float32 and the re-scoring below adds to them, so whole-pair matching is not
+    faster there (``benchmarks/verification.py`` measures it); the mode is for CPUs with
+    VNNI, where the product is 4x+ faster. Query descriptors are quantised to 7 bits (the
+    u8 x s8 AVX2 kernel sums pairs of products in int16), candidates to 8. Approximate
+    similarities only *choose*: each row's two best columns are re-scored in float32, and
+    rows whose decision could change within the rounding margin are re-ranked exactly
+    over every column inside that margin. The margin is statistical (``_SIGMAS`` standard
+    deviations of the rounding error), so rare near-ties can still differ from float32.
 ``"float16"`` / ``"bfloat16"``
     TensorFlow ``tf.matmul`` in that dtype (for GPUs: Tensor Cores; on these CPUs it is
     slower than float32), followed by the same exact re-scoring as ``"int8"``.
