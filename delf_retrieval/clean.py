@@ -50,6 +50,7 @@ __all__ = [
     "plan_pairs",
     "verify_chunk",
     "verify_pairs",
+    "write_removal_pictures",
 ]
 
 SMALL_CLASS_POLICIES = ("keep", "drop")

@@ -41,7 +41,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["match_batch", "resolve_device", "quantize_int8"]
+__all__ = ["match_batch", "quantize_int8", "resolve_device", "select_matches", "tensorflow_device"]
 
 # Stacked product size per group (elements of the [N1, sum N2] similarity matrix).
 _GROUP_ELEMENTS = 1 << 22
