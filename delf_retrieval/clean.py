@@ -10,7 +10,7 @@ Steps, each a plain function:
    (``"all"``: every photo against up to ``max_per_class`` photos of its class;
    ``"knn:K"``: every photo against its K nearest same-class photos by global cosine);
 2. :func:`verify_pairs` - inlier counts of those pairs, cached in atomic chunk files so
-   that a killed run repeats at most one chunk (``run_chunk`` replaces the local runner,
+   that a killed run repeats at most one chunk (``run_chunks`` replaces the local runner,
    e.g. by :class:`delf_retrieval.clean_ray.RayChunkRunner`);
 3. :func:`decide` - the best partner of every photo, what is kept, and the classes left
    with fewer than 2 photos;
@@ -36,8 +36,9 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from .atomic import atomic_write, atomic_write_bytes
 from .config import Config, load_config
-from .store import FeatureStore, atomic_write_bytes
+from .store import FeatureStore
 from .verify import count_inliers_many
 
 __all__ = [
@@ -288,8 +289,7 @@ def verify_pairs(
     def on_done(index: int, chunk_counts: np.ndarray) -> None:
         start, stop = bounds[index]
         chunk_counts = np.asarray(chunk_counts, np.int64)
-        buffer = _npy_bytes(chunk_counts)
-        atomic_write_bytes(_chunk_path(folder, index, plan.pairs[start:stop]), buffer)
+        atomic_write(_chunk_path(folder, index, plan.pairs[start:stop]), lambda handle: np.save(handle, chunk_counts))
         counts[start:stop] = chunk_counts
         bar.update(stop - start)
 
@@ -302,14 +302,6 @@ def verify_pairs(
     finally:
         bar.close()
     return counts
-
-
-def _npy_bytes(array: np.ndarray) -> bytes:
-    import io
-
-    handle = io.BytesIO()
-    np.save(handle, array)
-    return handle.getvalue()
 
 
 # --------------------------------------------------------------------------- decisions
@@ -424,13 +416,15 @@ def clean_dataset(
     seed: int = 0,
     progress: bool = True,
     log: Log = print,
-    extract_fn: Callable[..., Any] | None = None,
+    runner: Any = None,
     run_chunks: Callable[..., Any] | None = None,
 ) -> CleanResult:
     """Clean ``DATA_DIR/train.csv`` (Kaggle layout: ``train.csv`` + ``train/``).
 
     Features are extracted (or reused) in ``work_dir/<model>/train`` as by
-    :func:`delf_retrieval.pipeline.recognize`; pair results are cached below that store.
+    :func:`delf_retrieval.pipeline.recognize`, by ``runner`` (a
+    :class:`delf_retrieval.run.Runner`; default local); pair results are cached below that
+    store and computed by ``run_chunks`` (see :func:`verify_pairs`).
 
     Writes
     ------
@@ -442,7 +436,6 @@ def clean_dataset(
         ``<output stem>_removed/``; ``""`` writes none).
     """
     from . import pipeline
-    from .extract import extract_to_store
     from .images import read_labels_csv
 
     started = time.perf_counter()
@@ -460,7 +453,7 @@ def clean_dataset(
     log(f"config:\n{config.describe()}")
     store, _ = pipeline.extract_split(
         extractor, data.csv("train.csv"), work, "train", dtype=dtype, progress=progress, log=log,
-        extract_fn=extract_fn or extract_to_store,
+        runner=runner,
     )
     if not store.local_dim:
         raise ValueError(f"model {extractor!r} gives no local features: cleaning needs them")

@@ -270,7 +270,7 @@ def _cmd_clean(args: argparse.Namespace) -> int:
                 RayRunner(args.model, extractor.params, address=args.ray, num_workers=args.ray_workers)
             )
             hooks = {
-                "extract_fn": runner.extract,
+                "runner": runner,
                 "run_chunks": RayChunkRunner(num_workers=args.ray_workers, release=runner.pool.close),
             }
         result = clean_dataset(
