@@ -90,6 +90,14 @@ class Config:
         ``a`` in the fused score ``sum_j s_j ** a * p(l) ** b``.
     FUSION_PROB_POWER : float
         ``b`` in that score.
+    MATCH_DTYPE : str
+        Precision of the descriptor product that finds putative matches: ``"float32"``
+        (exact), ``"int8"`` (8-bit product through ONNX Runtime's integer kernels, then
+        the best candidates re-scored in float32, see :mod:`delf_retrieval.matching`) or
+        ``"float16"``/``"bfloat16"`` (TensorFlow ``tf.matmul``, for GPUs).
+    MATCH_DEVICE : str
+        Where matching runs: ``"cpu"`` (NumPy/ONNX Runtime), ``"gpu"`` (TensorFlow on a
+        GPU, an error without one) or ``"auto"`` (a GPU when TensorFlow sees one).
     EXTRACTION_PRESET : str
         Name of the extraction settings (scales, thresholds, size cap, EXIF) to load the
         model with, from :data:`delf_retrieval.models.presets.EXTRACTION_PRESETS`
@@ -124,6 +132,8 @@ class Config:
     CLASSIFIER_MODE: str = "off"
     FUSION_COSINE_POWER: float = 1.0
     FUSION_PROB_POWER: float = 1.0
+    MATCH_DTYPE: str = "float32"
+    MATCH_DEVICE: str = "cpu"
     EXTRACTION_PRESET: str = ""
 
     def __post_init__(self) -> None:
@@ -153,6 +163,8 @@ class Config:
             "CLASSIFIER_MODE": self.CLASSIFIER_MODE in CLASSIFIER_MODES,
             "FUSION_COSINE_POWER": self.FUSION_COSINE_POWER >= 0,
             "FUSION_PROB_POWER": self.FUSION_PROB_POWER >= 0,
+            "MATCH_DTYPE": self.MATCH_DTYPE in MATCH_DTYPES,
+            "MATCH_DEVICE": self.MATCH_DEVICE in MATCH_DEVICES,
         }
         if self.EXTRACTION_PRESET:
             from .models.presets import EXTRACTION_PRESETS
@@ -180,6 +192,8 @@ class Config:
 
 RANSAC_METHODS = ("magsac", "opencv-ransac", "degensac", "skimage-affine")
 CLASSIFIER_MODES = ("off", "classifier", "fused")
+MATCH_DTYPES = ("float32", "int8", "float16", "bfloat16")
+MATCH_DEVICES = ("cpu", "gpu", "auto")
 
 PRESETS: dict[str, Config] = {
     # The Kaggle 2020 host baseline, parameter for parameter.

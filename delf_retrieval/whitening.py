@@ -17,14 +17,17 @@ import json
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .atomic import atomic_write, atomic_write_bytes
 from .features import l2_normalize
-from .store import FeatureStore, atomic_write_bytes, ids_hash
+from .store import FeatureStore, ids_hash
 
 WHITENING_FILE = "whitening.npz"
+WHITENED = "whitened"  # derived array name of the whitened descriptors
 RANK_TOLERANCE = 1e-6  # eigenvalues below this fraction of the largest are treated as zero
 BLOCK_ROWS = 65536
 
@@ -123,6 +126,10 @@ class WhitenedStore:
         """Whitened global descriptors ``[N, d]``, rows in :attr:`ids` order."""
         return self._vectors
 
+    def global_descriptors_file(self) -> Path:
+        """The ``.npy`` file of the whitened descriptors (what other processes open)."""
+        return self.store.path / "derived" / f"{WHITENED}.npy"
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self.store, name)
 
@@ -149,10 +156,8 @@ def ensure_whitening(database: FeatureStore, dim: int, *, log: Callable[[str], N
     started = time.perf_counter()
     whitening = fit_whitening(database.global_descriptors(), dim)
     folder.mkdir(exist_ok=True)
-    tmp = folder / f".{WHITENING_FILE}.tmp"
-    with open(tmp, "wb") as handle:
-        np.savez(handle, mean=whitening.mean, projection=whitening.projection, eigenvalues=whitening.eigenvalues)
-    tmp.replace(path)
+    arrays = {"mean": whitening.mean, "projection": whitening.projection, "eigenvalues": whitening.eigenvalues}
+    atomic_write(path, lambda handle: np.savez(handle, **arrays))
     atomic_write_bytes(info_path, json.dumps(record).encode())
     width = database.global_descriptors().shape[1]
     capped = "" if dim in (-1, whitening.dim) else f" (asked {dim}, capped at the data's rank)"
@@ -181,12 +186,12 @@ def whiten_stores(
     key = whitening.digest()
     views = {}
     for split, store in stores.items():
-        cached = store.read_derived("whitened")
+        cached = store.read_derived(WHITENED)
         if cached is not None and cached[1].get("whitening") == key and cached[1].get("source") == _source_key(store):
             vectors = cached[0]
         else:
             vectors = whitening.apply(store.global_descriptors()).astype(store.dtype)
-            store.write_derived("whitened", vectors, {"whitening": key, "source": _source_key(store)})
+            store.write_derived(WHITENED, vectors, {"whitening": key, "source": _source_key(store)})
         views[split] = WhitenedStore(store, vectors)
     return views
 
