@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from .errors import RayClusterError, WorkersLostError
 from .extract import (
     DEFAULT_BATCH_SIZE,
     ExtractionSummary,
@@ -160,7 +161,7 @@ def _get_started(ray: Any, actors: list[Any], timeout: float, what: str) -> list
     try:
         return ray.get([actor.describe.remote() for actor in actors], timeout=timeout)
     except ray.exceptions.GetTimeoutError as error:
-        raise RuntimeError(
+        raise RayClusterError(
             f"{len(actors)} {what} did not start within {timeout:g} s: the Ray cluster has no "
             f"room for them now ({ray.available_resources()} free); stop other actors or ask for less"
         ) from error
@@ -468,7 +469,7 @@ class RayExtractorPool:
                             ray.kill(self._actors[index], no_restart=True)
                     queue.appendleft(batch)
                     if not any(self._alive):
-                        raise RuntimeError(
+                        raise WorkersLostError(
                             f"every Ray extraction worker died ({len(queue)} batches left); the "
                             f"finished batches are in {store.path}: rerun to resume"
                         ) from error

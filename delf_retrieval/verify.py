@@ -271,7 +271,7 @@ def count_inliers_many(
         if d1.shape[0] == 0 or d2.shape[0] == 0:
             pairs.append(None)
             continue
-        matches = _matches_for(d1, l2_normalize(d2), config)
+        matches = _matches_for(d1, l2_normalize(d2), config, k1, k2)
         enough = matches.shape[0] > config.MIN_MATCHES
         pairs.append((k1[matches[:, 0]], k2[matches[:, 1]]) if enough else None)
 
@@ -293,12 +293,20 @@ def count_inliers_many(
 def _match_normalized(
     d1: np.ndarray, d2: np.ndarray, max_distance: float, mutual: bool, ratio: float
 ) -> np.ndarray:
-    """Matches between non-empty, L2-normalised float32 descriptor arrays."""
+    """Matches between non-empty, L2-normalised float32 descriptor arrays.
+
+    Rows holding NaN or inf (after normalisation) match nothing and are matched by
+    nothing, so one bad descriptor cannot poison a whole column maximum.
+    """
     sims = d1 @ d2.T
+    valid1, valid2 = np.isfinite(d1).all(axis=1), np.isfinite(d2).all(axis=1)
+    if not (valid1.all() and valid2.all()):
+        sims[~valid1] = -np.inf
+        sims[:, ~valid2] = -np.inf
     rows = np.arange(sims.shape[0])
     nearest = sims.argmax(axis=1)  # first maximum: the smaller index wins ties
     best = sims[rows, nearest].astype(np.float64)
-    keep = np.ones(sims.shape[0], dtype=bool)
+    keep = np.isfinite(best)
     if np.isfinite(max_distance):
         keep &= _distance(best) < max_distance
     if mutual:
@@ -325,16 +333,22 @@ def _distance(similarity: np.ndarray) -> np.ndarray:
 def _verify_normalized(
     k1: np.ndarray, d1: np.ndarray, k2: np.ndarray, d2: np.ndarray, config: Config
 ) -> tuple[np.ndarray, np.ndarray]:
-    matches = _matches_for(d1, d2, config)
+    matches = _matches_for(d1, d2, config, k1, k2)
     if matches.shape[0] <= config.MIN_MATCHES:
         return matches, np.zeros(matches.shape[0], bool)
     return matches, _ransac_for(k1[matches[:, 0]], k2[matches[:, 1]], config)
 
 
-def _matches_for(d1: np.ndarray, d2: np.ndarray, config: Config) -> np.ndarray:
-    return _match_normalized(
+def _matches_for(
+    d1: np.ndarray, d2: np.ndarray, config: Config, k1: np.ndarray, k2: np.ndarray
+) -> np.ndarray:
+    """Putative matches per ``config``, without those whose keypoints are not finite
+    (RANSAC would reject the whole pair for one such point)."""
+    matches = _match_normalized(
         d1, d2, config.MAX_DESCRIPTOR_DISTANCE, config.MUTUAL_NEAREST_NEIGHBOR, config.RATIO_TEST
     )
+    finite = np.isfinite(k1[matches[:, 0]]).all(axis=1) & np.isfinite(k2[matches[:, 1]]).all(axis=1)
+    return matches if finite.all() else matches[finite]
 
 
 def _ransac_for(points1: np.ndarray, points2: np.ndarray, config: Config) -> np.ndarray:
