@@ -41,6 +41,7 @@ NUM_BAD = 3  # an empty file, a text file, a missing file
 
 
 # --------------------------------------------------------------------------- no Ray needed
+@pytest.mark.slow
 def test_importing_the_package_does_not_import_ray():
     code = "import sys, delf_retrieval.distributed, delf_retrieval.cli, delf_retrieval.pipeline; print('ray' in sys.modules)"
     result = subprocess.run(

@@ -101,6 +101,7 @@ RUNNER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_result(tmp_path):
     write_views(tmp_path / "img", 24, size=640)
     env = {**os.environ, "PYTHONPATH": str(REPO)}

@@ -216,6 +216,7 @@ def test_large_jpeg_decodes_at_reduced_size_with_the_right_factor():
     assert whole.shape == (1200, 1600, 3) and one == 1.0
 
 
+@pytest.mark.slow
 def test_large_jpeg_decoding_memory_follows_the_requested_size(tmp_path):
     """A 24 MP JPEG capped at 1024 px must never exist at full size (it costs ~170 MB:
     Pillow's RGBX buffer plus the RGB array); measured as the process's peak RSS."""

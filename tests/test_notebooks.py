@@ -12,9 +12,7 @@ import pytest
 from delf_retrieval.demo_data import build_demo_dataset
 from delf_retrieval.submission import validate_submission
 
-nbformat = pytest.importorskip("nbformat", reason="the notebook tests need nbformat")
-nbclient = pytest.importorskip("nbclient", reason="the notebook tests need nbclient")
-pytest.importorskip("ipykernel", reason="the notebook tests need an IPython kernel")
+pytestmark = pytest.mark.notebooks
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
@@ -43,6 +41,9 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 def execute(name: str, data_dir: Path, work_dir: Path, cwd: Path):
     """Run one notebook in a fresh python3 kernel; errors raise CellExecutionError."""
+    import nbclient  # imported here: a quick `-m "not slow"` run does not pay for Jupyter
+    import nbformat
+
     notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
     env = {k: v for k, v in os.environ.items() if not k.startswith("DELF_")}
     env.update(DELF_DATA_DIR=str(data_dir), DELF_WORK_DIR=str(work_dir))
