@@ -23,14 +23,18 @@ REQUIRED = {
 EXTRAS = {"ray": "ray", "faiss": "faiss", "pydegensac": "degensac"}
 
 
+def _installed(module: str) -> bool:
+    """Whether ``module`` can be imported (found without importing it: TensorFlow takes seconds)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
-    missing = [f"{module} ({package})" for module, package in REQUIRED.items() if importlib.util.find_spec(module) is None]
+    missing = [f"{module} ({package})" for module, package in REQUIRED.items() if not _installed(module)]
     if os.environ.get("DELF_TEST_REQUIRE_EXTRAS") == "1":
-        missing += [
-            f"{module} (pip install '.[{extra}]')"
-            for module, extra in EXTRAS.items()
-            if importlib.util.find_spec(module) is None
-        ]
+        missing += [f"{module} (pip install '.[{extra}]')" for module, extra in EXTRAS.items() if not _installed(module)]
     if missing:
         pytest.exit(f"missing test dependencies: {', '.join(missing)}", returncode=pytest.ExitCode.USAGE_ERROR)
 
