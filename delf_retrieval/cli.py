@@ -111,7 +111,7 @@ def _add_ray_arguments(parser: argparse.ArgumentParser, *, shards: bool) -> None
 
 
 def _ray_hooks(args: argparse.Namespace, extractor):
-    """Context giving pipeline.recognize/retrieve their Ray extract_fn/search_fn (or nothing)."""
+    """Context giving pipeline.recognize/retrieve their Ray ``runner`` (or nothing)."""
     import contextlib
 
     if args.shards > 1 and not args.ray:
@@ -125,7 +125,7 @@ def _ray_hooks(args: argparse.Namespace, extractor):
     @contextlib.contextmanager
     def hooks():
         with runner:
-            yield {"extract_fn": runner.extract, "search_fn": runner.search}
+            yield {"runner": runner}
 
     return hooks()
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm.auto import tqdm
 
-from .features import ImageFeatures, LocalFeatures
+from .features import ImageFeatures, LocalFeatures, to_original_pixels
 from .images import ImageDecodeError, ImageSource, decode_image_scaled
 from .models.base import Extractor
 from .store import FeatureStore
@@ -106,7 +106,7 @@ def rescale_features(features: ImageFeatures, factor: float) -> ImageFeatures:
         return features
     local = features.local
     rescaled = LocalFeatures(
-        keypoints=((local.keypoints + 0.5) * factor - 0.5).astype(np.float32),
+        keypoints=to_original_pixels(local.keypoints, factor),
         descriptors=local.descriptors,
         scores=local.scores,
         scales=local.scales,
@@ -224,14 +224,26 @@ def extract_to_store(
         bar.set_postfix(failed=len(failures), refresh=False)
     flush()
     bar.close()
+    return finish_extraction(store, len(sources), skipped, extracted, failures, started)
+
+
+def finish_extraction(
+    store: FeatureStore,
+    total: int,
+    skipped: int,
+    extracted: int,
+    failures: list[tuple[str, str]],
+    started: float,
+) -> ExtractionSummary:
+    """Consolidate ``store`` and summarise a run that began at ``time.perf_counter()``
+    ``started`` (the local runner and the Ray one end the same way)."""
     store.finalize()
-    seconds = time.perf_counter() - started
     return ExtractionSummary(
-        total=len(sources),
+        total=total,
         extracted=extracted,
         skipped=skipped,
         failed=len(failures),
-        seconds=seconds,
+        seconds=time.perf_counter() - started,
         store_bytes=store.nbytes(),
         bytes_per_image=store.bytes_per_image(),
         failures=failures,

@@ -7,18 +7,24 @@ descending, and equal similarities are ordered by the smaller database index fir
 when the tie straddles a block boundary or a shard boundary (see :func:`merge_topk`).
 
 Inputs are expected to be finite; NaN similarities have no defined rank.
+
+Every index backend has the interface of a faiss index, :class:`SearchIndex`:
+``index.search(queries, k) -> (similarities, ids)``. :class:`CosineIndex` is the exact
+local one (numpy or faiss per block); ``delf_retrieval.distributed.ShardedIndex`` splits
+the same search over Ray actors.
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from typing import Protocol
 
 import numpy as np
 
 from delf_retrieval.features import l2_normalize
 
-__all__ = ["BACKENDS", "CosineIndex", "cosine_topk", "merge_topk"]
+__all__ = ["BACKENDS", "CosineIndex", "SearchIndex", "check_queries", "cosine_topk", "merge_topk"]
 
 BACKENDS = ("numpy", "faiss")
 
@@ -29,6 +35,19 @@ _SELECT_ROWS = 64
 # The cheap "beats the running k-th best" filter is used while it keeps at most this
 # many candidates per query and block (times k); otherwise the block is reduced densely.
 _SPARSE_FACTOR = 4
+
+
+class SearchIndex(Protocol):
+    """What every search backend provides (the faiss convention).
+
+    ``search(queries [Q, D], k)`` returns ``similarities`` float32 ``[Q, min(k, N)]``,
+    descending along each row, and ``ids`` int64 of the same shape: database rows,
+    equal similarities listing the smaller row first. ``len(index)`` is ``N``.
+    """
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def __len__(self) -> int: ...
 
 
 def cosine_topk(
@@ -244,10 +263,7 @@ class CosineIndex:
         ids : int64 [Q, min(k, ntotal)]
             Positions in the order vectors were added.
         """
-        queries = _as_2d_float(queries, "queries")
-        _check_k(k)
-        if self.d is not None and queries.shape[1] != self.d:
-            raise ValueError(f"queries have dimension {queries.shape[1]}, the index has {self.d}")
+        queries = check_queries(queries, k, self.d)
         self._consolidate()
         partials = []
         offset = 0
@@ -295,6 +311,16 @@ class CosineIndex:
 _BlockTopk = Callable[
     [np.ndarray, np.ndarray, int, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]
 ]
+
+
+def check_queries(queries: np.ndarray, k: int, dim: int | None) -> np.ndarray:
+    """``queries`` as a real 2-D array [Q, D] after checking it and ``k`` for an index of
+    width ``dim`` (None: any); ValueError saying what is wrong otherwise."""
+    queries = _as_2d_float(queries, "queries")
+    _check_k(k)
+    if dim is not None and queries.shape[1] != dim:
+        raise ValueError(f"queries have dimension {queries.shape[1]}, the index has {dim}")
+    return queries
 
 
 def _as_2d_float(array: np.ndarray, name: str) -> np.ndarray:

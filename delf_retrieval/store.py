@@ -32,8 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from .atomic import atomic_write, atomic_write_bytes
 from .features import ImageFeatures, LocalFeatures
-from .models.base import fingerprint_key
 
 STORE_FORMAT = 1
 DTYPES = ("float32", "float16")
@@ -44,14 +44,27 @@ class StoreMismatchError(ValueError):
     """The store holds features of another model, parameters or dtype."""
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename."""
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+__all__ = [
+    "FeatureStore",
+    "StoreMismatchError",
+    "atomic_write_bytes",
+    "fingerprint_key",
+    "ids_hash",
+    "same_fingerprint",
+]
+
+
+def fingerprint_key(fingerprint: dict[str, Any] | str) -> str:
+    """Stable text key of a fingerprint (sorted JSON); a string is taken as such a key."""
+    if isinstance(fingerprint, str):
+        return json.dumps(json.loads(fingerprint), sort_keys=True, default=str)
+    return json.dumps(fingerprint, sort_keys=True, default=str)
+
+
+def same_fingerprint(a: dict[str, Any] | str, b: dict[str, Any] | str) -> bool:
+    """Whether two fingerprints name the same features (compared through JSON, where
+    tuples and lists are the same)."""
+    return json.loads(fingerprint_key(a)) == json.loads(fingerprint_key(b))
 
 
 def ids_hash(ids: Sequence[str]) -> str:
@@ -65,21 +78,24 @@ class FeatureStore:
     Parameters
     ----------
     path : folder of the store (created if missing and ``fingerprint`` is given).
-    fingerprint : what made the features (``Extractor.fingerprint()``). Opening an
-        existing store with a different fingerprint raises :class:`StoreMismatchError`;
-        ``None`` opens an existing store for reading whatever made it.
+    fingerprint : what made the features: a JSON-able dict (``Extractor.fingerprint()``)
+        or its JSON text. Opening an existing store with a different fingerprint raises
+        :class:`StoreMismatchError`; ``None`` opens an existing store for reading
+        whatever made it.
     dtype : ``"float32"`` or ``"float16"`` for descriptors (keypoints stay float32).
     """
 
     def __init__(
         self,
         path: str | os.PathLike,
-        fingerprint: dict[str, Any] | None = None,
+        fingerprint: dict[str, Any] | str | None = None,
         *,
         dtype: str = "float32",
     ) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+        if isinstance(fingerprint, str):
+            fingerprint = json.loads(fingerprint)
         self.path = Path(path)
         meta_path = self.path / "meta.json"
         if meta_path.is_file():
@@ -171,13 +187,7 @@ class FeatureStore:
         arrays["failed_reasons"] = np.array([f[1] for f in failures], dtype=str)
         name = f"chunk-{ids_hash(list(ids) + ['#failed'] + [f[0] for f in failures])}.npz"
         path = self.path / "chunks" / name
-        tmp = path.with_name(f".{name}.tmp-{uuid.uuid4().hex}")
-        with open(tmp, "wb") as handle:
-            np.savez(handle, **arrays)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        return path
+        return atomic_write(path, lambda handle: np.savez(handle, **arrays))
 
     def _pack(self, ids: list[str], features: list[ImageFeatures]) -> dict[str, np.ndarray]:
         dtype = np.dtype(self.dtype)
@@ -379,10 +389,7 @@ class FeatureStore:
             raise ValueError(f"derived array has {array.shape[0]} rows, store has {len(self.ids)} ids")
         folder = self.path / "derived"
         folder.mkdir(exist_ok=True)
-        tmp = folder / f".{name}.npy.tmp-{uuid.uuid4().hex}"
-        with open(tmp, "wb") as handle:
-            np.save(handle, array)
-        os.replace(tmp, folder / f"{name}.npy")
+        atomic_write(folder / f"{name}.npy", lambda handle: np.save(handle, array))
         record = {"ids_hash": ids_hash(self.ids), **(info or {})}
         atomic_write_bytes(folder / f"{name}.json", json.dumps(record, default=str).encode())
 

@@ -430,12 +430,12 @@ def test_retrieve_with_a_ray_runner_shards_every_search(cluster, kaggle, tmp_pat
             "opencv-sift",
             config,
             work_dir=tmp_path / "w2",
-            extract_fn=runner.extract,
-            search_fn=runner.search,
+            runner=runner,
             **kwargs,
         )
-        # test queries in the index VLAD, then labels of queries and index from the train VLAD
-        assert runner.sharded_searches == 3
+        # test queries in the index VLAD, then one search of the train VLAD for the
+        # landmarks of index images and queries together
+        assert runner.sharded_searches == 2
         assert [index.num_shards for index in runner._indexes.values()] == [2]
     assert distributed.result.rankings == local.result.rankings
     assert distributed.result.global_rankings == local.result.global_rankings
