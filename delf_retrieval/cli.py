@@ -160,7 +160,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         print(f"no images found in {' '.join(args.images)}", file=sys.stderr)
         return 2
     extractor = build_extractor(args)
-    store = FeatureStore(args.out, extractor.fingerprint(), dtype=args.dtype)
+    store = FeatureStore(args.out, extractor.fingerprint(), dtype=args.dtype, wait=not args.no_wait)
     print(f"model: {extractor!r}\nstore: {store.path}")
     if args.ray:
         from .distributed import extract_to_store_ray
@@ -342,6 +342,11 @@ def make_parser() -> argparse.ArgumentParser:
     extract.add_argument("--out", required=True, type=Path, help="feature store folder")
     extract.add_argument("--image-root", default=None, help="for a CSV: folder holding a/b/c/<id>.jpg")
     extract.add_argument("--retry-failed", action="store_true", help="retry images that failed before")
+    extract.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="when another process is extracting into --out, stop with an error instead of waiting for it",
+    )
     _add_model_arguments(extract)
     _add_ray_arguments(extract, shards=False)
     extract.set_defaults(func=_cmd_extract)

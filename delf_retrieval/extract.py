@@ -186,10 +186,25 @@ def extract_to_store(
     retry_failed : also retry ids recorded as failures by an earlier run.
 
     Images that cannot be decoded or extracted are recorded as ``(id, reason)`` and the
-    run goes on. The store is consolidated at the end.
+    run goes on. The store is consolidated at the end. The store's extraction lock is
+    held throughout (see :meth:`FeatureStore.writing`).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    with store.writing():  # one extraction per store; a second one waits, then skips our work
+        return _extract_locked(extractor, sources, store, batch_size, decode_threads, retry_failed, progress, description)
+
+
+def _extract_locked(
+    extractor: Extractor,
+    sources: Sequence[ImageSource],
+    store: FeatureStore,
+    batch_size: int,
+    decode_threads: int,
+    retry_failed: bool,
+    progress: bool,
+    description: str,
+) -> ExtractionSummary:
     started = time.perf_counter()
     todo = pending_sources(sources, store, retry_failed=retry_failed)
     skipped = len(sources) - len(todo)
