@@ -74,7 +74,7 @@ class _ExtractionWorker:
     """Body of one extraction actor: holds one extractor, loaded once."""
 
     def __init__(self, model_spec: str | os.PathLike, params: ExtractorParams | None) -> None:
-        from .models.loader import load_extractor
+        from ..models.loader import load_extractor
 
         self._extractor = load_extractor(model_spec, params)
 
