@@ -70,9 +70,9 @@ class _Decoded:
     error: str | None
 
 
-def _decode(source: ImageSource, max_size: int | None) -> _Decoded:
+def _decode(source: ImageSource, max_size: int | None, exif_transpose: bool = True) -> _Decoded:
     try:
-        small, factor = decode_image_scaled(source.read_bytes(), max_size)
+        small, factor = decode_image_scaled(source.read_bytes(), max_size, exif_transpose=exif_transpose)
         if min(small.shape[:2]) < MIN_IMAGE_SIDE:
             height, width = small.shape[:2]
             shrunk = f" after shrinking to --max-image-size {max_size}" if factor > 1 else ""
@@ -87,7 +87,12 @@ def _decode(source: ImageSource, max_size: int | None) -> _Decoded:
 
 
 def iter_decoded(
-    sources: Sequence[ImageSource], *, max_size: int | None = None, threads: int = 2, prefetch: int = 16
+    sources: Sequence[ImageSource],
+    *,
+    max_size: int | None = None,
+    threads: int = 2,
+    prefetch: int = 16,
+    exif_transpose: bool = True,
 ) -> Iterator[_Decoded]:
     """Decode (and downscale) images in a thread pool, yielding them in input order."""
     with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="decode") as pool:
@@ -95,7 +100,7 @@ def iter_decoded(
         position = 0
         while position < len(sources) or pending:
             while position < len(sources) and len(pending) < prefetch:
-                pending.append(pool.submit(_decode, sources[position], max_size))
+                pending.append(pool.submit(_decode, sources[position], max_size, exif_transpose))
                 position += 1
             yield pending.popleft().result()
 
@@ -223,7 +228,8 @@ def _extract_locked(
         batch_failures.clear()
 
     bar = tqdm(total=len(todo), desc=description, unit="img", disable=not progress or not todo, smoothing=0.1)
-    for decoded in iter_decoded(todo, max_size=max_size, threads=decode_threads):
+    exif = extractor.params.exif_transpose
+    for decoded in iter_decoded(todo, max_size=max_size, threads=decode_threads, exif_transpose=exif):
         image_id = decoded.source.id
         features, reason = extract_decoded(extractor, decoded)
         if features is None:

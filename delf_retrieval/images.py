@@ -87,29 +87,33 @@ def _check_regular_file(path: Path) -> None:
         raise ImageDecodeError(f"not a regular file: {path}")
 
 
-def decode_image(data: bytes) -> np.ndarray:
+def decode_image(data: bytes, *, exif_transpose: bool = True) -> np.ndarray:
     """Decode encoded image bytes to RGB uint8 ``[H, W, 3]``.
 
     Handles grayscale, palette, RGBA/LA (composited on white), CMYK, 16-bit and float
-    images, and EXIF orientation. Raises ImageDecodeError for empty, truncated, corrupt
-    or non-image data.
+    images, and EXIF orientation (applied when ``exif_transpose``; the reference DELG
+    pipelines and the Kaggle baseline do not apply it). Raises ImageDecodeError for
+    empty, truncated, corrupt or non-image data.
     """
-    return decode_image_scaled(data, None)[0]
+    return decode_image_scaled(data, None, exif_transpose=exif_transpose)[0]
 
 
-def decode_image_scaled(data: bytes, max_size: int | None) -> tuple[np.ndarray, float]:
+def decode_image_scaled(
+    data: bytes, max_size: int | None, *, exif_transpose: bool = True
+) -> tuple[np.ndarray, float]:
     """Decode to RGB uint8 ``[H, W, 3]`` with the longer side at most ``max_size`` pixels.
 
     A JPEG larger than needed is decoded at 1/2, 1/4 or 1/8 of its size by libjpeg's
     scaled IDCT (Pillow draft mode), so memory follows the requested size instead of the
     photo's (a 108 MP photo capped at 1024 px never exists at full size); the rest is
-    shrunk with :func:`downscale_to_max_size`.
+    shrunk with :func:`downscale_to_max_size`. ``exif_transpose`` as for
+    :func:`decode_image`.
 
     Returns
     -------
     image : uint8 [H, W, 3]
     factor : float
-        Original (EXIF-rotated) size / returned size along x (>= 1): a keypoint ``(x, y)``
+        Original (EXIF-rotated when ``exif_transpose``) size / returned size along x (>= 1): a keypoint ``(x, y)``
         of the returned image lies at ``(p + 0.5) * factor - 0.5`` in original pixels.
     """
     if not data:
@@ -127,7 +131,8 @@ def decode_image_scaled(data: bytes, max_size: int | None) -> tuple[np.ndarray, 
                 if drafted is not None:
                     draft_scale = width / drafted[1][2]
             image.load()
-            image = ImageOps.exif_transpose(image)
+            if exif_transpose:
+                image = ImageOps.exif_transpose(image)
     except UnidentifiedImageError as error:
         raise ImageDecodeError("not an image (unrecognised format)") from error
     except Image.DecompressionBombError as error:

@@ -559,6 +559,13 @@ class FeatureStore:
             )
         return derived[0]
 
+    def global_descriptors_file(self) -> Path:
+        """The ``.npy`` file :meth:`global_descriptors` maps (what other processes open)."""
+        if self.global_dim:
+            return self._gen()["dir"] / "global.npy"
+        self.global_descriptors()  # a clear error when there is no VLAD yet
+        return self.path / "derived" / "vlad.npy"
+
     def local_features(self, image_id: str) -> LocalFeatures:
         """Local features of one image, read without loading the others."""
         if not self.local_dim:

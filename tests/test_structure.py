@@ -12,6 +12,7 @@ import pytest
 from delf_retrieval import pipeline
 from delf_retrieval.atomic import atomic_write, atomic_write_bytes
 from delf_retrieval.config import Config
+from delf_retrieval.distributed.sharded import index_file
 from delf_retrieval.features import ImageFeatures, l2_normalize, to_original_pixels
 from delf_retrieval.search import CosineIndex
 from delf_retrieval.store import FeatureStore, StoreMismatchError, same_fingerprint
@@ -107,6 +108,10 @@ def test_every_backend_answers_search_queries_k_the_same(tmp_path):
         np.testing.assert_allclose(sims, np.take_along_axis(queries @ database.T, ids, axis=1), atol=1e-6)
     assert ids[-1, :2].tolist() == [3, 40]
     assert isinstance(indexes["exact"], CosineIndex)
+    # The Ray backend opens the store's file itself on every node: the store names it.
+    path, shape, dtype = index_file(store)
+    assert (shape, dtype) == ((90, 8), "float32")
+    np.testing.assert_array_equal(np.load(path), store.global_descriptors())
     with pytest.raises(ValueError, match="backend"):
         pipeline.LocalRunner("annoy")
 

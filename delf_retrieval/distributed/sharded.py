@@ -66,7 +66,7 @@ def index_file(
 ) -> tuple[str, tuple[int, int], str]:
     """``(path, shape, dtype)`` of the ``.npy`` file behind ``source``."""
     if isinstance(source, FeatureStore):
-        source = source.global_descriptors()
+        source = source.global_descriptors_file()
     if isinstance(source, np.ndarray):
         filename = getattr(source, "filename", None)
         if not isinstance(source, np.memmap) or filename is None:
