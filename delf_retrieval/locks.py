@@ -7,6 +7,7 @@ exist (Windows) the locks do nothing.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -96,10 +97,26 @@ def try_exclusive_lock(path: str | os.PathLike) -> IO[str] | None:
     return handle
 
 
-def shared_lock(path: str | os.PathLike) -> IO[str]:
+def shared_lock(path: str | os.PathLike) -> IO[str] | None:
     """A shared lock on ``path`` (created if missing; blocks only while someone holds it
-    exclusively). Raises FileNotFoundError when the folder of ``path`` is gone."""
-    handle = _open(Path(path))
+    exclusively). Raises FileNotFoundError when the folder of ``path`` is gone.
+
+    On a read-only file system (a store attached as a Kaggle dataset) the file is opened
+    for reading, or, when it does not exist there, None is returned: nobody can delete
+    anything on such a disk, so no lock is needed.
+    """
+    path = Path(path)
+    try:
+        handle = _open(path)
+    except OSError as error:
+        if error.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        try:
+            handle = open(path, encoding="utf-8")
+        except FileNotFoundError:
+            if path.parent.is_dir():
+                return None
+            raise
     if fcntl is not None:
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_SH)

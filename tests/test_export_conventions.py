@@ -17,11 +17,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import tensorflow as tf  # a required dependency: missing it must fail, not skip
 from skimage import data
 
 from delf_retrieval.models import ExtractorParams, load_extractor
 
-tf = pytest.importorskip("tensorflow")
+pytestmark = pytest.mark.slow  # builds and runs SavedModels
 
 # research/delf/delf/python/delg/r50delg_gldv2clean_config.pbtxt (and r101...)
 OFFICIAL_SCALES = (0.25, 0.35355338, 0.5, 0.70710677, 1.0, 1.4142135, 2.0)

@@ -357,3 +357,28 @@ def test_full_tmpfs_gives_a_clean_error_not_sigbus(tmp_path):
         assert len(list((disk / "s" / "chunks").glob("chunk-*.npz"))) == 8
     finally:
         subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_store_on_a_read_only_disk_can_be_read(tmp_path):
+    """A store attached as a Kaggle dataset is read-only: readers must not need to write."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr!r}")
+    try:
+        store = FeatureStore(disk / "s", fingerprint())
+        store.write_chunk(["a", "b c"], [features(1), features(2)])
+        store.finalize()
+        generation = disk / "s" / json.loads((disk / "s" / "CURRENT").read_text())["name"]
+        (generation / ".readers").unlink()  # as in a store copied without its lock files
+        del store
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        reader = FeatureStore(disk / "s")
+        assert reader.ids == ["a", "b c"]
+        np.testing.assert_array_equal(reader.local_features("b c").descriptors, features(2).local.descriptors)
+        del reader  # closes its files on the disk
+    finally:
+        subprocess.run(["umount", "--lazy", str(disk)], check=True)
