@@ -36,6 +36,8 @@ setup(
         "ray": ["ray[default]>=2.30"],
         "faiss": ["faiss-cpu>=1.8"],
         "degensac": ["pydegensac>=0.1.2"],
+        # MATCH_DTYPE="int8": ONNX Runtime's integer matrix product (MLAS u8 x s8 kernels).
+        "fast": ["onnxruntime>=1.17", "onnx>=1.15"],
     },
     entry_points={"console_scripts": ["delf-retrieval=delf_retrieval.cli:main"]},
     classifiers=[

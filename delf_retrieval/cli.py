@@ -1,4 +1,4 @@
-"""Command line: ``delf-retrieval extract | recognize | retrieve | evaluate | validate | demo``.
+"""Command line: ``delf-retrieval extract | recognize | retrieve | clean | evaluate | validate | demo``.
 
 Exit codes: 0 success; 1 a submission was written or checked and is invalid; 2 the
 command could not do its work (bad input, missing file, disk full, store in use, every
@@ -219,7 +219,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_run(args: argparse.Namespace, required: Sequence[str]) -> None:
+def _check_run(args: argparse.Namespace, required: Sequence[str], output: str = "the submission") -> None:
     """Everything a recognize/retrieve run can check before loading a model or extracting:
     the data folder, the --config/--set values, the submission file and the work dir."""
     from .config import load_config, parse_override
@@ -231,7 +231,7 @@ def _check_run(args: argparse.Namespace, required: Sequence[str]) -> None:
     missing = [name for name in required if not (args.data_dir / name).is_file()]
     if missing:
         raise ValueError(f"{args.data_dir} is not a Kaggle-layout dataset: missing {', '.join(missing)}")
-    check_output_file(args.output)
+    check_output_file(args.output, output)
     check_output_folder(args.work_dir or Path("delf_work"), "the feature cache (--work-dir)")
 
 
@@ -300,7 +300,7 @@ def _config(args: argparse.Namespace, extractor):
     from .config import load_config
 
     base = args.config or ("opencv-sift" if extractor.family == "opencv-sift" else "kaggle2020")
-    return load_config(base, **args.overrides)
+    return load_config(base, **getattr(args, "overrides", {}))
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -331,6 +331,46 @@ def _require_files(*paths: Path) -> None:
     for path in paths:
         if not path.is_file():
             raise FileNotFoundError(errno.ENOENT, "no such file", str(path))
+
+
+def _cmd_clean(args: argparse.Namespace) -> int:
+    import contextlib
+
+    from .clean import clean_dataset
+
+    _check_run(args, ("train.csv",), "the cleaned train.csv")
+    extractor = build_extractor(args)
+    hooks: dict = {}
+    with contextlib.ExitStack() as stack:
+        if args.ray:
+            from .clean_ray import RayChunkRunner
+            from .distributed import RayRunner
+
+            runner = stack.enter_context(
+                RayRunner(args.model, extractor.params, address=args.ray, num_workers=args.ray_workers)
+            )
+            hooks = {
+                "runner": runner,
+                "run_chunks": RayChunkRunner(num_workers=args.ray_workers, release=runner.pool.close),
+            }
+        result = clean_dataset(
+            args.data_dir,
+            extractor,
+            _config(args, extractor),
+            output=args.output,
+            report_path=args.report,
+            pictures_dir="" if args.no_pictures else args.pictures,
+            work_dir=args.work_dir,
+            pairs=args.pairs,
+            max_per_class=args.max_per_class,
+            min_inliers=args.min_inliers,
+            small_classes=args.small_classes,
+            chunk_size=args.chunk_size,
+            dtype=args.dtype,
+            progress=not args.no_progress,
+            **hooks,
+        )
+    return 0 if len(result.report) else 2
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -409,6 +449,26 @@ def make_parser() -> argparse.ArgumentParser:
     validate.add_argument("--sample", type=Path, required=True, help="sample_submission.csv")
     validate.add_argument("--kind", choices=("recognition", "retrieval"), default="recognition")
     validate.set_defaults(func=_cmd_validate)
+
+    clean = commands.add_parser(
+        "clean", help="drop train photos that verify against no other photo of their landmark"
+    )
+    clean.add_argument("data_dir", type=Path, help="Kaggle-layout folder with train.csv and train/")
+    clean.add_argument("-o", "--output", type=Path, default=Path("train_clean.csv"), help="cleaned train.csv")
+    clean.add_argument("--pairs", default="all", help="'all' (each photo against up to --max-per-class of its class) or 'knn:K' (its K nearest by global cosine)")
+    clean.add_argument("--max-per-class", type=_positive_int, default=100, help="reference photos per class for --pairs all (default 100)")
+    clean.add_argument("--min-inliers", type=int, default=11, help="inliers needed against some other photo of the class (default 11)")
+    clean.add_argument("--small-classes", choices=("keep", "drop"), default="keep", help="classes left with < 2 verified photos: keep them as they were or drop them")
+    clean.add_argument("--report", type=Path, default=None, help="report CSV (default <output stem>_report.csv)")
+    clean.add_argument("--pictures", type=Path, default=None, help="folder of per-class pictures of removed photos (default <output stem>_removed/)")
+    clean.add_argument("--no-pictures", action="store_true", help="write no pictures")
+    clean.add_argument("--chunk-size", type=_positive_int, default=1024, help="pairs per cached chunk (a killed run repeats at most one)")
+    clean.add_argument("--config", default=None, help="preset name or YAML/JSON file (matching/RANSAC settings; MATCH_DTYPE=int8 for the fast product)")
+    clean.add_argument("--set", action="append", metavar="NAME=VALUE", help="override one config field, e.g. --set MATCH_DTYPE=int8")
+    clean.add_argument("--work-dir", type=Path, default=None, help="feature and pair cache (default ./delf_work)")
+    _add_model_arguments(clean)
+    _add_ray_arguments(clean, shards=False)
+    clean.set_defaults(func=_cmd_clean)
 
     demo = commands.add_parser("demo", help="build a small dataset from bundled photos and run recognition on it")
     demo.add_argument("--out", type=Path, default=Path("demo_output"), help="output folder")

@@ -92,6 +92,14 @@ class Config:
         of confidence (0 disables it).
     FREQUENT_LANDMARK_MIN_COUNT : int
         Number of queries a landmark may be predicted for without penalty.
+    MATCH_DTYPE : str
+        Precision of the descriptor product that finds putative matches: ``"float32"``
+        (exact), ``"int8"`` (8-bit product through ONNX Runtime's integer kernels, then
+        the best candidates re-scored in float32, see :mod:`delf_retrieval.matching`) or
+        ``"float16"``/``"bfloat16"`` (TensorFlow ``tf.matmul``, for GPUs).
+    MATCH_DEVICE : str
+        Where matching runs: ``"cpu"`` (NumPy/ONNX Runtime), ``"gpu"`` (TensorFlow on a
+        GPU, an error without one) or ``"auto"`` (a GPU when TensorFlow sees one).
     EXTRACTION_PRESET : str
         Name of the extraction settings (scales, thresholds, size cap, EXIF) to load the
         model with, from :data:`delf_retrieval.models.presets.EXTRACTION_PRESETS`
@@ -122,6 +130,8 @@ class Config:
     RETRIEVAL_LABEL_BOOST: float = 0.5
     FREQUENT_LANDMARK_PENALTY: float = 0.0
     FREQUENT_LANDMARK_MIN_COUNT: int = 1
+    MATCH_DTYPE: str = "float32"
+    MATCH_DEVICE: str = "cpu"
     EXTRACTION_PRESET: str = ""
 
     def __post_init__(self) -> None:
@@ -149,6 +159,8 @@ class Config:
             "RETRIEVAL_LABEL_BOOST": self.RETRIEVAL_LABEL_BOOST >= 0,
             "FREQUENT_LANDMARK_PENALTY": self.FREQUENT_LANDMARK_PENALTY >= 0,
             "FREQUENT_LANDMARK_MIN_COUNT": self.FREQUENT_LANDMARK_MIN_COUNT >= 1,
+            "MATCH_DTYPE": self.MATCH_DTYPE in MATCH_DTYPES,
+            "MATCH_DEVICE": self.MATCH_DEVICE in MATCH_DEVICES,
         }
         if self.EXTRACTION_PRESET:
             from .models.presets import EXTRACTION_PRESETS
@@ -179,6 +191,8 @@ class Config:
 
 
 RANSAC_METHODS = ("magsac", "opencv-ransac", "degensac", "skimage-affine")
+MATCH_DTYPES = ("float32", "int8", "float16", "bfloat16")
+MATCH_DEVICES = ("cpu", "gpu", "auto")
 _TRUE = ("true", "yes", "on", "1")
 _FALSE = ("false", "no", "off", "0")
 
