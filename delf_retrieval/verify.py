@@ -90,6 +90,9 @@ def putative_matches(
         times the distance to the second nearest descriptor. ``1.0`` disables the test.
         With a single descriptor in image 2 the test passes.
 
+    Rows holding NaN or inf are left out, as if they had not been extracted: they match
+    nothing and nothing matches them (indices still refer to the full arrays).
+
     Returns
     -------
     int64 [M, 2]
