@@ -53,8 +53,9 @@ def test_mapping_that_does_not_fit_the_head(keras_classifier: Path, tmp_path: Pa
     assert classifier.landmarks == ["1000", "1001", "1002", "1003", "1004"]
 
 
+@pytest.mark.slow  # builds a Keras model (TensorFlow)
 def test_model_without_a_head_is_not_a_classifier(tmp_path: Path) -> None:
-    keras = pytest.importorskip("keras")
+    import keras
     inputs = keras.Input((None, None, 3))
     path = tmp_path / "metric.keras"
     keras.Model(inputs, keras.layers.GlobalMaxPooling2D()(keras.layers.Conv2D(4, 3)(inputs))).save(path)

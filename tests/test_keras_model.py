@@ -17,8 +17,6 @@ from delf_retrieval.models.keras_model import KerasOptions, pool_map, preprocess
 from delf_retrieval.models.loader import detect_format
 from delf_retrieval.store import FeatureStore, StoreMismatchError
 
-keras = pytest.importorskip("keras", reason="Keras models need Keras")
-
 PIXEL = np.array([[[10, 20, 30]]], np.uint8)  # one RGB pixel
 
 
@@ -37,6 +35,7 @@ def test_preprocessing_modes_on_one_pixel() -> None:
         preprocess(PIXEL, "imagenet")
 
 
+@pytest.mark.slow  # imports TensorFlow
 @pytest.mark.parametrize("mode", ["caffe", "torch", "tf"])
 def test_preprocessing_matches_keras_applications(mode: str) -> None:
     from keras.applications import imagenet_utils
@@ -80,6 +79,8 @@ def test_option_errors() -> None:
 
 def _expected(model_file: Path, layer: str, image: np.ndarray, size: tuple[int, int], mode: str, pool=None) -> np.ndarray:
     """keras.Model(inputs, layer.output) on the image resized with cv2 (area) and preprocessed."""
+    import keras
+
     model = keras.models.load_model(model_file, compile=False)
     cut = keras.Model(model.inputs, model.get_layer(layer).output)
     resized = cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_AREA).astype(np.float32)
@@ -219,6 +220,7 @@ def test_composite_takes_global_from_one_model_and_local_from_another(keras_clas
 # --- bad models and options give clear errors ---------------------------------------------
 
 
+@pytest.mark.slow  # builds a Keras model (TensorFlow)
 def test_a_file_that_is_not_a_model(tmp_path: Path) -> None:
     fake = tmp_path / "model.keras"
     fake.write_bytes(b"this is not a zip file")
@@ -237,7 +239,10 @@ def test_missing_layer_suggests_close_names(keras_classifier: Path) -> None:
         load_extractor(keras_classifier / "saved_model", layer="embedding")
 
 
+@pytest.mark.slow  # builds a Keras model (TensorFlow)
 def test_model_without_a_usable_output(tmp_path: Path) -> None:
+    import keras
+
     inputs = keras.Input((None, None, 3))
     x = keras.layers.Conv2D(4, 3, name="conv")(inputs)
     outputs = keras.layers.Reshape((-1, 4), name="tokens")(x)  # 3-D [batch, N, 4]
@@ -250,7 +255,10 @@ def test_model_without_a_usable_output(tmp_path: Path) -> None:
         load_extractor(tmp_path / "tokens_sm")
 
 
+@pytest.mark.slow  # builds a Keras model (TensorFlow)
 def test_fixed_input_models_and_options_for_other_models(tmp_path: Path) -> None:
+    import keras
+
     inputs = keras.Input((32, 32, 3))
     outputs = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(4, 3)(inputs))
     path = tmp_path / "fixed.keras"
@@ -268,7 +276,10 @@ def test_delg_exports_are_not_taken_for_keras_models(delg_tf2_model: Path) -> No
     assert detect_format(delg_tf2_model) == "delg-tf2"
 
 
+@pytest.mark.slow  # builds a Keras model (TensorFlow)
 def test_layer_inside_a_nested_model_is_explained(tmp_path: Path) -> None:
+    import keras
+
     inner_input = keras.Input((None, None, 3))
     base = keras.Model(inner_input, keras.layers.Conv2D(4, 3, name="inner_conv")(inner_input), name="backbone")
     inputs = keras.Input((None, None, 3))

@@ -18,8 +18,6 @@ from delf_retrieval.images import kaggle_image_path, load_image
 from delf_retrieval.models import load_extractor
 from delf_retrieval.submission import validate_submission
 
-keras = pytest.importorskip("keras", reason="Keras models need Keras")
-
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -59,6 +57,8 @@ def test_cli_composite_and_keras_alone(dataset: Path, keras_classifier: Path, tm
 
 def _probabilities(model_file: Path, image: np.ndarray) -> np.ndarray:
     """The softmax output computed without the adapter: cv2 area resize to 64, [-1, 1]."""
+    import keras
+
     model = keras.models.load_model(model_file, compile=False)
     x = cv2.resize(image, (64, 64), interpolation=cv2.INTER_AREA).astype(np.float32) / 127.5 - 1.0
     return np.asarray(model.predict(x[None], verbose=0))[0]
@@ -93,6 +93,7 @@ def test_classifier_mode_predicts_the_head_argmax(dataset: Path, keras_classifie
     assert fused.result.predictions[query][1] == pytest.approx(sums[best], abs=1e-4)
 
 
+@pytest.mark.slow  # builds a Keras model (TensorFlow)
 def test_whitening_runs_on_vlad_and_caches_the_fit(dataset: Path, tmp_path: Path) -> None:
     logged: list[str] = []
     config = load_config("opencv-sift").replace(WHITENING_DIM=4)
