@@ -93,7 +93,7 @@ def test_classifier_mode_predicts_the_head_argmax(dataset: Path, keras_classifie
     assert fused.result.predictions[query][1] == pytest.approx(sums[best], abs=1e-4)
 
 
-@pytest.mark.slow  # builds a Keras model (TensorFlow)
+@pytest.mark.slow  # a whole run (RootSIFT extraction)
 def test_whitening_runs_on_vlad_and_caches_the_fit(dataset: Path, tmp_path: Path) -> None:
     logged: list[str] = []
     config = load_config("opencv-sift").replace(WHITENING_DIM=4)
