@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,10 @@ class Config:
         of confidence (0 disables it).
     FREQUENT_LANDMARK_MIN_COUNT : int
         Number of queries a landmark may be predicted for without penalty.
+    LANDMARK_THRESHOLD : float
+        ``predict`` (one photo, :mod:`delf_retrieval.recognizer`) calls a photo a landmark
+        when its confidence is at least this; below it the answer is "not a landmark"
+        (the best guess is still reported). Submissions are not affected.
     """
 
     NUM_TO_RERANK: int = 3
@@ -96,6 +101,7 @@ class Config:
     RETRIEVAL_LABEL_BOOST: float = 0.5
     FREQUENT_LANDMARK_PENALTY: float = 0.0
     FREQUENT_LANDMARK_MIN_COUNT: int = 1
+    LANDMARK_THRESHOLD: float = 0.0
 
     def __post_init__(self) -> None:
         checks = {
@@ -119,6 +125,7 @@ class Config:
             "RETRIEVAL_LABEL_BOOST": self.RETRIEVAL_LABEL_BOOST >= 0,
             "FREQUENT_LANDMARK_PENALTY": self.FREQUENT_LANDMARK_PENALTY >= 0,
             "FREQUENT_LANDMARK_MIN_COUNT": self.FREQUENT_LANDMARK_MIN_COUNT >= 1,
+            "LANDMARK_THRESHOLD": math.isfinite(self.LANDMARK_THRESHOLD),
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -159,6 +166,9 @@ PRESETS: dict[str, Config] = {
         MUTUAL_NEAREST_NEIGHBOR=True,
         RATIO_TEST=0.8,
         MIN_INLIERS=8,
+        # About one fully verified candidate's worth of score: unrelated photos sum
+        # three VLAD cosines of 0.1-0.3 and no inlier term (MIN_INLIERS gate).
+        LANDMARK_THRESHOLD=1.0,
     ),
 }
 
