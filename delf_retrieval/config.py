@@ -166,9 +166,10 @@ PRESETS: dict[str, Config] = {
         MUTUAL_NEAREST_NEIGHBOR=True,
         RATIO_TEST=0.8,
         MIN_INLIERS=8,
-        # About one fully verified candidate's worth of score: unrelated photos sum
-        # three VLAD cosines of 0.1-0.3 and no inlier term (MIN_INLIERS gate).
-        LANDMARK_THRESHOLD=1.0,
+        # The inlier term of one candidate with MIN_INLIERS inliers (8 / 40): with the
+        # non-landmark penalty on (an index with a distractor set), a photo counts as a
+        # landmark when its score beats its likeness to the distractors by that much.
+        LANDMARK_THRESHOLD=0.2,
     ),
 }
 

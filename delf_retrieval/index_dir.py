@@ -130,6 +130,16 @@ def params_from_fingerprint(fingerprint: dict[str, Any]) -> ExtractorParams:
     return ExtractorParams(**values)
 
 
+def model_spec(extractor: Extractor) -> str:
+    """What :func:`.models.load_extractor` needs to load ``extractor`` again: its folder or name."""
+    if extractor.family == "opencv-sift":
+        return "opencv-sift"
+    folder = getattr(extractor, "path", None)
+    if folder is None:
+        raise ValueError(f"cannot tell where {extractor!r} was loaded from; pass the model spec instead")
+    return str(Path(folder).resolve())
+
+
 def default_config(extractor: Extractor) -> Config:
     """The preset suiting the model, as ``recognize`` picks it."""
     return load_config("opencv-sift" if extractor.family == "opencv-sift" else "kaggle2020")
@@ -176,7 +186,7 @@ def build_index(
     if thumbnail_size < 0:
         raise ValueError(f"thumbnail_size must be >= 0, got {thumbnail_size}")
     if isinstance(model, Extractor):
-        extractor, spec = model, model.model_id
+        extractor, spec = model, model_spec(model)
     else:
         from .models.loader import load_extractor
 
