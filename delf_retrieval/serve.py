@@ -17,7 +17,6 @@ read-only recognizer; :func:`serve` bounds each library's threads first
 Needs the ``serve`` extra: ``pip install "delf_retrieval[serve]"``.
 """
 
-from __future__ import annotations
 
 import functools
 import os
@@ -63,7 +62,7 @@ class ServeSettings:
             raise ValueError(f"serve settings must be positive, got {self}")
 
     @classmethod
-    def for_cores(cls, cores: int | None = None, **changes: Any) -> ServeSettings:
+    def for_cores(cls, cores: int | None = None, **changes: Any) -> "ServeSettings":
         """One prediction per core, one thread each (the default of ``serve``)."""
         cores = available_cores() if cores is None else cores
         values = {"concurrency": cores, "threads": 1, **changes}
