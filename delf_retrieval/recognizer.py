@@ -31,7 +31,13 @@ from . import aggregation
 from .config import Config, load_config
 from .extract import rescale_features
 from .features import ImageFeatures, LocalFeatures
-from .images import ImageDecodeError, decode_image, downscale_to_max_size, kaggle_image_path, load_image
+from .images import (
+    ImageDecodeError,
+    decode_image,
+    downscale_to_max_size,
+    kaggle_image_path,
+    load_image,
+)
 from .index_dir import IndexFormatError, IndexManifest, params_from_fingerprint, read_manifest
 from .models.base import Extractor
 from .rerank import nonlandmark_similarity, recognize_one, rerank

@@ -15,9 +15,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx  # test extra; fastapi and uvicorn come with the serve extra
 import numpy as np
 import pandas as pd
 import pytest
+from fastapi.testclient import TestClient
 from PIL import Image
 
 from delf_retrieval.demo_data import build_demo_dataset
@@ -25,9 +27,6 @@ from delf_retrieval.images import kaggle_image_path
 from delf_retrieval.index_dir import build_index
 from delf_retrieval.recognizer import Recognizer
 from delf_retrieval.serve import ServeSettings, create_app
-
-import httpx  # noqa: E402  (test extra; fastapi and uvicorn come with the serve extra)
-from fastapi.testclient import TestClient  # noqa: E402
 
 NAMES = {"1000": "astronaut", "1001": "coffee", "1002": "chelsea"}
 
