@@ -189,3 +189,26 @@ def test_predict_cli_json_text_and_picture(dataset, index, recognizer, tmp_path,
     assert main(["predict", str(index), str(bad), str(photo)]) == 2
     captured = capsys.readouterr()
     assert "bad.jpg: error: not an image" in captured.err and str(photo) in captured.out
+
+
+def test_index_of_a_delg_savedmodel_predicts_like_recognize(dataset, delg_tf2_model, tmp_path):
+    """A model with its own global descriptor: no query steps, the model folder in the manifest."""
+    out = tmp_path / "idx"
+    assert main(["index", str(dataset), "--model", str(delg_tf2_model), "--out", str(out), "--no-progress"]) == 0
+    manifest = read_manifest(out)
+    assert manifest.model == str(delg_tf2_model.resolve()) and manifest.query_steps == []
+    assert manifest.config["NUM_TO_RERANK"] == 3 and manifest.config["LANDMARK_THRESHOLD"] == 0.0  # kaggle2020
+    recognizer = Recognizer.load(out)
+    batch = pipeline.recognize(
+        dataset, delg_tf2_model, recognizer.config, output=None, work_dir=tmp_path / "w",
+        use_nonlandmark=True, progress=False, log=lambda _: None,
+    ).result
+    for query_id, _ in _queries(dataset):
+        prediction = recognizer.predict(kaggle_image_path(dataset / "test", query_id))
+        label, confidence = batch.predictions[query_id]
+        assert prediction.landmark_id == label
+        assert prediction.confidence == pytest.approx(confidence, abs=1e-5)
+        expected = dict(zip(batch.neighbours[query_id], batch.inliers[query_id].tolist(), strict=True))
+        assert {n.image_id: n.inliers for n in prediction.neighbours if n.inliers is not None} == {
+            k: v for k, v in expected.items() if k in batch.neighbours[query_id][:3]
+        }
