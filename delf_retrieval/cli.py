@@ -22,6 +22,19 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--scales", type=float, nargs="+", default=None, help="image scales for local features"
     )
     parser.add_argument("--score-threshold", type=float, default=None, help="min attention score")
+    parser.add_argument(
+        "--extraction-preset",
+        default=None,
+        help="extraction settings of a reference pipeline: kaggle2020, delg-r50-gldv2clean, "
+        "delg-r101-gldv2clean, delf-hub-tutorial (default: the config's EXTRACTION_PRESET, else "
+        "the model's defaults); --scales etc. override it",
+    )
+    parser.add_argument(
+        "--exif-transpose",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="rotate photos by their EXIF orientation (default: on, off in the reference presets)",
+    )
     parser.add_argument("--dtype", choices=("float32", "float16"), default="float16", help="stored descriptors")
     parser.add_argument("--batch-size", type=int, default=64, help="images per atomic store chunk")
     parser.add_argument("--threads", type=int, default=2, help="image decoding threads")
@@ -67,12 +80,27 @@ def _ray_hooks(args: argparse.Namespace, extractor):
     return hooks()
 
 
-def build_extractor(args: argparse.Namespace):
-    """The extractor named by ``--model`` with the command line's parameter overrides."""
-    from .models.loader import load_extractor
+def _extraction_preset(args: argparse.Namespace) -> str:
+    """``--extraction-preset``, else the EXTRACTION_PRESET of ``--config`` (if any), else ""."""
+    if args.extraction_preset:
+        return args.extraction_preset
+    if getattr(args, "config", None):
+        from .config import load_config
 
-    extractor = load_extractor(args.model)
+        return load_config(args.config).EXTRACTION_PRESET
+    return ""
+
+
+def build_extractor(args: argparse.Namespace):
+    """The extractor named by ``--model`` with the preset and parameter overrides."""
+    from .models.loader import load_extractor
+    from .models.presets import extraction_params
+
+    preset = _extraction_preset(args)
+    extractor = load_extractor(args.model, extraction_params(preset) if preset else None)
     changes = {}
+    if args.exif_transpose is not None:
+        changes["exif_transpose"] = args.exif_transpose
     if args.max_image_size is not None:
         changes["max_image_size"] = args.max_image_size
     if args.max_features is not None:
@@ -274,7 +302,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("data_dir", type=Path, help="Kaggle-layout folder (train.csv, train/, test/, ...)")
     parser.add_argument("-o", "--output", type=Path, default=Path("submission.csv"), help="submission file")
-    parser.add_argument("--config", default=None, help="preset name (kaggle2020, kaggle2020-nonlandmark, opencv-sift) or YAML/JSON file")
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="preset name (kaggle2020, kaggle2020-nonlandmark, opencv-sift, delf-matchfeatures, "
+        "delg-r50-gldv2clean, delg-r101-gldv2clean) or YAML/JSON file",
+    )
     parser.add_argument("--set", action="append", metavar="NAME=VALUE", help="override one config field, e.g. --set NUM_TO_RERANK=10")
     parser.add_argument("--work-dir", type=Path, default=None, help="feature cache (default ./delf_work)")
     parser.add_argument("--no-verify", action="store_true", help="global similarity only, no RANSAC")

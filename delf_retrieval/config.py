@@ -3,7 +3,10 @@
 The names follow the Kaggle 2020 host baseline (``NUM_TO_RERANK``, ``TOP_K``, ...).
 ``kaggle2020`` reproduces that baseline; ``opencv-sift`` suits the weights-free RootSIFT
 extractor, whose descriptors need mutual nearest neighbours and a ratio test instead of
-the baseline's plain distance bound.
+the baseline's plain distance bound; ``delf-matchfeatures`` is the reference re-ranking
+of tensorflow/models (image_reranking.py ``MatchFeatures``); ``delg-r50-gldv2clean`` and
+``delg-r101-gldv2clean`` load the model with the official DELG extraction configs
+(field ``EXTRACTION_PRESET``).
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ class Config:
     MAX_RANSAC_ITERATIONS : int
         RANSAC iteration cap.
     HOMOGRAPHY_CONFIDENCE : float
-        RANSAC confidence in (0, 1).
+        RANSAC confidence in (0, 1); 1.0 is allowed with ``RANSAC_METHOD="skimage-affine"``
+        (scikit-image's default ``stop_probability``, which the reference re-ranking uses).
     MAX_DESCRIPTOR_DISTANCE : float
         Putative matches need an L2 descriptor distance below this (baseline: KD-tree
         ``distance_upper_bound``). ``inf`` disables the bound.
@@ -45,13 +49,16 @@ class Config:
     RANSAC_METHOD : str
         ``"magsac"`` (OpenCV USAC MAGSAC++, default), ``"opencv-ransac"``,
         ``"degensac"`` (pydegensac, baseline parity, optional extra) or
-        ``"skimage-affine"`` (scikit-image ``ransac`` with an affine model, TF-Hub tutorial).
+        ``"skimage-affine"`` (scikit-image ``ransac`` with an affine model, exactly as
+        tensorflow/models ``detect_to_retrieve/image_reranking.py MatchFeatures`` and the
+        TF-Hub DELF tutorial; preset ``delf-matchfeatures``).
     RANSAC_SEED : int
         Seed for RANSAC, so inlier counts are reproducible.
     MIN_INLIERS : int
         Candidates with fewer inliers get no inlier score (0 keeps the baseline).
     MIN_MATCHES : int
-        Pairs with this many putative matches or fewer count 0 inliers (baseline: 4).
+        Pairs with this many putative matches or fewer count 0 inliers (baseline: 4;
+        reference ``MatchFeatures``: 3).
     WORKERS : int
         Threads for verifying one query's candidates (0 = all cores).
     SEARCH_BLOCK_SIZE : int
@@ -77,6 +84,12 @@ class Config:
         ``predict`` (one photo, :mod:`delf_retrieval.recognizer`) calls a photo a landmark
         when its confidence is at least this; below it the answer is "not a landmark"
         (the best guess is still reported). Submissions are not affected.
+    EXTRACTION_PRESET : str
+        Name of the extraction settings (scales, thresholds, size cap, EXIF) to load the
+        model with, from :data:`delf_retrieval.models.presets.EXTRACTION_PRESETS`
+        (``delg-r50-gldv2clean``, ...); ``""`` keeps the model family's defaults. The CLI
+        (``--config``) and the notebooks apply it; ``pipeline`` functions take the
+        extraction settings through their ``params`` argument.
     """
 
     NUM_TO_RERANK: int = 3
@@ -102,6 +115,7 @@ class Config:
     FREQUENT_LANDMARK_PENALTY: float = 0.0
     FREQUENT_LANDMARK_MIN_COUNT: int = 1
     LANDMARK_THRESHOLD: float = 0.0
+    EXTRACTION_PRESET: str = ""
 
     def __post_init__(self) -> None:
         checks = {
@@ -110,7 +124,8 @@ class Config:
             "MAX_INLIER_SCORE": self.MAX_INLIER_SCORE >= 1,
             "MAX_REPROJECTION_ERROR": self.MAX_REPROJECTION_ERROR > 0,
             "MAX_RANSAC_ITERATIONS": self.MAX_RANSAC_ITERATIONS >= 1,
-            "HOMOGRAPHY_CONFIDENCE": 0 < self.HOMOGRAPHY_CONFIDENCE < 1,
+            "HOMOGRAPHY_CONFIDENCE": 0 < self.HOMOGRAPHY_CONFIDENCE < 1
+            or (self.HOMOGRAPHY_CONFIDENCE == 1 and self.RANSAC_METHOD == "skimage-affine"),
             "MAX_DESCRIPTOR_DISTANCE": self.MAX_DESCRIPTOR_DISTANCE > 0,
             "RATIO_TEST": 0 < self.RATIO_TEST <= 1,
             "RANSAC_METHOD": self.RANSAC_METHOD in RANSAC_METHODS,
@@ -127,6 +142,10 @@ class Config:
             "FREQUENT_LANDMARK_MIN_COUNT": self.FREQUENT_LANDMARK_MIN_COUNT >= 1,
             "LANDMARK_THRESHOLD": math.isfinite(self.LANDMARK_THRESHOLD),
         }
+        if self.EXTRACTION_PRESET:
+            from .models.presets import EXTRACTION_PRESETS
+
+            checks["EXTRACTION_PRESET"] = self.EXTRACTION_PRESET in EXTRACTION_PRESETS
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             values = ", ".join(f"{name}={getattr(self, name)!r}" for name in bad)
@@ -154,6 +173,24 @@ PRESETS: dict[str, Config] = {
     "kaggle2020": Config(),
     # The baseline plus the 2020 winners' non-landmark penalty and an inlier gate.
     "kaggle2020-nonlandmark": Config(NONLANDMARK_PENALTY=1.0, MIN_INLIERS=8),
+    # The reference re-ranking, tensorflow/models research/delf/delf/python/detect_to_retrieve/
+    # image_reranking.py MatchFeatures with its defaults: KD-tree nearest neighbour under
+    # distance 0.9 (descriptor_matching_threshold), skimage.measure.ransac with an affine
+    # model from index to query, min_samples 3, residual threshold 10 px, 1000 trials,
+    # scikit-image's default stop_probability 1.0, and 0 inliers for <= 3 putative matches.
+    "delf-matchfeatures": Config(
+        RANSAC_METHOD="skimage-affine",
+        MAX_DESCRIPTOR_DISTANCE=0.9,
+        MAX_REPROJECTION_ERROR=10.0,
+        MAX_RANSAC_ITERATIONS=1000,
+        HOMOGRAPHY_CONFIDENCE=1.0,
+        MIN_MATCHES=3,
+    ),
+    # The official DELG extraction configs (tensorflow/models research/delf/delf/python/delg/
+    # r50delg_gldv2clean_config.pbtxt, r101delg_gldv2clean_config.pbtxt) with the baseline's
+    # search and re-ranking; see delf_retrieval.models.presets.
+    "delg-r50-gldv2clean": Config(EXTRACTION_PRESET="delg-r50-gldv2clean"),
+    "delg-r101-gldv2clean": Config(EXTRACTION_PRESET="delg-r101-gldv2clean"),
     # RootSIFT from the weights-free extractor: mutual NN + ratio test, looser RANSAC.
     "opencv-sift": Config(
         NUM_TO_RERANK=10,

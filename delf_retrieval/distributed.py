@@ -205,7 +205,8 @@ class _ExtractionWorker:
         features: list[ImageFeatures] = []
         failures: list[tuple[str, str]] = []
         max_size = self._extractor.params.max_image_size
-        for decoded in iter_decoded(sources, max_size=max_size, threads=decode_threads):
+        exif = self._extractor.params.exif_transpose
+        for decoded in iter_decoded(sources, max_size=max_size, threads=decode_threads, exif_transpose=exif):
             result, reason = extract_decoded(self._extractor, decoded)
             if result is None:
                 failures.append((decoded.source.id, reason or "unknown failure"))

@@ -67,9 +67,9 @@ class _Decoded:
     error: str | None
 
 
-def _decode(source: ImageSource, max_size: int | None) -> _Decoded:
+def _decode(source: ImageSource, max_size: int | None, exif_transpose: bool = True) -> _Decoded:
     try:
-        image = decode_image(source.read_bytes())
+        image = decode_image(source.read_bytes(), exif_transpose=exif_transpose)
         small, factor = downscale_to_max_size(image, max_size)
         return _Decoded(source, small, factor, None)
     except ImageDecodeError as error:
@@ -79,7 +79,12 @@ def _decode(source: ImageSource, max_size: int | None) -> _Decoded:
 
 
 def iter_decoded(
-    sources: Sequence[ImageSource], *, max_size: int | None = None, threads: int = 2, prefetch: int = 16
+    sources: Sequence[ImageSource],
+    *,
+    max_size: int | None = None,
+    threads: int = 2,
+    prefetch: int = 16,
+    exif_transpose: bool = True,
 ) -> Iterator[_Decoded]:
     """Decode (and downscale) images in a thread pool, yielding them in input order."""
     with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="decode") as pool:
@@ -87,7 +92,7 @@ def iter_decoded(
         position = 0
         while position < len(sources) or pending:
             while position < len(sources) and len(pending) < prefetch:
-                pending.append(pool.submit(_decode, sources[position], max_size))
+                pending.append(pool.submit(_decode, sources[position], max_size, exif_transpose))
                 position += 1
             yield pending.popleft().result()
 
@@ -174,7 +179,8 @@ def extract_to_store(
         batch_failures.clear()
 
     bar = tqdm(total=len(todo), desc=description, unit="img", disable=not progress or not todo, smoothing=0.1)
-    for decoded in iter_decoded(todo, max_size=max_size, threads=decode_threads):
+    exif = extractor.params.exif_transpose
+    for decoded in iter_decoded(todo, max_size=max_size, threads=decode_threads, exif_transpose=exif):
         image_id = decoded.source.id
         features, reason = extract_decoded(extractor, decoded)
         if features is None:

@@ -73,12 +73,13 @@ class ImageSource:
             raise ImageDecodeError(f"unreadable file: {error}") from error
 
 
-def decode_image(data: bytes) -> np.ndarray:
+def decode_image(data: bytes, *, exif_transpose: bool = True) -> np.ndarray:
     """Decode encoded image bytes to RGB uint8 ``[H, W, 3]``.
 
     Handles grayscale, palette, RGBA/LA (composited on white), CMYK, 16-bit and float
-    images, and EXIF orientation. Raises ImageDecodeError for empty, truncated, corrupt
-    or non-image data.
+    images, and EXIF orientation (applied when ``exif_transpose``; the reference DELG
+    pipelines and the Kaggle baseline do not apply it). Raises ImageDecodeError for
+    empty, truncated, corrupt or non-image data.
     """
     if not data:
         raise ImageDecodeError("empty file (0 bytes)")
@@ -87,7 +88,8 @@ def decode_image(data: bytes) -> np.ndarray:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
             image.load()
-            image = ImageOps.exif_transpose(image)
+            if exif_transpose:
+                image = ImageOps.exif_transpose(image)
     except UnidentifiedImageError as error:
         raise ImageDecodeError("not an image (unrecognised format)") from error
     except Image.DecompressionBombError as error:

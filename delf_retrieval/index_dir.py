@@ -257,6 +257,7 @@ def build_index(
         {source.id: source.path for source in list_images(data.csv("train.csv")) if source.id in set(ids)},
         out / "thumbnails",
         thumbnail_size,
+        exif_transpose=extractor.params.exif_transpose,
         progress=progress,
     )
     _write_csv(
@@ -318,12 +319,19 @@ def _landmark_names(path: Path) -> dict[str, str]:
 
 
 def write_thumbnails(
-    paths: dict[str, str], folder: Path, size: int, *, threads: int = 2, progress: bool = True
+    paths: dict[str, str],
+    folder: Path,
+    size: int,
+    *,
+    exif_transpose: bool = True,
+    threads: int = 2,
+    progress: bool = True,
 ) -> dict[str, tuple[str, str, str]]:
     """JPEG thumbnails (longer side ``size`` px) at ``folder/a/b/c/<id>.jpg``, skipping existing ones.
 
-    Returns ``id -> (path, width, height)`` with the original size after EXIF rotation
-    (empty strings when the file cannot be read). ``size = 0`` writes nothing but still
+    Returns ``id -> (path, width, height)`` with the original size in the pixels the
+    features use (after EXIF rotation when ``exif_transpose``, as the extraction decoded;
+    empty strings when the file cannot be read). ``size = 0`` writes nothing but still
     reads the sizes.
     """
 
@@ -331,7 +339,7 @@ def write_thumbnails(
         image_id, path = item
         target = kaggle_image_path(folder, image_id) if len(image_id) >= 3 else folder / f"{image_id}.jpg"
         try:
-            width, height = _thumbnail(Path(path), target, size)
+            width, height = _thumbnail(Path(path), target, size, exif_transpose)
         except Exception:  # an unreadable source has no thumbnail; the index still works
             return image_id, (path, "", "")
         return image_id, (path, str(width), str(height))
@@ -344,17 +352,17 @@ def write_thumbnails(
     return result
 
 
-def _thumbnail(source: Path, target: Path, size: int) -> tuple[int, int]:
+def _thumbnail(source: Path, target: Path, size: int, exif_transpose: bool) -> tuple[int, int]:
     """Write one thumbnail (unless present); returns the original ``(width, height)``."""
     from PIL import Image, ImageOps
 
     with Image.open(source) as image:
         width, height = image.size
-        if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientations that swap axes
+        if exif_transpose and image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # orientations that swap axes
             width, height = height, width
         if size and not target.is_file():
             image.draft("RGB", (size, size))
-            picture = ImageOps.exif_transpose(image).convert("RGB")
+            picture = (ImageOps.exif_transpose(image) if exif_transpose else image).convert("RGB")
             picture.thumbnail((size, size))
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.with_name(f".{target.name}.tmp")

@@ -1,18 +1,31 @@
 """Kaggle metrics: Global Average Precision (recognition) and mAP@100 (retrieval).
 
-Both follow Google's reference implementation for GLDv2 (``delf/python/datasets/
-google_landmarks_dataset/metrics.py``) and the competitions' evaluation pages:
+Equal to Google's reference code for GLDv2 on every well-formed file:
+``research/delf/delf/python/datasets/google_landmarks_dataset/metrics.py``
+(``GlobalAveragePrecision``, ``MeanAveragePrecision``) with the file reading of
+``dataset_file_io.py`` (``ReadSolution``, ``ReadPredictions``):
 
 * GAP = (1/M) * sum_i P(i) rel(i) over all predictions sorted by confidence descending,
-  M = number of solution queries that show a landmark. A query without a prediction adds
-  nothing to the list; a prediction on a non-landmark query is wrong but stays in it.
-* mAP@k = (1/Q) * sum_q (1 / min(m_q, k)) * sum_{i<=k} P_q(i) rel_q(i), over the Q solution
-  queries with at least one relevant index image (m_q > 0: Kaggle's
-  ``retrieval_solution.csv`` lists only those); a query without a prediction scores 0.
-  A repeated index id in one list counts once but still takes up its position.
+  equal confidences ordered by query id, then landmark id, ascending (the reference's
+  two sorts; ``tie_break="input"`` keeps the given order instead). M = number of solution
+  queries that show a landmark. A query without a prediction adds nothing to the list; a
+  prediction on a non-landmark query is wrong but stays in it.
+* Landmark ids are compared as integers, as ``ReadSolution``/``ReadPredictions`` parse
+  them with ``int()``: ``007`` equals ``7``, and ties order ``9`` before ``10``. Ids that
+  are not integers (not well-formed for the reference) are compared as text.
+* mAP@k = (1/Q) * sum_q (1 / min(m_q, k)) * sum_{i<=k} P_q(i) rel_q(i), over the Q
+  solution queries that are not ``Ignored``. A query without a prediction scores 0, and so
+  does a solution row with no relevant image (the reference reads its empty cell as the
+  one relevant id ``''``, which no prediction names). A repeated index id in one list
+  counts once but still takes up its position.
 
-Predictions for ids that are not in the (split of the) solution are ignored, which is
-how the Public and Private scores are computed from one submission.
+Where the reference raises on a well-formed file we return a value instead:
+
+* a split with no landmark query (GAP) or no query at all (mAP): 0.0 (the reference
+  divides by zero);
+* predictions for ids that are not in the solution split: ignored (the reference raises
+  ``test_id ... is unrecognized``), which is how the Public, Private and All scores are
+  computed from one submission.
 """
 
 from __future__ import annotations
@@ -36,7 +49,32 @@ RecognitionPredictions = Mapping[str, tuple[str | None, float] | None] | pd.Data
 RetrievalPredictions = Mapping[str, Sequence[str] | None] | pd.DataFrame
 SolutionLike = Mapping[str, Iterable[str] | str | None] | pd.DataFrame | Solution
 
-TIE_BREAKS = ("input", "id")
+TIE_BREAKS = ("id", "input")
+
+
+def canonical_landmark_id(label: str) -> str:
+    """A landmark id as the reference compares it: ``str(int(label))`` when it is an integer.
+
+    ``ReadSolution`` and ``ReadPredictions`` (dataset_file_io.py) parse landmark ids with
+    ``int()``, so ``"007"``, ``"+7"`` and ``"7"`` are one landmark. Text that is not an
+    integer is returned unchanged.
+
+    >>> canonical_landmark_id("007"), canonical_landmark_id("a7")
+    ('7', 'a7')
+    """
+    text = str(label).strip()
+    try:
+        return str(int(text))
+    except ValueError:
+        return text
+
+
+def _label_order(label: str) -> tuple[int, int | float, str]:
+    """Sort key of a canonical landmark id: integers by value first, then other text."""
+    try:
+        return (0, int(label), "")
+    except ValueError:
+        return (1, 0, label)
 
 
 def _truth(solution: SolutionLike, kind: str) -> dict[str, frozenset[str]]:
@@ -86,7 +124,7 @@ def _retrieval(predictions: RetrievalPredictions) -> dict[str, list[str]]:
 def global_average_precision(
     predictions: RecognitionPredictions,
     solution: SolutionLike,
-    tie_break: str = "input",
+    tie_break: str = "id",
 ) -> float:
     """Kaggle's Global Average Precision (micro-AP) of recognition predictions.
 
@@ -98,29 +136,34 @@ def global_average_precision(
     solution : mapping id -> set of str, DataFrame or Solution
         True landmark ids per query (empty = non-landmark query), or a table
         ``id,landmarks[,Usage]`` whose ``Ignored`` rows are dropped.
-    tie_break : {"input", "id"}
-        Order of equal confidences. ``"input"``: a stable sort keeps the order the
-        predictions were given in (mapping order, table row order). ``"id"``: by query id
-        then label, ascending, as Google's reference code does.
+    tie_break : {"id", "input"}
+        Order of equal confidences. ``"id"`` (default): by query id, then landmark id as
+        an integer, ascending, as the reference ``GlobalAveragePrecision`` does.
+        ``"input"``: a stable sort keeps the order the predictions were given in.
 
     Returns
     -------
     gap : float
-        In [0, 1]; 0.0 when no solution query shows a landmark.
+        In [0, 1]; 0.0 when no solution query shows a landmark (the reference divides by
+        zero there).
     """
     if tie_break not in TIE_BREAKS:
         raise ValueError(f"tie_break must be one of {TIE_BREAKS}, got {tie_break!r}")
-    truth = _truth(solution, "recognition")
+    truth = {
+        key: frozenset(canonical_landmark_id(label) for label in labels)
+        for key, labels in _truth(solution, "recognition").items()
+    }
     positives = sum(1 for labels in truth.values() if labels)
     if positives == 0:
         return 0.0
     entries = [
-        (key, label, confidence)
+        (key, canonical_landmark_id(label), confidence)
         for key, (label, confidence) in _recognition(predictions).items()
         if label is not None and key in truth
     ]
     if tie_break == "id":
-        entries.sort(key=lambda entry: (entry[0], entry[1]))
+        # metrics.py GlobalAveragePrecision: sort by (id, class), then by score (stable).
+        entries.sort(key=lambda entry: (entry[0], _label_order(entry[1])))
     entries.sort(key=lambda entry: entry[2], reverse=True)  # stable
     total, correct = 0.0, 0
     for rank, (key, label, _) in enumerate(entries, start=1):
@@ -143,23 +186,27 @@ def mean_average_precision_at_k(
         Or a submission table ``id,images``.
     solution : mapping id -> set of str, DataFrame or Solution
         Relevant index ids per query, or a table ``id,images[,Usage]`` whose ``Ignored``
-        rows are dropped. Queries with no relevant image are not scored.
+        rows are dropped. A query with no relevant image counts, with AP 0, as in the
+        reference ``MeanAveragePrecision``.
     k : int
         Positions scored per query.
 
     Returns
     -------
     map : float
-        Mean over scored queries of AP@k / min(#relevant, k); 0.0 when none is scored.
+        Mean over the solution's queries of AP@k / min(#relevant, k); 0.0 when the
+        solution has no query (the reference divides by zero there).
     """
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
-    truth = {key: labels for key, labels in _truth(solution, "retrieval").items() if labels}
+    truth = _truth(solution, "retrieval")
     if not truth:
         return 0.0
     ranked = _retrieval(predictions)
     total = 0.0
     for key, relevant in truth.items():
+        if not relevant:
+            continue  # ReadSolution reads it as [''], which no index id equals: AP 0
         seen: set[str] = set()
         correct, precision_sum = 0, 0.0
         for rank, image in enumerate(ranked.get(key, [])[:k], start=1):
@@ -200,7 +247,7 @@ def _by_usage(score: Any, predictions: Any, solution: Solution, **options: Any) 
 def evaluate_recognition(
     submission: RecognitionPredictions | str | os.PathLike,
     solution: SolutionLike | str | os.PathLike,
-    tie_break: str = "input",
+    tie_break: str = "id",
 ) -> dict[str, float]:
     """GAP per leaderboard split.
 
@@ -211,7 +258,7 @@ def evaluate_recognition(
         :func:`global_average_precision`.
     solution : DataFrame, path, Solution or mapping
         ``id,landmarks,Usage`` table or file (``solution.csv``).
-    tie_break : {"input", "id"}
+    tie_break : {"id", "input"}
         See :func:`global_average_precision`.
 
     Returns

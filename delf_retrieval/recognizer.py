@@ -33,10 +33,10 @@ from .extract import rescale_features
 from .features import ImageFeatures, LocalFeatures
 from .images import (
     ImageDecodeError,
+    ImageSource,
     decode_image,
     downscale_to_max_size,
     kaggle_image_path,
-    load_image,
 )
 from .index_dir import IndexFormatError, IndexManifest, params_from_fingerprint, read_manifest
 from .models.base import Extractor
@@ -284,7 +284,7 @@ class Recognizer:
         decoded = []
         for image in images:
             started = time.perf_counter()
-            pixels = as_rgb(image)
+            pixels = as_rgb(image, exif_transpose=self.extractor.params.exif_transpose)
             decode_seconds = time.perf_counter() - started
             features, seconds = self.features(pixels)
             decoded.append((pixels.shape, features, {"decode": decode_seconds, "extract": seconds}))
@@ -399,13 +399,13 @@ class Recognizer:
         source = Path(row["path"])
         if source.is_file():
             try:
-                return load_image(source), 1.0
+                return as_rgb(source, exif_transpose=self.extractor.params.exif_transpose), 1.0
             except ImageDecodeError:
                 pass
         thumbnail = self.thumbnail_path(image_id)
         if thumbnail is None or not row["width"]:
             return None
-        picture = load_image(thumbnail)
+        picture = as_rgb(thumbnail)
         return picture, picture.shape[1] / float(row["width"])
 
     def info(self) -> dict[str, Any]:
@@ -425,12 +425,18 @@ class Recognizer:
         return f"Recognizer({str(self.path)!r}, {len(self.ids)} train photos, model={self.manifest.model!r})"
 
 
-def as_rgb(image: ImageInput) -> np.ndarray:
-    """Decode any accepted photo input to RGB uint8 ``[H, W, 3]`` (ImageDecodeError if unreadable)."""
+def as_rgb(image: ImageInput, *, exif_transpose: bool = True) -> np.ndarray:
+    """Decode any accepted photo input to RGB uint8 ``[H, W, 3]`` (ImageDecodeError if unreadable).
+
+    ``exif_transpose`` applies the EXIF orientation of encoded input (the model's
+    ``ExtractorParams.exif_transpose``, as the extraction runner decodes); arrays are
+    taken as they are.
+    """
     if isinstance(image, (bytes, bytearray, memoryview)):
-        return decode_image(bytes(image))
+        return decode_image(bytes(image), exif_transpose=exif_transpose)
     if isinstance(image, (str, os.PathLike)):
-        return load_image(image)
+        source = ImageSource(id=Path(image).stem, path=str(image))
+        return decode_image(source.read_bytes(), exif_transpose=exif_transpose)
     if isinstance(image, np.ndarray):
         if image.ndim == 2:
             image = np.repeat(image[:, :, None], 3, axis=2)

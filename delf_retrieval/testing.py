@@ -1,27 +1,50 @@
-"""Small stand-in models with the exact signatures of DELG and DELF, for tests and demos.
+"""Small stand-in models with the exact signatures and conventions of DELG and DELF.
 
 No DELG/DELF weights are reachable offline, so these builders write SavedModels whose
-inputs and outputs are those of the real exports (see DESIGN.md, "The models it
-wraps") but whose computation is a fixed, hand-made pipeline:
+inputs, outputs and every observable convention are those of the real exports, while
+the "network" inside is a fixed, hand-made pipeline. Conventions followed (tensorflow/
+models, research/delf/delf/python/training/model/export_model_utils.py):
 
-* local features: on each requested image scale, the image is converted to grey,
-  blurred, and the determinant of its Hessian marks blobs; keypoints are the local
-  maxima of ``sqrt(det)``, whose ``score`` is that value times a gain chosen so that the
-  real thresholds (175 for DELG, 100 for DELF) keep roughly 100-1000 points on
-  scikit-image's photos. Descriptors sample four blurred channels (grey, two
-  colour-opponent channels, gradient magnitude) on concentric rings around the keypoint
-  and keep, per ring and channel, the mean minus the centre value and the magnitudes of
-  the first two angular Fourier coefficients: all unchanged by rotation. Each radial
-  profile is centred and normalised, then a fixed seeded matrix projects the result to
-  128 (DELG) or 40 (DELF) dimensions.
+* ``ExtractLocalFeatures``: the uint8 image becomes ``(x - 128) / 128`` (``gld.
+  NormalizeImages`` with offset and scale 128); each scale ``s`` of ``input_scales``
+  resizes it to ``round(h * s), round(w * s)`` with ``tf.image.resize`` (bilinear, no
+  antialiasing); features whose attention score is ``>= input_abs_thres`` are kept;
+  their boxes are divided by ``s`` (original pixels, ``ymin, xmin, ymax, xmax``); their
+  ``scales`` are ``1 / s``; the features of all scales then go through one non-maximum
+  suppression (``box_list_ops.non_max_suppression``, IoU 1.0 as
+  export_local_and_global_model.py's ``--iou`` default) capped at
+  ``min(input_max_feature_num, N)``, which orders them by score; ``scores`` is [N, 1].
+* ``ExtractGlobalFeatures``: one descriptor per index of ``input_scales`` that
+  ``input_global_scales_ind`` names, in increasing index order (each index once), each
+  computed on the image resized as above; by default not pooled and not normalised
+  ([G, D], the caller pools). export_global_model.py's ``--multi_scale_pool_type``
+  (``average``/``sum``: output ``global_descriptor`` [D]) and
+  ``--normalize_global_descriptor`` are builder options.
+
+The hand-made network:
+
+* local features: on each scaled image, the grey image is blurred and the determinant
+  of its Hessian marks blobs; keypoints are the local maxima of ``sqrt(det)``, whose
+  ``score`` is that value times a gain chosen so that the real thresholds (175 for the
+  Kaggle DELG baseline, 100 for DELF) keep roughly 100-1000 points on scikit-image's
+  photos. Descriptors sample four blurred channels (grey, two colour-opponent channels,
+  gradient magnitude) on concentric rings around the keypoint and keep, per ring and
+  channel, the mean minus the centre value and the magnitudes of the first two angular
+  Fourier coefficients: all unchanged by rotation. Each radial profile is centred and
+  normalised, then a fixed seeded matrix projects the result to 128 (DELG) or 40 (DELF)
+  dimensions.
 * global descriptor (DELG): per-pixel colour, blurred grey, gradient magnitudes and
-  blob responses at half the scaled size, averaged onto a grid of at most 32 x 32 cells,
-  mapped by seeded random Fourier features to 2048 dimensions and averaged over the grid
-  (a kernel mean embedding), once per global scale. Not normalised: the caller pools.
+  blob responses at half the scaled size (a stride-2 stem), averaged onto a grid of at
+  most 32 x 32 cells, mapped by seeded random Fourier features to 2048 dimensions and
+  averaged over the grid (a kernel mean embedding), once per global scale.
 
-Everything is a constant from a seeded NumPy generator, so building twice gives the
-same outputs. TensorFlow is imported inside the functions: importing this module (or
-the package) does not import it.
+The filters work in 0-255 intensity units (the normalised input times 128 plus 128), so
+their thresholds stay readable. Grey is a weighted sum of R, G and B and the colour
+channels are opponent differences, so swapping RGB for BGR changes every output, as do
+a transposed resize, a wrong scale or a lost scale. Everything is a constant from a
+seeded NumPy generator, so building twice gives the same outputs. TensorFlow is
+imported inside the functions: importing this module (or the package) does not import
+it.
 """
 
 from __future__ import annotations
@@ -51,6 +74,13 @@ _GLOBAL_GRID = 32
 _GLOBAL_BANDWIDTH = 0.35
 _GLOBAL_FEATURES = 9
 _TFHUB_MODULE_PB = b"\x08\x03"  # ModuleDef{format: FORMAT_V3}; hub.load only checks it exists
+# export_local_and_global_model.py: flags.DEFINE_float('iou', 1.0, ...), the NMS IoU.
+_NMS_IOU = 1.0
+# export_model_utils.py ExtractLocalFeatures / ExtractGlobalFeatures:
+# gld.NormalizeImages(image, pixel_value_offset=128.0, pixel_value_scale=128.0).
+_PIXEL_OFFSET = 128.0
+_PIXEL_SCALE = 128.0
+POOL_TYPES = ("None", "average", "sum")
 
 
 @dataclass(frozen=True)
@@ -128,13 +158,35 @@ def _derivatives(gray: Any) -> tuple[Any, Any, Any, Any, Any]:
     return dx, dy, dxx, dyy, dxy
 
 
+def _normalize(image_uint8: Any) -> Any:
+    """The export's input step: uint8 [H, W, 3] -> float32 ``(x - 128) / 128``.
+
+    export_model_utils.py ExtractLocalFeatures/ExtractGlobalFeatures call
+    ``gld.NormalizeImages(image, pixel_value_offset=128.0, pixel_value_scale=128.0)``.
+    """
+    import tensorflow as tf
+
+    return (tf.cast(image_uint8, tf.float32) - _PIXEL_OFFSET) / _PIXEL_SCALE
+
+
+def _intensity(normalized: Any) -> Any:
+    """Normalised pixels back to 0-255 units, the units the hand-made filters use."""
+    return normalized * _PIXEL_SCALE + _PIXEL_OFFSET
+
+
 def _resize(image: Any, scale: Any) -> tuple[Any, Any]:
-    """``image`` [H, W, 3] float resized by ``scale``; returns ([1, h, w, 3], [h, w] int32)."""
+    """``image`` [H, W, C] float resized by ``scale``; returns ([1, h, w, C], [h, w] int32).
+
+    As export_model_utils.py ``_ProcessSingleScale`` / ``_ResizeAndExtract``:
+    ``new_size = cast(round(original_size * scale), int32)`` and ``tf.image.resize``
+    with its defaults (bilinear, no antialiasing). Sizes are kept >= 1 (the real export
+    fails on an empty image; the fixture returns no features instead).
+    """
     import tensorflow as tf
 
     size = tf.cast(tf.shape(image)[:2], tf.float32)
     new_size = tf.maximum(tf.cast(tf.round(size * scale), tf.int32), 1)
-    resized = tf.image.resize(image[tf.newaxis], new_size, method="bilinear", antialias=True)
+    resized = tf.image.resize(image[tf.newaxis], new_size, method="bilinear")
     return resized, new_size
 
 
@@ -191,10 +243,16 @@ def _ring_descriptors(channels: Any, points: Any, projection: np.ndarray) -> Any
 def _local_one_scale(
     image: Any, scale: Any, max_num: Any, abs_thres: Any, projection: np.ndarray, gain: float
 ) -> tuple[Any, Any, Any]:
-    """Keypoints of one scale: centres [N, 2] (y, x) original pixels, descriptors, scores."""
+    """Keypoints of one scale: centres [N, 2] (y, x) in original pixels, descriptors, scores.
+
+    ``image``: normalised pixels [H, W, 3]. At most ``max_num`` per scale are described
+    (the strongest); the cross-scale cap keeps at most ``max_num`` overall, so this
+    changes no output, only the work done.
+    """
     import tensorflow as tf
 
     rgb, new_size = _resize(image, scale)
+    rgb = _intensity(rgb)
     gray = _gray(rgb)
     _, _, dxx, dyy, dxy = _derivatives(_blur(gray, _BLOB_SIGMA))
     response = tf.sqrt(tf.nn.relu(dxx * dyy - dxy * dxy)) * gain  # [1, h, w, 1]
@@ -223,15 +281,16 @@ def _local_one_scale(
         axis=3,
     )[0]
     descriptors = _ring_descriptors(channels, points, projection)
-    ratio = tf.cast(tf.shape(image)[:2], tf.float32) / tf.cast(new_size, tf.float32)
-    centres = (tf.cast(points, tf.float32) + 0.5) * ratio - 0.5
+    # ExtractLocalFeatures: rf_boxes = tf.divide(rf_boxes, scale), back to original pixels.
+    centres = tf.cast(points, tf.float32) / scale
     return centres, descriptors, scores
 
 
 def _local_features(
     image: Any, scales: Any, max_num: Any, abs_thres: Any, projection: np.ndarray, gain: float
 ) -> tuple[Any, Any, Any, Any]:
-    """All scales, strongest ``max_num`` overall: centres [N, 2] (y, x), descriptors, scales, scores."""
+    """All scales, then one NMS capped at ``max_num``: centres [N, 2] (y, x), descriptors,
+    scales [N] (= 1 / image scale) and scores [N], strongest first."""
     import tensorflow as tf
 
     dim = projection.shape[1]
@@ -251,7 +310,8 @@ def _local_features(
         centres, descriptors, scores = _local_one_scale(
             image, scale, max_num, abs_thres, projection, gain
         )
-        found_at = tf.fill(tf.shape(scores), scale)
+        # ExtractLocalFeatures: selected_scales = tf.ones_like(selected_scores) / scale.
+        found_at = tf.fill(tf.shape(scores), 1.0 / scale)
         values = (centres, descriptors, found_at, scores)
         return (
             index + 1,
@@ -263,21 +323,29 @@ def _local_features(
         tf.reshape(array.concat(), shape)
         for array, shape in zip(arrays, ([-1, 2], [-1, dim], [-1], [-1]), strict=True)
     ]
+    # ExtractLocalFeatures: nms_max_boxes = min(max_feature_num, num_boxes), then
+    # box_list_ops.non_max_suppression(feature_boxes, iou, nms_max_boxes) over all scales.
     count = tf.minimum(tf.maximum(max_num, 0), tf.shape(scores)[0])
-    scores, order = tf.math.top_k(scores, k=count)
+    order = tf.image.non_max_suppression(
+        _boxes(centres, found_at), scores, max_output_size=count, iou_threshold=_NMS_IOU
+    )
     return (
         tf.gather(centres, order),
         tf.gather(descriptors, order),
         tf.gather(found_at, order),
-        scores,
+        tf.gather(scores, order),
     )
 
 
 def _boxes(centres: Any, found_at: Any) -> Any:
-    """DELG-style boxes [N, 4] (ymin, xmin, ymax, xmax) around ``centres`` [N, 2] (y, x)."""
+    """DELG-style boxes [N, 4] (ymin, xmin, ymax, xmax), original pixels, around ``centres``.
+
+    ``found_at`` [N] is the export's ``scales`` output, 1 / image scale: a box of fixed
+    size on the scaled image is ``found_at`` times larger on the original.
+    """
     import tensorflow as tf
 
-    half = (_BOX_HALF_SIZE / found_at)[:, tf.newaxis]
+    half = (_BOX_HALF_SIZE * found_at)[:, tf.newaxis]
     return tf.concat([centres - half, centres + half], axis=1)
 
 
@@ -289,8 +357,10 @@ def _global_one_scale(image: Any, scale: Any, constants: _Constants) -> Any:
     """
     import tensorflow as tf
 
-    rgb, new_size = _resize(image, 0.5 * scale)
-    rgb = rgb / 255.0
+    resized, _ = _resize(image, scale)  # the export's resize, then a stride-2 "stem"
+    half_size = tf.maximum(tf.shape(resized)[1:3] // 2, 1)
+    rgb = tf.image.resize(_intensity(resized), half_size, method="area") / 255.0
+    new_size = half_size
     gray = _gray(rgb)
     features = [rgb, _blur(gray, 2.0)]
     for sigma in (0.7, 1.5):
@@ -322,6 +392,33 @@ def _global_descriptors(image: Any, scales: Any, constants: _Constants) -> Any:
     return tf.reshape(array.stack(), [-1, DELG_GLOBAL_DIM])
 
 
+def _selected_scales(scales: Any, global_scales_ind: Any) -> Any:
+    """Scales whose index appears in ``global_scales_ind``, in increasing index order, once.
+
+    ExtractGlobalFeatures loops ``for scale_index in tf.range(num_scales)`` and extracts
+    when ``tf.reduce_any(tf.equal(global_scales_ind, scale_index))``.
+    """
+    import tensorflow as tf
+
+    indices = tf.range(tf.shape(scales)[0])
+    wanted = tf.reduce_any(tf.equal(global_scales_ind[:, tf.newaxis], indices[tf.newaxis]), 0)
+    return tf.boolean_mask(scales, wanted)
+
+
+def _pool_global(per_scale: Any, pool_type: str, normalize: bool) -> Any:
+    """ExtractGlobalFeatures' ``multi_scale_pool_type`` and ``normalize_global_descriptor``."""
+    import tensorflow as tf
+
+    axis = 1
+    if pool_type == "average":
+        per_scale, axis = tf.reduce_mean(per_scale, axis=0), 0
+    elif pool_type == "sum":
+        per_scale, axis = tf.reduce_sum(per_scale, axis=0), 0
+    if normalize:
+        per_scale = tf.nn.l2_normalize(per_scale, axis=axis)
+    return per_scale
+
+
 def _delg_outputs(
     image_uint8: Any,
     scales: Any,
@@ -329,13 +426,18 @@ def _delg_outputs(
     max_num: Any | None,
     abs_thres: Any | None,
     constants: _Constants,
+    pool_type: str = "None",
+    normalize_global: bool = False,
 ) -> dict[str, Any]:
     """The DELG output dict; local outputs only when ``abs_thres`` is given."""
     import tensorflow as tf
 
-    image = tf.cast(image_uint8, tf.float32)
-    global_scales = tf.gather(scales, global_scales_ind)
-    outputs = {"global_descriptors": _global_descriptors(image, global_scales, constants)}
+    image = _normalize(image_uint8)
+    per_scale = _global_descriptors(image, _selected_scales(scales, global_scales_ind), constants)
+    pooled = _pool_global(per_scale, pool_type, normalize_global)
+    # export_global_model.py: 'global_descriptors' unpooled, 'global_descriptor' pooled.
+    name = "global_descriptors" if pool_type == "None" else "global_descriptor"
+    outputs = {name: pooled}
     if abs_thres is not None:
         centres, descriptors, found_at, scores = _local_features(
             image, scales, max_num, abs_thres, constants.projection, DELG_SCORE_GAIN
@@ -344,7 +446,8 @@ def _delg_outputs(
             boxes=_boxes(centres, found_at),
             features=descriptors,
             scales=found_at,
-            scores=scores,
+            # ExtractLocalFeatures returns tf.expand_dims(scores, 1): [N, 1].
+            scores=scores[:, tf.newaxis],
         )
     return outputs
 
@@ -362,25 +465,42 @@ def _fresh_dir(path: str | os.PathLike) -> Path:
     return path
 
 
-def build_delg_tf2(path: str | os.PathLike, *, global_only: bool = False) -> Path:
+def build_delg_tf2(
+    path: str | os.PathLike,
+    *,
+    global_only: bool = False,
+    multi_scale_pool_type: str = "None",
+    normalize_global_descriptor: bool = False,
+) -> Path:
     """Write a small DELG-like SavedModel in TF2 format and return its folder.
 
-    The ``serving_default`` signature has the inputs ``input_image`` (uint8
-    [H, W, 3]), ``input_scales`` (float32 [S]), ``input_max_feature_num`` (int32 []),
+    Like research/delf/delf/python/training/model/export_local_and_global_model.py, the
+    ``serving_default`` signature has the inputs ``input_image`` (uint8 [H, W, 3]),
+    ``input_scales`` (float32 [S]), ``input_max_feature_num`` (int32 []),
     ``input_abs_thres`` (float32 []) and ``input_global_scales_ind`` (int32 [G]), and
     the outputs ``boxes`` (float32 [N, 4], ymin, xmin, ymax, xmax in original pixels),
-    ``features`` (float32 [N, 128]), ``scales`` (float32 [N]), ``scores`` (float32 [N])
-    and ``global_descriptors`` (float32 [G, 2048], one raw descriptor per selected
-    scale). With ``global_only`` the inputs are ``input_image``, ``input_scales`` and
-    ``input_global_scales_ind`` and the only output is ``global_descriptors``.
+    ``features`` (float32 [N, 128]), ``scales`` (float32 [N], 1 / the image scale each
+    feature came from), ``scores`` (float32 [N, 1]) and ``global_descriptors`` (float32
+    [G, 2048], one raw descriptor per selected scale, in scale-index order). With
+    ``global_only`` it is export_global_model.py's signature: inputs ``input_image``,
+    ``input_scales`` and ``input_global_scales_ind``, output ``global_descriptors``
+    (or ``global_descriptor`` [2048] with a ``multi_scale_pool_type``).
 
     Parameters
     ----------
     path : folder to create (must not exist or be empty).
     global_only : build the global-only export.
+    multi_scale_pool_type : {"None", "average", "sum"}
+        export_global_model.py ``--multi_scale_pool_type`` (global-only export only).
+    normalize_global_descriptor : export_global_model.py ``--normalize_global_descriptor``
+        (global-only export only).
     """
     import tensorflow as tf
 
+    if multi_scale_pool_type not in POOL_TYPES:
+        raise ValueError(f"multi_scale_pool_type must be one of {POOL_TYPES}")
+    if not global_only and (multi_scale_pool_type != "None" or normalize_global_descriptor):
+        raise ValueError("pooling options exist only for the global-only export")
     path = _fresh_dir(path)
     constants = _constants(seed=2020, local_dim=DELG_LOCAL_DIM)
     image_spec = tf.TensorSpec([None, None, 3], tf.uint8, name="input_image")
@@ -392,7 +512,14 @@ def build_delg_tf2(path: str | os.PathLike, *, global_only: bool = False) -> Pat
         @tf.function(input_signature=[image_spec, scales_spec, index_spec], autograph=False)
         def serve(input_image: Any, input_scales: Any, input_global_scales_ind: Any) -> dict:
             return _delg_outputs(
-                input_image, input_scales, input_global_scales_ind, None, None, constants
+                input_image,
+                input_scales,
+                input_global_scales_ind,
+                None,
+                None,
+                constants,
+                multi_scale_pool_type,
+                normalize_global_descriptor,
             )
 
     else:
@@ -471,8 +598,12 @@ def build_delg_tf1(path: str | os.PathLike, *, global_only: bool = False) -> Pat
     The graph has the placeholders ``input_image:0`` (uint8 [H, W, 3]),
     ``input_scales:0`` (float32 [S]), ``input_abs_thres:0`` (float32 []) and
     ``input_max_feature_num:0`` (int32 []) and the tensors ``boxes:0``, ``features:0``,
-    ``scales:0``, ``scores:0`` and ``global_descriptors:0`` (one per input scale; there is
-    no ``input_global_scales_ind``). The global-only export has only ``input_image:0``,
+    ``scales:0`` (1 / image scale), ``scores:0`` ([N, 1]) and ``global_descriptors:0``
+    (one per input scale; there is no ``input_global_scales_ind``), with the local and
+    global conventions of :func:`build_delg_tf2`. The Kaggle 2020 host baseline calls
+    ``prune(['input_image:0', 'input_scales:0'], ['global_descriptors:0'])`` and
+    ``prune([... , 'input_max_feature_num:0', 'input_abs_thres:0'], ['boxes:0',
+    'features:0'])``. The global-only export has only ``input_image:0``,
     ``input_scales:0`` and ``global_descriptors:0``. Load it with
     ``tf.saved_model.load`` and call ``model.prune(feeds, fetches)``; a ``serving_default``
     signature with the same names is included too.
@@ -511,7 +642,10 @@ def build_delf_hub(path: str | os.PathLike) -> Path:
     ``tensorflow_hub.load(path).signatures["default"]`` takes ``image`` (float32
     [H, W, 3] in [0, 1]), ``score_threshold`` (float32 []), ``image_scales`` (float32
     [S]) and ``max_feature_num`` (int32 []) and returns ``locations`` (float32 [N, 2],
-    (y, x) in original pixels) and ``descriptors`` (float32 [N, 40]).
+    (y, x) in original pixels: the centres of the receptive boxes divided by their
+    scale, as research/delf/delf/python/feature_extractor.py CalculateKeypointCenters)
+    and ``descriptors`` (float32 [N, 40]), strongest first after one cross-scale NMS
+    like the DELG export's.
 
     Parameters
     ----------
@@ -530,7 +664,12 @@ def build_delf_hub(path: str | os.PathLike) -> Path:
         max_num = v1.placeholder(tf.int32, [], name="max_feature_num")
         pixels = tf.clip_by_value(image, 0.0, 1.0) * 255.0
         centres, descriptors, _, _ = _local_features(
-            pixels, scales, max_num, threshold, constants.projection, DELF_SCORE_GAIN
+            (pixels - _PIXEL_OFFSET) / _PIXEL_SCALE,
+            scales,
+            max_num,
+            threshold,
+            constants.projection,
+            DELF_SCORE_GAIN,
         )
         outputs = {
             "locations": tf.identity(centres, name="locations"),

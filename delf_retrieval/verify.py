@@ -7,6 +7,17 @@ the query and image 2 the train/index image, in that same direction, but the nea
 neighbours come from one matrix product of L2-normalised descriptors
 (``distance**2 = 2 - 2 * similarity``), and RANSAC defaults to OpenCV's seeded MAGSAC++.
 
+``RANSAC_METHOD="skimage-affine"`` is the reference re-ranking of tensorflow/models
+``research/delf/delf/python/detect_to_retrieve/image_reranking.py MatchFeatures`` (and
+the TF-Hub DELF tutorial): ``skimage.measure.ransac`` with an affine model fitted from
+the *index* image's points to the *query*'s, ``min_samples=3``, the given residual
+threshold and trial count, ``stop_probability`` = HOMOGRAPHY_CONFIDENCE (the reference
+leaves scikit-image's default 1.0: all trials run unless every match is an inlier),
+and no filter on the result: the count is ``sum(inliers)``, 0 when RANSAC finds none.
+The reference returns 0 for 3 putative matches or fewer (``MIN_MATCHES=3``; preset
+``delf-matchfeatures``). scikit-image >= 0.23 takes the seed as ``rng=`` (older versions:
+``random_state=``); both seed ``numpy.random.default_rng(seed)`` there.
+
 Tie rule: a descriptor whose nearest neighbour is tied picks the smaller index.
 """
 
@@ -113,25 +124,29 @@ def ransac_inliers(
         homography with ``cv2.RANSAC`` (OpenCV seeds it with a fixed state, so ``seed`` has
         no effect; it is deterministic). ``"degensac"``: homography with
         ``pydegensac.findHomography`` (the baseline's, optional extra). ``"skimage-affine"``:
-        affine map with ``skimage.measure.ransac`` (the TF-Hub DELF tutorial's).
+        affine map from ``points2`` to ``points1`` with ``skimage.measure.ransac``, exactly
+        as the reference ``MatchFeatures`` (image_reranking.py) calls it.
     max_reprojection_error : float
         Inlier threshold, pixels (> 0).
     max_iterations : int
         Iteration cap (>= 1).
     confidence : float
-        Stopping confidence in (0, 1).
+        Stopping confidence in (0, 1); ``"skimage-affine"`` also takes 1.0 (scikit-image's
+        default ``stop_probability``, which the reference uses).
     seed : int
         Random state (>= 0); the same seed gives the same inliers.
 
     Returns
     -------
     bool [M]
-        All False when there are fewer than 5 matches, a point is not finite, either point
-        set is degenerate (all on one line), no model is found, the model is supported
-        only by its own minimal sample (4 points for a homography, 3 for an affine map), or
-        the model is implausible: it mirrors the image, or it scales areas at its median
+        For the homography methods: all False when there are fewer than 5 matches, a
+        point is not finite, either point set is degenerate (all on one line), no model is
+        found, the model is supported only by its own minimal sample (4 points), or the
+        model is implausible: it mirrors the image, or it scales areas at its median
         inlier by less than 1/1000 or more than 1000 (a collapse of many matches onto a
-        few points, which plain nearest-neighbour matching invites).
+        few points, which plain nearest-neighbour matching invites). For
+        ``"skimage-affine"``: scikit-image's inlier mask as it is (all False when a point
+        is not finite, there are fewer than 3 matches or no sample gave a model).
 
     Raises
     ------
@@ -150,15 +165,21 @@ def ransac_inliers(
         raise ValueError(f"max_reprojection_error must be > 0, got {max_reprojection_error}")
     if max_iterations < 1:
         raise ValueError(f"max_iterations must be >= 1, got {max_iterations}")
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    if not (0 < confidence < 1 or (confidence == 1 and method == "skimage-affine")):
+        raise ValueError(
+            f"confidence must be in (0, 1) (or 1.0 with 'skimage-affine'), got {confidence}"
+        )
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
     if method == "degensac":
         _import_pydegensac()
 
     none = np.zeros(p1.shape[0], dtype=bool)
-    if p1.shape[0] < 5 or not (np.isfinite(p1).all() and np.isfinite(p2).all()):
+    if not (np.isfinite(p1).all() and np.isfinite(p2).all()):
+        return none
+    if method == "skimage-affine":
+        return _skimage_affine(p1, p2, max_reprojection_error, max_iterations, confidence, seed)
+    if p1.shape[0] < 5:
         return none
     if _is_degenerate(p1) or _is_degenerate(p2):
         return none
@@ -390,31 +411,42 @@ def _degensac(p1, p2, threshold, iterations, confidence, seed):
     )
 
 
-def _skimage_affine(p1, p2, threshold, iterations, confidence, seed):
+def _skimage_affine(
+    p1: np.ndarray, p2: np.ndarray, threshold: float, iterations: int, confidence: float, seed: int
+) -> np.ndarray:
+    """Inlier mask [M] of ``MatchFeatures``' RANSAC (image_reranking.py): index -> query."""
     from skimage.measure import ransac
     from skimage.transform import AffineTransform
 
+    none = np.zeros(p1.shape[0], dtype=bool)
+    if p1.shape[0] < 3:  # ransac needs min_samples <= M
+        return none
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "No inliers found" and the like
-        model, mask = ransac(
-            (np.asarray(p1, np.float64), np.asarray(p2, np.float64)),
+        _, inliers = ransac(
+            (np.asarray(p2, np.float64), np.asarray(p1, np.float64)),
             AffineTransform,
             min_samples=3,
             residual_threshold=threshold,
             max_trials=iterations,
             stop_probability=confidence,
-            rng=seed,
+            **{_skimage_seed_keyword(ransac): seed},
         )
-    if model is None:
-        return None, None
-    return model.params, mask
+    # The reference counts sum(inliers) whatever the final refit gives; None means none.
+    return none if inliers is None else np.asarray(inliers, dtype=bool).reshape(-1)
+
+
+def _skimage_seed_keyword(ransac: object) -> str:
+    """``rng`` (scikit-image >= 0.23) or ``random_state`` (older releases, as the reference)."""
+    import inspect
+
+    return "rng" if "rng" in inspect.signature(ransac).parameters else "random_state"
 
 
 _ESTIMATORS = {
     "magsac": _magsac,
     "opencv-ransac": _opencv_ransac,
     "degensac": _degensac,
-    "skimage-affine": _skimage_affine,
 }
 
 

@@ -19,9 +19,10 @@ from delf_retrieval.models import Extractor, ExtractorParams, list_models, load_
 from delf_retrieval.models.delf_hub import HubModuleNotCachedError, hub_cache_folder
 from delf_retrieval.models.delg import (
     boxes_to_keypoints,
+    global_from_outputs,
+    global_scale_indices,
+    local_from_outputs,
     pool_global,
-    scale_union,
-    select_local,
 )
 from delf_retrieval.models.loader import detect_format
 
@@ -44,27 +45,39 @@ def test_pool_global_normalises_each_scale_then_the_sum() -> None:
     np.testing.assert_array_equal(pool_global(np.zeros((0, 3))), np.zeros(3))
 
 
-def test_scale_union_appends_global_only_scales() -> None:
-    assert scale_union((0.7071, 1.0), (1.0, 1.4142)) == ([0.7071, 1.0, 1.4142], [1, 2])
-    assert scale_union((1.0,), (1.0,)) == ([1.0], [0])
-    assert scale_union((0.5, 1.0), (1.00001,)) == ([0.5, 1.0], [1])
+def test_global_scale_indices_point_into_the_local_scales() -> None:
+    official = (0.25, 0.35355338, 0.5, 0.70710677, 1.0, 1.4142135, 2.0)
+    assert global_scale_indices(official, (0.70710677, 1.0, 1.4142135)) == [3, 4, 5]
+    assert global_scale_indices((0.7071, 1.0, 1.4142), (0.7071, 1.0, 1.4142)) == [0, 1, 2]
+    assert global_scale_indices((0.5, 1.0), (1.00001,)) == [1]
+    assert global_scale_indices((0.5, 1.0), (0.75,)) is None
 
 
-def test_select_local_keeps_wanted_scales_strongest_first() -> None:
+def test_local_from_outputs_keeps_every_scale_strongest_first() -> None:
+    # the export's conventions: scores [N, 1], scales = 1 / image scale (2.0 = found at 0.5)
     outputs = {
         "boxes": np.array([[0, 0, 2, 2], [4, 4, 6, 6], [8, 8, 10, 10]], np.float32),
         "features": np.array([[3, 4], [1, 0], [0, 2]], np.float32),
-        "scores": np.array([5.0, 9.0, 7.0], np.float32),
-        "scales": np.array([1.0, 2.0, 1.0], np.float32),
+        "scores": np.array([[5.0], [9.0], [7.0]], np.float32),
+        "scales": np.array([1.0, 2.0, 0.5], np.float32),
     }
-    local = select_local(outputs, image_scales=(1.0,), max_feature_num=5, factor=1.0, dim=2)
-    np.testing.assert_array_equal(local.keypoints, [[9.0, 9.0], [1.0, 1.0]])
-    np.testing.assert_allclose(local.descriptors, [[0.0, 1.0], [0.6, 0.8]])
-    np.testing.assert_array_equal(local.scores, [7.0, 5.0])
-    capped = select_local(outputs, image_scales=(1.0, 2.0), max_feature_num=1, factor=1.0, dim=2)
+    local = local_from_outputs(outputs, max_feature_num=5, factor=1.0, dim=2)
+    np.testing.assert_array_equal(local.keypoints, [[5.0, 5.0], [9.0, 9.0], [1.0, 1.0]])
+    np.testing.assert_allclose(local.descriptors, [[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    np.testing.assert_array_equal(local.scores, [9.0, 7.0, 5.0])
+    np.testing.assert_array_equal(local.scales, [2.0, 0.5, 1.0])
+    capped = local_from_outputs(outputs, max_feature_num=1, factor=1.0, dim=2)
     np.testing.assert_array_equal(capped.keypoints, [[5.0, 5.0]])
     empty = {"boxes": np.zeros((0, 4)), "features": np.zeros((0, 2))}
-    assert select_local(empty, (1.0,), 10, 1.0, dim=2).descriptors.shape == (0, 2)
+    assert local_from_outputs(empty, 10, 1.0, dim=2).descriptors.shape == (0, 2)
+
+
+def test_global_from_outputs_pools_per_scale_or_normalises_pooled() -> None:
+    per_scale = {"global_descriptors": np.array([[3.0, 4.0, 0.0], [0.0, 0.0, 10.0]])}
+    expected = np.array([0.6, 0.8, 1.0]) / np.sqrt(2.0)
+    np.testing.assert_allclose(global_from_outputs(per_scale), expected, rtol=1e-6)
+    pooled = {"global_descriptor": np.array([0.0, 3.0, 4.0])}
+    np.testing.assert_allclose(global_from_outputs(pooled), [0.0, 0.6, 0.8], rtol=1e-6)
 
 
 # --- fixture models ------------------------------------------------------------------------

@@ -38,6 +38,12 @@ class ExtractorParams:
     max_image_size : int or None
         If set, images whose longer side exceeds this many pixels are downscaled
         before extraction; keypoints are still reported in original pixels.
+    exif_transpose : bool
+        Rotate/flip decoded photos by their EXIF orientation before extraction (default
+        True: what a viewer shows). The reference pipelines (tensorflow/models DELG
+        extraction, the Kaggle 2020 host baseline) do not; their presets in
+        :mod:`delf_retrieval.models.presets` set False. Left out of :meth:`to_dict` when
+        True, so fingerprints of stores written before this field existed still match.
     """
 
     image_scales: tuple[float, ...] = BASELINE_SCALES
@@ -46,6 +52,7 @@ class ExtractorParams:
     max_feature_num: int = BASELINE_MAX_FEATURE_NUM
     max_image_size: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    exif_transpose: bool = True
 
     def __post_init__(self) -> None:
         if not self.image_scales or any(s <= 0 for s in self.image_scales):
@@ -61,6 +68,8 @@ class ExtractorParams:
         values = asdict(self)
         values["image_scales"] = list(self.image_scales)
         values["global_scales"] = list(self.global_scales)
+        if self.exif_transpose:
+            del values["exif_transpose"]
         return values
 
 

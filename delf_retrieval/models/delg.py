@@ -1,14 +1,21 @@
 """Adapters for DELG SavedModels, TF2 (``serving_default``) and TF1 (``prune``) exports.
 
-Both adapters take the Kaggle 2020 host baseline's steps: local keypoints are box
-centres, local descriptors are L2-normalised, and the global descriptor is the sum of
-the per-scale descriptors, each L2-normalised, L2-normalised again. TensorFlow is
-imported when an extractor is built, not when this module is imported.
+What the exports return (tensorflow/models research/delf/delf/python/training/model/
+export_model_utils.py, ``ExtractLocalFeatures`` / ``ExtractGlobalFeatures``): local
+features of *every* ``input_scales`` entry, merged by one NMS capped at
+``input_max_feature_num`` and ordered by score, with ``boxes`` in original pixels,
+``scales`` = 1 / the image scale of each feature and ``scores`` [N, 1]; global
+descriptors for the scale indices in ``input_global_scales_ind``, unpooled, in index
+order. The post-processing here is the reference extractor's (research/delf/delf/python/
+extractor.py ``MakeExtractor`` without PCA, and the Kaggle 2020 host baseline): local
+keypoints are box centres, local descriptors are L2-normalised, and the global
+descriptor is the sum of the per-scale descriptors, each L2-normalised, L2-normalised
+again. Keypoints are reported as ``(x, y)`` (the reference's are ``(y, x)``).
+TensorFlow is imported when an extractor is built, not when this module is imported.
 """
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -93,42 +100,46 @@ def to_original_pixels(points: np.ndarray, factor: float) -> np.ndarray:
     return ((points + 0.5) * factor - 0.5).astype(np.float32)
 
 
-def scale_union(
+def global_scale_indices(
     image_scales: Sequence[float], global_scales: Sequence[float]
-) -> tuple[list[float], list[int]]:
-    """All scales to run (local ones first) and the indices of the global ones among them.
+) -> list[int] | None:
+    """Indices of ``global_scales`` in ``image_scales`` (the export's
+    ``input_global_scales_ind``), or None when one of them is not among ``image_scales``.
 
-    >>> scale_union((0.7071, 1.0), (1.0, 1.4142))
-    ([0.7071, 1.0, 1.4142], [1, 2])
+    >>> global_scale_indices((0.25, 0.5, 0.7071, 1.0, 1.4142), (0.7071, 1.0, 1.4142))
+    [2, 3, 4]
+    >>> global_scale_indices((1.0,), (0.5,)) is None
+    True
     """
-    scales = [float(s) for s in image_scales]
     indices = []
     for scale in global_scales:
-        matches = [i for i, s in enumerate(scales) if abs(s - scale) <= _SCALE_TOLERANCE]
+        matches = [i for i, s in enumerate(image_scales) if abs(s - scale) <= _SCALE_TOLERANCE]
         if not matches:
-            scales.append(float(scale))
-            matches = [len(scales) - 1]
+            return None
         indices.append(matches[0])
-    return scales, indices
+    return indices
 
 
-def select_local(
-    outputs: dict[str, np.ndarray],
-    image_scales: Sequence[float],
-    max_feature_num: int,
-    factor: float,
-    dim: int,
+def local_from_outputs(
+    outputs: dict[str, np.ndarray], max_feature_num: int, factor: float, dim: int
 ) -> LocalFeatures:
-    """Local features from DELG outputs, keeping those found at ``image_scales``.
+    """Local features from the export's outputs, as the reference extractor post-processes them.
 
     Parameters
     ----------
-    outputs : dict with ``boxes`` float [N, 4] and ``features`` float [N, D], optionally
-        ``scores`` [N] and ``scales`` [N] (zeros when absent).
-    image_scales : scales whose features are kept.
-    max_feature_num : the strongest this many are kept (model order when no scores).
-    factor : original size / model-input size.
+    outputs : dict with ``boxes`` float [N, 4] (ymin, xmin, ymax, xmax, pixels of the
+        image given to the model) and ``features`` float [N, D], optionally ``scores``
+        [N] or [N, 1] and ``scales`` [N] (zeros when absent).
+    max_feature_num : the strongest this many are kept (the export already caps).
+    factor : original size / model-input size (see :func:`prepare_image`).
     dim : descriptor width, for the empty result.
+
+    Returns
+    -------
+    LocalFeatures with keypoints = box centres ``(x, y)`` in original pixels, descriptors
+    L2-normalised, scores [N] and scales [N] as the export reports them (1 / image
+    scale), strongest first. Every feature is kept: the export's ``scales`` are inverse
+    scales and never a filter.
     """
     boxes = np.asarray(outputs["boxes"], np.float32).reshape(-1, 4)
     count = boxes.shape[0]
@@ -137,19 +148,26 @@ def select_local(
     descriptors = np.asarray(outputs["features"], np.float32).reshape(count, -1)
     scores = np.asarray(outputs.get("scores", np.zeros(count)), np.float32).reshape(count)
     found_at = np.asarray(outputs.get("scales", np.zeros(count)), np.float32).reshape(count)
-    if "scales" in outputs:
-        wanted = np.asarray(image_scales, np.float32)
-        keep = (np.abs(found_at[:, None] - wanted[None, :]) <= _SCALE_TOLERANCE).any(axis=1)
-    else:
-        keep = np.ones(count, bool)
-    order = np.flatnonzero(keep)
-    order = order[np.argsort(-scores[order], kind="stable")][:max_feature_num]
+    order = np.argsort(-scores, kind="stable")[: max(max_feature_num, 0)]
     return LocalFeatures(
         keypoints=boxes_to_keypoints(boxes[order], factor),
         descriptors=l2_normalize(descriptors[order]),
         scores=scores[order],
         scales=found_at[order],
     )
+
+
+def global_from_outputs(outputs: dict[str, np.ndarray]) -> np.ndarray:
+    """The pooled global descriptor [D] from an export's ``global_descriptors`` [G, D]
+    (pooled as :func:`pool_global`) or an already pooled ``global_descriptor`` [D]
+    (export_global_model.py ``--multi_scale_pool_type``; only L2-normalised here)."""
+    if "global_descriptors" in outputs:
+        return pool_global(
+            np.asarray(outputs["global_descriptors"]).reshape(
+                -1, np.shape(outputs["global_descriptors"])[-1]
+            )
+        )
+    return l2_normalize(np.asarray(outputs["global_descriptor"], np.float32).reshape(-1))
 
 
 def _empty_features(extractor: Extractor) -> ImageFeatures:
@@ -168,6 +186,7 @@ def _static_dim(shape: Any, default: int) -> int:
 
 
 _TF2_GLOBAL_INPUTS = {"input_image", "input_scales", "input_global_scales_ind"}
+_GLOBAL_OUTPUTS = ("global_descriptors", "global_descriptor")
 _TF2_LOCAL_INPUTS = {"input_max_feature_num", "input_abs_thres"}
 
 
@@ -181,11 +200,14 @@ class DelgTF2Extractor(Extractor):
 
     Notes
     -----
-    The model runs once per image on the union of ``image_scales`` and
-    ``global_scales``; local features found at a global-only scale are dropped. The
-    feature cap given to the model is raised in proportion to the extra scales so that
-    up to ``max_feature_num`` local features remain. ``scales`` of the returned local
-    features are the model scales (relative to the image after the size cap).
+    When every ``global_scales`` entry is one of ``image_scales`` (the official configs:
+    global indices 3, 4, 5 of the 7 scales; the Kaggle baseline: all 3), the model runs
+    once with ``input_scales = image_scales`` and ``input_global_scales_ind`` = their
+    indices, exactly as the reference extractor. Otherwise it runs twice: local features
+    on ``image_scales``, global descriptors on ``global_scales`` (the export gives local
+    features for every input scale, so a scale cannot be used for the global descriptor
+    only). ``scales`` of the returned local features are the export's, 1 / image scale
+    (relative to the image after the ``max_image_size`` cap).
     """
 
     family = "delg-tf2"
@@ -203,11 +225,12 @@ class DelgTF2Extractor(Extractor):
             raise ValueError(f"{path}: no 'serving_default' signature; not a DELG TF2 export")
         inputs = set(signature.structured_input_signature[1])
         outputs = signature.structured_outputs
-        if not _TF2_GLOBAL_INPUTS <= inputs or "global_descriptors" not in outputs:
+        global_name = next((name for name in _GLOBAL_OUTPUTS if name in outputs), None)
+        if not _TF2_GLOBAL_INPUTS <= inputs or global_name is None:
             raise ValueError(
                 f"{path}: 'serving_default' has inputs {sorted(inputs)} and outputs "
                 f"{sorted(outputs)}; a DELG export needs inputs {sorted(_TF2_GLOBAL_INPUTS)} "
-                "and the output 'global_descriptors'"
+                "and the output 'global_descriptors' (or a pooled 'global_descriptor')"
             )
         # The signature's concrete function has dynamic shapes: no retracing per image size.
         self._function = signature
@@ -216,41 +239,46 @@ class DelgTF2Extractor(Extractor):
         self.local_dim = (
             _static_dim(outputs["features"].shape, DELG_LOCAL_DIM) if self.has_local else 0
         )
-        self.global_dim = _static_dim(outputs["global_descriptors"].shape, DELG_GLOBAL_DIM)
+        self.global_dim = _static_dim(outputs[global_name].shape, DELG_GLOBAL_DIM)
+
+    def _call(
+        self,
+        image: np.ndarray,
+        scales: Sequence[float],
+        global_index: Sequence[int],
+        max_feature_num: int | None = None,
+    ) -> dict[str, np.ndarray]:
+        """One call of ``serving_default``; ``max_feature_num`` only for local+global."""
+        tf = self._tf
+        feeds = {
+            "input_image": tf.constant(image),
+            "input_scales": tf.constant(list(scales), tf.float32),
+            "input_global_scales_ind": tf.constant(list(global_index), tf.int32),
+        }
+        if self.has_local:
+            feeds["input_max_feature_num"] = tf.constant(max_feature_num or 0, tf.int32)
+            feeds["input_abs_thres"] = tf.constant(self.params.score_threshold, tf.float32)
+        return {name: value.numpy() for name, value in self._function(**feeds).items()}
 
     def extract(self, image: np.ndarray) -> ImageFeatures:
         """Features of one RGB uint8 image ``[H, W, 3]`` (keypoints in its pixels)."""
-        tf = self._tf
         params = self.params
         small, factor = prepare_image(image, params.max_image_size)
         if small.size == 0:
             return _empty_features(self)
-        if self.has_local:
-            scales, global_index = scale_union(params.image_scales, params.global_scales)
+        every_global = range(len(params.global_scales))
+        if not self.has_local:
+            outputs = self._call(small, params.global_scales, every_global)
+            return ImageFeatures(local=None, global_descriptor=global_from_outputs(outputs))
+        index = global_scale_indices(params.image_scales, params.global_scales)
+        if index is not None:
+            outputs = self._call(small, params.image_scales, index, params.max_feature_num)
+            per_scale = outputs
         else:
-            scales, global_index = (
-                list(params.global_scales),
-                list(range(len(params.global_scales))),
-            )
-        feeds = {
-            "input_image": tf.constant(small),
-            "input_scales": tf.constant(scales, tf.float32),
-            "input_global_scales_ind": tf.constant(global_index, tf.int32),
-        }
-        if self.has_local:
-            extra = len(scales) / len(params.image_scales)
-            cap = math.ceil(params.max_feature_num * extra)
-            feeds["input_max_feature_num"] = tf.constant(cap, tf.int32)
-            feeds["input_abs_thres"] = tf.constant(params.score_threshold, tf.float32)
-        outputs = {name: value.numpy() for name, value in self._function(**feeds).items()}
-        local = None
-        if self.has_local:
-            local = select_local(
-                outputs, params.image_scales, params.max_feature_num, factor, self.local_dim
-            )
-        return ImageFeatures(
-            local=local, global_descriptor=pool_global(outputs["global_descriptors"])
-        )
+            outputs = self._call(small, params.image_scales, [0], params.max_feature_num)
+            per_scale = self._call(small, params.global_scales, every_global, 0)
+        local = local_from_outputs(outputs, params.max_feature_num, factor, self.local_dim)
+        return ImageFeatures(local=local, global_descriptor=global_from_outputs(per_scale))
 
 
 _TF1_LOCAL_FETCHES = ("boxes", "features", "scales", "scores")
@@ -267,8 +295,10 @@ class DelgTF1Extractor(Extractor):
     Notes
     -----
     These exports have no ``input_global_scales_ind``: the global descriptor covers
-    every input scale. When ``global_scales`` equals ``image_scales`` one call gives
-    both; otherwise the model runs twice (local scales, then global scales).
+    every input scale. When ``global_scales`` equals ``image_scales`` (the Kaggle
+    baseline) one call gives both; otherwise the model runs twice (local scales, then
+    global scales), as the baseline's two ``prune``d functions do. Local conventions are
+    those of the TF2 export (see :class:`DelgTF2Extractor`).
     """
 
     family = "delg-tf1"
@@ -339,7 +369,5 @@ class DelgTF1Extractor(Extractor):
         outputs = {
             name: value.numpy() for name, value in zip(self._local_names, values, strict=True)
         }
-        local = select_local(
-            outputs, params.image_scales, params.max_feature_num, factor, self.local_dim
-        )
+        local = local_from_outputs(outputs, params.max_feature_num, factor, self.local_dim)
         return ImageFeatures(local=local, global_descriptor=pool_global(per_scale.numpy()))

@@ -73,7 +73,7 @@ def detect_format(folder: str | os.PathLike) -> str:
             is_tf2
             and serving is not None
             and _DELG_TF2_INPUTS <= set(serving.inputs)
-            and "global_descriptors" in serving.outputs
+            and ({"global_descriptors", "global_descriptor"} & set(serving.outputs))
         ):
             return "delg-tf2"
         if not is_tf2 and _DELG_TF1_NODES <= {node.name for node in meta_graph.graph_def.node}:
