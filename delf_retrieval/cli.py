@@ -274,6 +274,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
         use_nonlandmark=False if args.no_nonlandmark else None,
         thumbnail_size=args.thumbnail_size,
         dtype=args.dtype,
+        search_dtype=args.search_dtype,
         batch_size=args.batch_size,
         decode_threads=args.threads,
         progress=not args.no_progress,
@@ -375,6 +376,12 @@ def make_parser() -> argparse.ArgumentParser:
     index.add_argument("--set", action="append", metavar="NAME=VALUE", help="override one config field, e.g. --set LANDMARK_THRESHOLD=1.5")
     index.add_argument("--no-nonlandmark", action="store_true", help="leave nonlandmark.csv's distractor set out")
     index.add_argument("--thumbnail-size", type=int, default=256, help="longer side of the thumbnails the web page shows (0: none)")
+    index.add_argument(
+        "--search-dtype",
+        choices=("float32", "float16"),
+        default="float32",
+        help="dtype of the searched train vectors: float32 (default, faster per photo, 2x the disk of float16) or float16 (the store's own)",
+    )
     _add_model_arguments(index)
     index.set_defaults(func=_cmd_index)
 

@@ -10,7 +10,9 @@ Layout (``INDEX/`` is what ``delf-retrieval index DATA_DIR --out INDEX`` writes)
                                 after EXIF rotation) of each train photo; size empty if unreadable
     INDEX/thumbnails/a/b/c/<id>.jpg   JPEG thumbnails of the train photos (optional)
     INDEX/nonlandmark/          feature store of the distractor set (optional)
-    INDEX/derived/<name>.npy    derived arrays, each listed in the manifest's ``derived``
+    INDEX/derived/<name>.npy    derived arrays, each listed in the manifest's ``derived``: the
+                                VLAD codebook, a float32 copy of the searched train vectors,
+                                the train photos' non-landmark similarity
 
 Derived data is generic: the manifest's ``derived`` maps a name to its file, its ``kind``
 and any facts about it; ``query_steps`` is the ordered list of steps that turn a query's
@@ -155,6 +157,7 @@ def build_index(
     use_nonlandmark: bool | None = None,
     thumbnail_size: int = DEFAULT_THUMBNAIL_SIZE,
     dtype: str = "float16",
+    search_dtype: str = "float32",
     batch_size: int = 64,
     decode_threads: int = 2,
     progress: bool = True,
@@ -174,6 +177,11 @@ def build_index(
         ``recognize --nonlandmark``.
     thumbnail_size : longer side of the thumbnails served by the web page (0: none).
     dtype : descriptor dtype of the stores.
+    search_dtype : ``"float32"`` also writes the train vectors as float32
+        (``derived/search_vectors.npy``, the same values: float16 -> float32 is exact), so a
+        query's search reads them as they are instead of converting every block (about 10x
+        faster per photo, twice the disk of the float16 vectors); ``"float16"``: search the
+        store's own vectors.
 
     Returns
     -------
@@ -185,6 +193,8 @@ def build_index(
     data.require("train.csv")
     if thumbnail_size < 0:
         raise ValueError(f"thumbnail_size must be >= 0, got {thumbnail_size}")
+    if search_dtype not in ("float32", "float16"):
+        raise ValueError(f"search_dtype must be float32 or float16, got {search_dtype!r}")
     if isinstance(model, Extractor):
         extractor, spec = model, model_spec(model)
     else:
@@ -239,6 +249,9 @@ def build_index(
         codebook = np.load(train.path / "derived" / CODEBOOK_FILE)
         _save_derived(manifest, out, "vlad_codebook", codebook, kind="vlad-codebook", clusters=int(codebook.shape[0]))
         manifest.query_steps.append({"step": "vlad", "codebook": "vlad_codebook"})
+    if search_dtype == "float32" and np.dtype(dtype) != np.float32:
+        _save_float32_copy(manifest, out, "search_vectors", train.global_descriptors())
+        manifest.search_vectors = "search_vectors"
     if "nonlandmark" in stores:
         similarity = train_nonlandmark_similarity(train, stores["nonlandmark"], config.NONLANDMARK_TOP_K)
         _save_derived(
@@ -303,6 +316,19 @@ def _save_derived(manifest: IndexManifest, out: Path, name: str, array: np.ndarr
         np.save(handle, array)
     tmp.replace(out / relative)
     manifest.derived[name] = {"file": relative, "shape": list(array.shape), "dtype": str(array.dtype), **info}
+
+
+def _save_float32_copy(manifest: IndexManifest, out: Path, name: str, array: np.ndarray, block: int = 65536) -> None:
+    """``array`` [N, D] as a float32 derived array, copied block by block (bounded memory)."""
+    relative = f"derived/{name}.npy"
+    tmp = out / f"derived/.{name}.npy.tmp"
+    copy = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=array.shape)
+    for start in range(0, array.shape[0], block):
+        copy[start : start + block] = array[start : start + block]
+    copy.flush()
+    del copy
+    tmp.replace(out / relative)
+    manifest.derived[name] = {"file": relative, "shape": list(array.shape), "dtype": "float32", "kind": "search-vectors"}
 
 
 def _write_csv(path: Path, frame: pd.DataFrame) -> None:

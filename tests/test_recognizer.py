@@ -56,6 +56,12 @@ def test_index_folder_is_self_describing(dataset, index):
     assert manifest.config["NUM_TO_RERANK"] == 10  # the model's preset
     assert manifest.query_steps == [{"step": "vlad", "codebook": "vlad_codebook"}]
     assert np.load(index / manifest.derived["vlad_codebook"]["file"]).shape == (64, 128)
+    # The searched vectors: the store's float16 VLAD rows, widened to float32 (exact).
+    assert manifest.search_vectors == "search_vectors"
+    searched = np.load(index / manifest.derived["search_vectors"]["file"])
+    stored = FeatureStore(index / "train").global_descriptors()
+    assert searched.dtype == np.float32 and stored.dtype == np.float16
+    np.testing.assert_array_equal(searched, stored.astype(np.float32))
     # The per-train-photo distractor similarity, derived here directly from the two stores.
     train = FeatureStore(index / "train")
     distractors = np.asarray(FeatureStore(index / "nonlandmark").global_descriptors(), np.float64)
