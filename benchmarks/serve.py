@@ -13,7 +13,8 @@ concurrent clients.
 Printed side by side:
 
 * bare extraction (``extractor.extract`` on the decoded photo: the floor per photo);
-* ``Recognizer.predict`` in process (no HTTP);
+* ``Recognizer.predict`` in process (no HTTP), wall clock, and its CPU time per photo with
+  every library on one thread (what one idle core would take, even on a busy machine);
 * the server with 1 client and with 4 clients (latency p50/p95 per photo, photos/s);
 * the server's memory (RSS after start and its peak during the runs) and the index load
   time (``Recognizer.load`` in a fresh process), scaled to 100,000 images.
@@ -212,15 +213,26 @@ def main() -> None:
         t = time.perf_counter()
         recognizer.features(image)
         extract.append(time.perf_counter() - t)
-    in_process, steps = [], []
+    in_process, steps, cpu = [], [], []
     for data in photos:
         t = time.perf_counter()
         steps.append(recognizer.predict(data).timings)
         in_process.append(time.perf_counter() - t)
+    # CPU seconds per photo with every library on one thread: what one idle core would take,
+    # whatever else the machine runs (wall-clock latency on a shared machine is not).
+    from delf_retrieval.threads import limit_threads
+
+    limit_threads(1)
+    single = Recognizer.load(index, WORKERS=1)
+    for data in photos:
+        t = time.process_time()
+        single.predict(data)
+        cpu.append(time.process_time() - t)
 
     rows = [
         ("bare extraction (floor per photo)", extract, sum(extract), "-"),
         ("Recognizer.predict in process", in_process, sum(in_process), "-"),
+        ("Recognizer.predict in process, 1 thread: CPU time (idle-core latency)", cpu, sum(cpu), "-"),
     ]
     memory = []
     for clients, concurrency, threads in ((1, 2, 1), (1, 1, 2), (4, 2, 1)):
