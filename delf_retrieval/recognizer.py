@@ -253,10 +253,12 @@ class Recognizer:
         config = base.replace(**overrides) if overrides else base
         derived = {name: np.load(path / entry["file"], mmap_mode="r") for name, entry in manifest.derived.items()}
         label_frame = pd.read_csv(path / "labels.csv", dtype=str, keep_default_na=False)
-        by_id = dict(zip(label_frame["id"], label_frame["landmark_id"], strict=True))
+        by_id = dict(zip(label_frame["id"].tolist(), label_frame["landmark_id"].tolist(), strict=True))
         labels = [by_id.get(image_id) or None for image_id in train.ids]
         landmark_frame = pd.read_csv(path / "landmarks.csv", dtype=str, keep_default_na=False)
-        names = {k: v for k, v in zip(landmark_frame["landmark_id"], landmark_frame["name"], strict=True) if v}
+        names = {
+            k: v for k, v in zip(landmark_frame["landmark_id"].tolist(), landmark_frame["name"].tolist(), strict=True) if v
+        }
         images = pd.read_csv(path / "images.csv", dtype=str, keep_default_na=False).set_index("id")
         nonlandmark = train_nl = None
         if manifest.train_nonlandmark and config.NONLANDMARK_PENALTY > 0:
