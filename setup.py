@@ -41,6 +41,8 @@ setup(
         "degensac": ["pydegensac>=0.1.2"],
         # The web service (delf-retrieval serve) and its tests' HTTP and browser clients.
         "serve": ["fastapi>=0.110", "uvicorn>=0.30", "python-multipart>=0.0.9", "threadpoolctl>=3.1"],
+        # MATCH_DTYPE="int8": ONNX Runtime's integer matrix product (MLAS u8 x s8 kernels).
+        "fast": ["onnxruntime>=1.17", "onnx>=1.15"],
     },
     entry_points={"console_scripts": ["delf-retrieval=delf_retrieval.cli:main"]},
     classifiers=[

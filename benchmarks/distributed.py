@@ -28,12 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from delf_retrieval.distributed import (
-    RayExtractorPool,
-    ShardedIndex,
-    _default_blas_threads,
-    ray_session,
-)
+from delf_retrieval.distributed import RayExtractorPool, ShardedIndex, ray_session
+from delf_retrieval.distributed.sharded import _default_blas_threads
 from delf_retrieval.extract import extract_to_store
 from delf_retrieval.images import ImageSource, list_images
 from delf_retrieval.models.loader import load_extractor

@@ -66,7 +66,26 @@ class ImageFeatures:
 
 
 def l2_normalize(array: np.ndarray, axis: int = -1, eps: float = 1e-12) -> np.ndarray:
-    """Return ``array`` divided by its L2 norm along ``axis`` (float32, zeros stay zero)."""
+    """Return ``array`` divided by its L2 norm along ``axis`` (float32, zeros stay zero;
+    a vector holding NaN or inf becomes NaN, quietly)."""
     array = np.asarray(array, dtype=np.float32)
-    norm = np.linalg.norm(array, axis=axis, keepdims=True)
-    return array / np.maximum(norm, eps)
+    with np.errstate(invalid="ignore", over="ignore"):
+        norm = np.linalg.norm(array, axis=axis, keepdims=True)
+        return array / np.maximum(norm, eps)
+
+
+def to_original_pixels(points: np.ndarray, factor: float, *, always: bool = False) -> np.ndarray:
+    """Map pixel coordinates found on an image resized by ``1 / factor`` back (float32).
+
+    Pixel centres are aligned, not corners: a point ``p`` of the resized image is
+    ``(p + 0.5) * factor - 0.5`` in the original (the convention of ``cv2.resize`` and
+    ``tf.image.resize``). ``points`` is ``[N, 2]`` ``(x, y)`` (or any shape of
+    coordinates); ``factor`` is original size / resized size (> 1 after downscaling).
+    A factor of 1.0 returns a float32 copy of ``points`` unless ``always``: then the
+    formula is applied anyway, which can move a point by one float32 ulp (the OpenCV
+    extractor has always done so; its stored keypoints stay bit for bit the same).
+    """
+    points = np.asarray(points, dtype=np.float32)
+    if factor == 1.0 and not always:
+        return points.copy()
+    return ((points + 0.5) * factor - 0.5).astype(np.float32)

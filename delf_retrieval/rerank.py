@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from .config import Config
+from .search import cosine_topk
 
 Label = str
 
@@ -219,27 +220,17 @@ def nonlandmark_similarity(
             f"nonlandmark {distractors.shape[1]}"
         )
     count, size = queries.shape[0], distractors.shape[0]
-    result = np.zeros(count, np.float32)
     if count == 0 or size == 0:
-        return result
+        return np.zeros(count, np.float32)
     if block_size is None:
         block_size = max(1, (1 << 24) // size)
     if block_size < 1:
         raise ValueError(f"block_size must be at least 1, got {block_size}")
-    k = min(top_k, size)
-    distractors = _unit_rows(distractors)
-    for start in range(0, count, block_size):
-        block = _unit_rows(queries[start : start + block_size])
-        similarity = block @ distractors.T
-        if k < size:
-            similarity = np.partition(similarity, size - k, axis=1)[:, size - k :]
-        result[start : start + block.shape[0]] = similarity.mean(axis=1, dtype=np.float64)
-    return result
-
-
-def _unit_rows(array: np.ndarray) -> np.ndarray:
-    norm = np.linalg.norm(array, axis=1, keepdims=True)
-    return array / np.maximum(norm, np.float32(1e-12))
+    # The distractor set is one database block; queries go block_size rows at a time.
+    similarity, _ = cosine_topk(
+        queries, distractors, top_k, block_size=size, query_block_size=block_size, normalize=True
+    )
+    return similarity.mean(axis=1, dtype=np.float64).astype(np.float32)
 
 
 def penalize_frequent_landmarks(

@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .atomic import atomic_write_bytes
+
 RECOGNITION_COLUMNS = ("id", "landmarks")
 RETRIEVAL_COLUMNS = ("id", "images")
 KAGGLE_RETRIEVAL_TOP = 100
@@ -172,17 +174,13 @@ def retrieval_dataframe(
 # ----------------------------------------------------------------------------- write
 
 
-def _write_atomic(path: PathLike, frame: pd.DataFrame) -> Path:
+def write_submission(path: PathLike, frame: pd.DataFrame) -> Path:
+    """Write a submission ``frame`` (from :func:`recognition_dataframe` or
+    :func:`retrieval_dataframe`) to ``path`` atomically; returns the path written."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
-        frame.to_csv(temporary, index=False, lineterminator="\n")
-        os.replace(temporary, target)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
-    return target
+    text = frame.to_csv(index=False, lineterminator="\n")
+    return atomic_write_bytes(target, text.encode("utf-8"))
 
 
 def write_recognition_submission(
@@ -194,7 +192,7 @@ def write_recognition_submission(
 
     Arguments as :func:`recognition_dataframe`; returns the path written.
     """
-    return _write_atomic(path, recognition_dataframe(predictions, ids))
+    return write_submission(path, recognition_dataframe(predictions, ids))
 
 
 def write_retrieval_submission(
@@ -207,7 +205,7 @@ def write_retrieval_submission(
 
     Arguments as :func:`retrieval_dataframe`; returns the path written.
     """
-    return _write_atomic(path, retrieval_dataframe(predictions, ids, top))
+    return write_submission(path, retrieval_dataframe(predictions, ids, top))
 
 
 # ----------------------------------------------------------------------------- read

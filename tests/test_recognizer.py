@@ -16,6 +16,8 @@ from delf_retrieval.index_dir import IndexFormatError, read_manifest
 from delf_retrieval.recognizer import Recognizer
 from delf_retrieval.store import FeatureStore
 
+pytestmark = pytest.mark.slow  # builds a dataset and an index, runs the batch pipeline
+
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):

@@ -15,11 +15,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx  # test extra; fastapi and uvicorn come with the serve extra
+import httpx  # test extra
 import numpy as np
 import pandas as pd
 import pytest
-from fastapi.testclient import TestClient
 from PIL import Image
 
 from delf_retrieval.demo_data import build_demo_dataset
@@ -27,6 +26,11 @@ from delf_retrieval.images import kaggle_image_path
 from delf_retrieval.index_dir import build_index
 from delf_retrieval.recognizer import Recognizer
 from delf_retrieval.serve import ServeSettings, create_app
+
+pytest.importorskip("fastapi", reason="the serve extra: pip install '.[serve]'")  # CI requires it
+from fastapi.testclient import TestClient  # noqa: E402
+
+pytestmark = pytest.mark.slow  # builds an index, starts a server and a browser
 
 NAMES = {"1000": "astronaut", "1001": "coffee", "1002": "chelsea"}
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -13,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from ..features import ImageFeatures
+from ..store import fingerprint_key  # noqa: F401  (re-exported: it lived here)
 
 # Kaggle 2020 host baseline (DELG): scales, attention threshold, feature cap.
 BASELINE_SCALES = (0.7071, 1.0, 1.4142)
@@ -122,8 +122,3 @@ def hash_model_dir(path: str | Path) -> str:
             digest.update(name.encode())
             digest.update(file.read_bytes())
     return digest.hexdigest()[:16]
-
-
-def fingerprint_key(fingerprint: dict[str, Any]) -> str:
-    """Stable text key of a fingerprint (sorted JSON)."""
-    return json.dumps(fingerprint, sort_keys=True, default=str)

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from ..features import ImageFeatures, LocalFeatures, l2_normalize
+from ..features import ImageFeatures, LocalFeatures, l2_normalize, to_original_pixels
 from ..images import downscale_to_max_size
 from .base import Extractor, ExtractorParams, hash_model_dir
 
@@ -90,14 +90,6 @@ def boxes_to_keypoints(boxes: np.ndarray, factor: float = 1.0) -> np.ndarray:
     boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
     centres = np.stack([boxes[:, 1] + boxes[:, 3], boxes[:, 0] + boxes[:, 2]], axis=1) / 2.0
     return to_original_pixels(centres, factor)
-
-
-def to_original_pixels(points: np.ndarray, factor: float) -> np.ndarray:
-    """Map ``points`` [N, 2] found on an image downscaled by ``factor`` back (float32)."""
-    points = np.asarray(points, dtype=np.float32)
-    if factor == 1.0:
-        return points.copy()
-    return ((points + 0.5) * factor - 0.5).astype(np.float32)
 
 
 def global_scale_indices(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from ..features import ImageFeatures, LocalFeatures
+from ..features import ImageFeatures, LocalFeatures, to_original_pixels
 from ..images import downscale_to_max_size
 from .base import Extractor, ExtractorParams
 
@@ -81,7 +81,7 @@ class OpenCVSiftExtractor(Extractor):
         if descriptors is None or not keypoints:
             return ImageFeatures(local=LocalFeatures.empty(self.local_dim), global_descriptor=None)
         local = LocalFeatures(
-            keypoints=(np.array([kp.pt for kp in keypoints], np.float32) + 0.5) * factor - 0.5,
+            keypoints=to_original_pixels(np.array([kp.pt for kp in keypoints], np.float32), factor, always=True),
             descriptors=root_sift(descriptors),
             scores=np.array([kp.response for kp in keypoints], np.float32),
             scales=np.array([kp.size for kp in keypoints], np.float32),

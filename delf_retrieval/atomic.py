@@ -1,0 +1,51 @@
+"""The one way this package writes a file that readers may see: all or nothing.
+
+A file is written under a temporary name in the same folder, flushed to disk and renamed
+over the target (``os.replace`` is atomic on POSIX and Windows), so a killed process
+leaves the old file or the new one, never a part. The temporary file is removed when
+writing fails.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+__all__ = ["atomic_write", "atomic_write_bytes", "temporary_name"]
+
+
+def temporary_name(path: Path) -> Path:
+    """Hidden temporary sibling of ``path`` (``.<name>.tmp-<random>``), unique per call."""
+    return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
+    """Call ``write(handle)`` on a temporary binary file, then rename it to ``path``.
+
+    Parameters
+    ----------
+    path : target file; its folder must exist.
+    write : writes the content, e.g. ``lambda f: np.save(f, array)``.
+
+    Returns the target path.
+    """
+    target = Path(path)
+    tmp = temporary_name(target)
+    try:
+        with open(tmp, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return target
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_write`)."""
+    return atomic_write(path, lambda handle: handle.write(data))

@@ -1,0 +1,35 @@
+"""Scale out on Ray: distributed feature extraction and sharded exact search.
+
+Optional: needs ``pip install delf_retrieval[ray]``. Importing this package does not
+import Ray; every function imports it when called. One module per job:
+
+:mod:`.cluster`
+    Connecting (:func:`ray_session`), capacity checks and actor start-up.
+:mod:`.extraction` (:class:`RayExtractorPool`, :func:`extract_to_store_ray`)
+    Model-holding actors, one per GPU (or CPU slot), fed batches of images; the driver
+    writes each finished batch as one store chunk, so a Ray run and a local run make
+    the same store and resume each other.
+:mod:`.sharded` (:class:`ShardedIndex`, :func:`sharded_cosine_topk`, :func:`shard_bounds`)
+    Exact search split over actors that each memory-map a row range of the index file;
+    same ``search(queries, k) -> (similarities, ids)`` as the local index.
+:mod:`.runner` (:class:`RayRunner`)
+    The :class:`~delf_retrieval.run.Runner` that :func:`delf_retrieval.pipeline.recognize`
+    and :func:`~delf_retrieval.pipeline.retrieve` take (``--ray`` on the command line).
+"""
+
+from __future__ import annotations
+
+from .cluster import ray_session
+from .extraction import RayExtractorPool, extract_to_store_ray
+from .runner import RayRunner
+from .sharded import ShardedIndex, shard_bounds, sharded_cosine_topk
+
+__all__ = [
+    "RayExtractorPool",
+    "RayRunner",
+    "ShardedIndex",
+    "extract_to_store_ray",
+    "ray_session",
+    "shard_bounds",
+    "sharded_cosine_topk",
+]
