@@ -382,8 +382,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
+    from .config import parse_override
     from .index_dir import build_index
 
+    args.overrides = dict(parse_override(item) for item in args.set or ())
     extractor = build_extractor(args)
     config = _config(args, extractor) if args.config or args.set else None
     build_index(

@@ -31,9 +31,10 @@ def _show_path(show: Path, photo: Path, many: bool) -> Path:
 
 def run_predict(args: argparse.Namespace) -> int:
     """Predict every photo; unreadable ones are reported and give exit code 2 at the end."""
-    from .cli import _parse_overrides
+    from .config import parse_override
 
-    recognizer = Recognizer.load(args.index_dir, model=args.model, **dict(_parse_overrides(args.set)))
+    overrides = dict(parse_override(item) for item in args.set or ())
+    recognizer = Recognizer.load(args.index_dir, model=args.model, **overrides)
     results: list[dict] = []
     failed = 0
     for photo in args.photos:

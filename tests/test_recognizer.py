@@ -185,6 +185,9 @@ def test_predict_cli_json_text_and_picture(dataset, index, recognizer, tmp_path,
     assert {k: v for k, v in answer.items() if k not in ("photo", "timings")} == {
         k: v for k, v in expected.items() if k != "timings"
     }
+    assert main(["predict", str(index), str(photo), "--json", "--set", "LANDMARK_THRESHOLD=99"]) == 0
+    [strict] = json.loads(capsys.readouterr().out)
+    assert (strict["threshold"], strict["is_landmark"], strict["landmark_id"]) == (99.0, False, truth)
     picture = tmp_path / "show.png"
     assert main(["predict", str(index), str(photo), "--show", str(picture)]) == 0
     printed = capsys.readouterr().out
