@@ -1,4 +1,4 @@
-"""Command line: ``delf-retrieval extract | recognize | retrieve | clean | evaluate | validate | demo``.
+"""Command line: ``delf-retrieval extract | recognize | retrieve | clean | evaluate | validate | demo | index | predict | serve``.
 
 Exit codes: 0 success; 1 a submission was written or checked and is invalid; 2 the
 command could not do its work (bad input, missing file, disk full, store in use, every
@@ -491,6 +491,47 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_index(args: argparse.Namespace) -> int:
+    from .config import parse_override
+    from .index_dir import build_index
+
+    args.overrides = dict(parse_override(item) for item in args.set or ())
+    extractor = build_extractor(args)
+    config = _config(args, extractor) if args.config or args.set else None
+    build_index(
+        args.data_dir,
+        extractor,
+        args.out,
+        config=config,
+        use_nonlandmark=False if args.no_nonlandmark else None,
+        thumbnail_size=args.thumbnail_size,
+        dtype=args.dtype,
+        search_dtype=args.search_dtype,
+        batch_size=args.batch_size,
+        decode_threads=args.threads,
+        progress=not args.no_progress,
+    )
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from .predict_cli import run_predict
+
+    return run_predict(args)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import ServeSettings, serve
+
+    changes = {"max_upload_bytes": int(args.max_upload_mb * 2**20)}
+    if args.concurrency is not None:
+        changes["concurrency"] = args.concurrency
+    if args.threads_per_request is not None:
+        changes["threads"] = args.threads_per_request
+    serve(args.index_dir, host=args.host, port=args.port, settings=ServeSettings.for_cores(**changes))
+    return 0
+
+
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("data_dir", type=Path, help="Kaggle-layout folder (train.csv, train/, test/, ...)")
     parser.add_argument("-o", "--output", type=Path, default=Path("submission.csv"), help="submission file")
@@ -590,6 +631,41 @@ def make_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(func=_cmd_demo)
+
+    index = commands.add_parser("index", help="build a recognition index folder from a Kaggle-layout dataset")
+    index.add_argument("data_dir", type=Path, help="Kaggle-layout folder (train.csv + train/, optional labels.csv, nonlandmark.csv)")
+    index.add_argument("--out", required=True, type=Path, help="index folder (rerun the same command to resume)")
+    index.add_argument("--config", default=None, help="preset or YAML/JSON file stored in the index (default: the model's preset)")
+    index.add_argument("--set", action="append", metavar="NAME=VALUE", help="override one config field, e.g. --set LANDMARK_THRESHOLD=1.5")
+    index.add_argument("--no-nonlandmark", action="store_true", help="leave nonlandmark.csv's distractor set out")
+    index.add_argument("--thumbnail-size", type=int, default=256, help="longer side of the thumbnails the web page shows (0: none)")
+    index.add_argument(
+        "--search-dtype",
+        choices=("float32", "float16"),
+        default="float32",
+        help="dtype of the searched train vectors: float32 (default, faster per photo, 2x the disk of float16) or float16 (the store's own)",
+    )
+    _add_model_arguments(index)
+    index.set_defaults(func=_cmd_index)
+
+    predict = commands.add_parser("predict", help="recognise the landmark in photos with an index")
+    predict.add_argument("index_dir", type=Path, help="folder built by `delf-retrieval index`")
+    predict.add_argument("photos", type=Path, nargs="+", help="photo file(s)")
+    predict.add_argument("--json", action="store_true", help="print a JSON list of predictions")
+    predict.add_argument("--show", type=Path, default=None, metavar="OUT.png", help="draw the query, its best neighbours and the inlier lines (several photos: OUT-<photo>.png)")
+    predict.add_argument("--model", default=None, help="the index's model, if it moved")
+    predict.add_argument("--set", action="append", metavar="NAME=VALUE", help="override one config field, e.g. --set LANDMARK_THRESHOLD=2")
+    predict.add_argument("--no-verify", action="store_true", help="global similarity only, no RANSAC")
+    predict.set_defaults(func=_cmd_predict)
+
+    serve = commands.add_parser("serve", help="web service and page for an index (needs the serve extra)")
+    serve.add_argument("index_dir", type=Path, help="folder built by `delf-retrieval index`")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-upload-mb", type=float, default=20.0, help="largest photo accepted, MiB (default 20)")
+    serve.add_argument("--concurrency", type=int, default=None, help="predictions at once (default: one per core)")
+    serve.add_argument("--threads-per-request", type=int, default=None, help="threads per prediction (default 1)")
+    serve.set_defaults(func=_cmd_serve)
     return parser
 
 

@@ -103,6 +103,10 @@ class Config:
         ``a`` in the fused score ``sum_j s_j ** a * p(l) ** b``.
     FUSION_PROB_POWER : float
         ``b`` in that score.
+    LANDMARK_THRESHOLD : float
+        ``predict`` (one photo, :mod:`delf_retrieval.recognizer`) calls a photo a landmark
+        when its confidence is at least this; below it the answer is "not a landmark"
+        (the best guess is still reported). Submissions are not affected.
     MATCH_DTYPE : str
         Precision of the descriptor product that finds putative matches: ``"float32"``
         (exact), ``"int8"`` (8-bit product through ONNX Runtime's integer kernels, then
@@ -145,6 +149,7 @@ class Config:
     CLASSIFIER_MODE: str = "off"
     FUSION_COSINE_POWER: float = 1.0
     FUSION_PROB_POWER: float = 1.0
+    LANDMARK_THRESHOLD: float = 0.0
     MATCH_DTYPE: str = "float32"
     MATCH_DEVICE: str = "cpu"
     EXTRACTION_PRESET: str = ""
@@ -178,6 +183,7 @@ class Config:
             "CLASSIFIER_MODE": self.CLASSIFIER_MODE in CLASSIFIER_MODES,
             "FUSION_COSINE_POWER": self.FUSION_COSINE_POWER >= 0,
             "FUSION_PROB_POWER": self.FUSION_PROB_POWER >= 0,
+            "LANDMARK_THRESHOLD": math.isfinite(self.LANDMARK_THRESHOLD),
             "MATCH_DTYPE": self.MATCH_DTYPE in MATCH_DTYPES,
             "MATCH_DEVICE": self.MATCH_DEVICE in MATCH_DEVICES,
         }
@@ -317,6 +323,10 @@ PRESETS: dict[str, Config] = {
         MUTUAL_NEAREST_NEIGHBOR=True,
         RATIO_TEST=0.8,
         MIN_INLIERS=8,
+        # The inlier term of one candidate with MIN_INLIERS inliers (8 / 40): with the
+        # non-landmark penalty on (an index with a distractor set), a photo counts as a
+        # landmark when its score beats its likeness to the distractors by that much.
+        LANDMARK_THRESHOLD=0.2,
     ),
     # Your own softmax classifier(s) alone (needs classifiers: model + class mapping CSV).
     "classifier": Config(CLASSIFIER_MODE="classifier"),

@@ -20,7 +20,7 @@ REQUIRED = {
     "ipykernel": "ipykernel (pip install '.[test]')",
 }
 # Optional extras: their tests skip without them, unless DELF_TEST_REQUIRE_EXTRAS=1 (CI).
-EXTRAS = {"ray": "ray", "faiss": "faiss", "pydegensac": "degensac", "onnxruntime": "fast"}
+EXTRAS = {"ray": "ray", "faiss": "faiss", "pydegensac": "degensac", "onnxruntime": "fast", "fastapi": "serve"}
 
 
 def _installed(module: str) -> bool:
