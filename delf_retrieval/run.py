@@ -298,7 +298,7 @@ def open_run(
         from .models.loader import load_extractor
 
         extractor = load_extractor(model, params)
-    if config is None:
+    if config is None:  # a composite (e.g. keras+opencv-sift) follows its local model
         config = default_preset(extractor.family)
     config = load_config(config)
     work = Path(work_dir) if work_dir is not None else Path.cwd() / "delf_work"

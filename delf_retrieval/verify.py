@@ -23,17 +23,20 @@ Tie rule: a descriptor whose nearest neighbour is tied picks the smaller index.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from delf_retrieval.config import RANSAC_METHODS, Config
 from delf_retrieval.features import LocalFeatures, l2_normalize
+from delf_retrieval.matching import match_batch, select_matches
 
 __all__ = [
+    "bounded_blas_threads",
     "count_inliers",
     "count_inliers_many",
     "match_and_verify",
@@ -87,6 +90,9 @@ def putative_matches(
         times the distance to the second nearest descriptor. ``1.0`` disables the test.
         With a single descriptor in image 2 the test passes.
 
+    Rows holding NaN or inf are left out, as if they had not been extracted: they match
+    nothing and nothing matches them (indices still refer to the full arrays).
+
     Returns
     -------
     int64 [M, 2]
@@ -97,9 +103,10 @@ def putative_matches(
     if d1.shape[1] != d2.shape[1]:
         raise ValueError(f"descriptor widths differ: {d1.shape[1]} and {d2.shape[1]}")
     _check_match_params(max_distance, ratio)
+    (d1, rows1), (d2, rows2) = _finite_rows(l2_normalize(d1)), _finite_rows(l2_normalize(d2))
     if d1.shape[0] == 0 or d2.shape[0] == 0:
         return np.zeros((0, 2), np.int64)
-    return _match_normalized(l2_normalize(d1), l2_normalize(d2), max_distance, mutual, ratio)
+    return _original_rows(_match_normalized(d1, d2, max_distance, mutual, ratio), rows1, rows2)
 
 
 def ransac_inliers(
@@ -239,9 +246,12 @@ def match_and_verify(
         return verify_learned(_local(k1, d1), _local(k2, d2), config)
     if d1.shape[1] != d2.shape[1]:
         raise ValueError(f"descriptor widths differ: {d1.shape[1]} and {d2.shape[1]}")
+    (d1, k1), rows1 = _finite_features(k1, l2_normalize(d1))
+    (d2, k2), rows2 = _finite_features(k2, l2_normalize(d2))
     if d1.shape[0] == 0 or d2.shape[0] == 0:
         return np.zeros((0, 2), np.int64), np.zeros(0, bool)
-    return _verify_normalized(k1, l2_normalize(d1), k2, l2_normalize(d2), config)
+    matches, inliers = _verify_normalized(k1, d1, k2, d2, config)
+    return _original_rows(matches, rows1, rows2), inliers
 
 
 def count_inliers(
@@ -267,10 +277,15 @@ def count_inliers_many(
 ) -> np.ndarray:
     """Inlier counts of one query image against several candidates, in parallel.
 
-    Descriptors are matched one candidate after another (each matrix product already
-    uses every core through BLAS), then RANSAC runs for all pairs on ``config.WORKERS``
-    threads (0 = ``os.cpu_count()``; OpenCV and pydegensac release the GIL). Every pair is
-    seeded the same way, so the result equals calling :func:`count_inliers` in a loop.
+    Matching is batched: the candidates' descriptors are stacked and multiplied with the
+    query's in one product per group, then nearest neighbours, mutual and ratio tests are
+    taken per candidate segment (:func:`delf_retrieval.matching.match_batch`, precision
+    ``config.MATCH_DTYPE`` on ``config.MATCH_DEVICE``); RANSAC follows per pair. With
+    ``config.WORKERS`` threads (0 = ``os.cpu_count()``) the candidates are split between
+    threads that each match and verify their share, and BLAS is held to one thread
+    meanwhile (``threadpoolctl``; restored on return) so the two levels do not
+    over-subscribe the cores. Every pair is seeded the same way: with float32 the result
+    equals calling :func:`count_inliers` in a loop.
 
     Parameters
     ----------
@@ -279,7 +294,7 @@ def count_inliers_many(
     candidates : sequence of LocalFeatures, length C
         Image 2 of each pair.
     config : Config, optional
-        As for :func:`match_and_verify`, plus WORKERS.
+        As for :func:`match_and_verify`, plus WORKERS, MATCH_DTYPE and MATCH_DEVICE.
 
     Returns
     -------
@@ -293,29 +308,61 @@ def count_inliers_many(
 
         return count_inliers_learned(query, candidates, config)
     k1, d1 = _as_features(query.keypoints, query.descriptors, "of the query")
-    d1 = l2_normalize(d1)
-    pairs = []  # (matched points of image 1, of image 2), or None: no RANSAC needed
+    (d1, k1), _ = _finite_features(k1, l2_normalize(d1))
+    features = []
     for candidate in candidates:
         k2, d2 = _as_features(candidate.keypoints, candidate.descriptors, "of a candidate")
         if d2.shape[1] != d1.shape[1]:
             raise ValueError(f"descriptor widths differ: {d1.shape[1]} and {d2.shape[1]}")
-        if d1.shape[0] == 0 or d2.shape[0] == 0:
-            pairs.append(None)
-            continue
-        matches = _matches_for(d1, l2_normalize(d2), config)
-        enough = matches.shape[0] > config.MIN_MATCHES
-        pairs.append((k1[matches[:, 0]], k2[matches[:, 1]]) if enough else None)
+        (d2, k2), _ = _finite_features(k2, l2_normalize(d2))
+        features.append((k2, d2))
 
-    def one(pair: tuple[np.ndarray, np.ndarray] | None) -> int:
-        return 0 if pair is None else int(_ransac_for(pair[0], pair[1], config).sum())
+    def share(positions: range) -> list[int]:
+        if d1.shape[0] == 0:
+            return [0] * len(positions)
+        found = match_batch(
+            d1,
+            [features[p][1] for p in positions],
+            max_distance=config.MAX_DESCRIPTOR_DISTANCE,
+            mutual=config.MUTUAL_NEAREST_NEIGHBOR,
+            ratio=config.RATIO_TEST,
+            dtype=config.MATCH_DTYPE,
+            device=config.MATCH_DEVICE,
+        )
+        counts = []
+        for p, matches in zip(positions, found, strict=True):
+            if matches.shape[0] <= config.MIN_MATCHES:
+                counts.append(0)
+                continue
+            k2 = features[p][0]
+            counts.append(int(_ransac_for(k1[matches[:, 0]], k2[matches[:, 1]], config).sum()))
+        return counts
 
     workers = min(config.WORKERS or os.cpu_count() or 1, len(candidates))
     if workers <= 1:
-        counts = [one(pair) for pair in pairs]
-    else:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            counts = list(pool.map(one, pairs))
+        return np.asarray(share(range(len(candidates))), dtype=np.int64)
+    # About two shares per thread: balanced when candidates differ in size.
+    step = max(1, -(-len(candidates) // (2 * workers)))
+    shares = [range(s, min(s + step, len(candidates))) for s in range(0, len(candidates), step)]
+    with bounded_blas_threads(1), ThreadPoolExecutor(max_workers=workers) as pool:
+        counts = [c for part in pool.map(share, shares) for c in part]
     return np.asarray(counts, dtype=np.int64)
+
+
+@contextlib.contextmanager
+def bounded_blas_threads(limit: int) -> Iterator[None]:
+    """Hold BLAS/OpenMP pools to ``limit`` threads inside the block, then restore them.
+
+    For code that is already parallel at an outer level (threads over candidates, Ray
+    workers). Uses ``threadpoolctl``; without it, does nothing.
+    """
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-image/scipy stacks
+        yield
+        return
+    with threadpool_limits(limits=limit):
+        yield
 
 
 # --- matching ------------------------------------------------------------------------------
@@ -326,31 +373,48 @@ def _match_normalized(
 ) -> np.ndarray:
     """Matches between non-empty, L2-normalised float32 descriptor arrays."""
     sims = d1 @ d2.T
-    rows = np.arange(sims.shape[0])
-    nearest = sims.argmax(axis=1)  # first maximum: the smaller index wins ties
-    best = sims[rows, nearest].astype(np.float64)
-    keep = np.ones(sims.shape[0], dtype=bool)
-    if np.isfinite(max_distance):
-        keep &= _distance(best) < max_distance
-    if mutual:
-        # No row of image 1 is more similar to j than i (a column maximum is cheaper than
-        # an argmax along axis 0); of several rows tied for j, the smallest i is kept.
-        candidates = np.flatnonzero(keep & (sims[rows, nearest] == sims.max(axis=0)[nearest]))
-        _, first = np.unique(nearest[candidates], return_index=True)
-        keep = np.zeros_like(keep)
-        keep[candidates[first]] = True
-    if ratio < 1.0:
-        if sims.shape[1] > 1:
-            sims[rows, nearest] = -np.inf  # our own array: mask the nearest, take the next
-            second = _distance(sims.max(axis=1).astype(np.float64))
-            keep &= _distance(best) < ratio * second
-    return np.stack([rows[keep], nearest[keep]], axis=1).astype(np.int64)
+    # No row of image 1 is more similar to j than i: a column maximum is cheaper than an
+    # argmax along axis 0; select_matches keeps the smallest i of several tied rows.
+    return select_matches(sims, sims.max(axis=0) if mutual else None, max_distance, mutual, ratio)
 
 
 def _distance(similarity: np.ndarray) -> np.ndarray:
     """L2 distance between unit vectors with the given cosine similarity (float64)."""
     with np.errstate(invalid="ignore"):
         return np.sqrt(np.maximum(2.0 - 2.0 * similarity, 0.0))
+
+
+def _finite_rows(descriptors: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(rows holding no NaN or inf, their indices)``; indices None when every row is
+    finite. A non-finite row is left out of matching as if it had not been extracted:
+    kept, one NaN row would make every column maximum NaN and void the mutual test."""
+    finite = np.isfinite(descriptors).all(axis=1)
+    if finite.all():
+        return descriptors, None
+    rows = np.flatnonzero(finite)
+    return descriptors[rows], rows
+
+
+def _finite_features(
+    keypoints: np.ndarray, descriptors: np.ndarray
+) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray | None]:
+    """As :func:`_finite_rows`, also leaving out rows whose keypoint is not finite (RANSAC
+    would reject the whole pair for one such point). Returns ``((descriptors, keypoints),
+    indices or None)``."""
+    finite = np.isfinite(descriptors).all(axis=1) & np.isfinite(keypoints).all(axis=1)
+    if finite.all():
+        return (descriptors, keypoints), None
+    rows = np.flatnonzero(finite)
+    return (descriptors[rows], keypoints[rows]), rows
+
+
+def _original_rows(matches: np.ndarray, rows1: np.ndarray | None, rows2: np.ndarray | None) -> np.ndarray:
+    """Map ``matches`` ``[M, 2]`` between the finite rows back to the original indices."""
+    if rows1 is not None:
+        matches[:, 0] = rows1[matches[:, 0]]
+    if rows2 is not None:
+        matches[:, 1] = rows2[matches[:, 1]]
+    return matches
 
 
 def _verify_normalized(

@@ -142,7 +142,7 @@ def test_store_extraction_batches_for_extractors_that_ask_and_retries_a_failed_b
     from delf_retrieval.store import FeatureStore
 
     class Batching(Extractor):
-        family, has_local, local_dim, model_batch_size = "fake", True, 2, 3
+        family, has_local, local_dim, batch_size = "fake", True, 2, 3
 
         def __init__(self) -> None:
             super().__init__(ExtractorParams(image_scales=(1.0,), global_scales=(1.0,), max_image_size=32), "fake")

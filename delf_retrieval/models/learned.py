@@ -122,9 +122,9 @@ class LearnedExtractor(Extractor):
         self.local_dim = dim
         super().__init__(params or default_learned_params(family), model_id=f"{package}-{metadata.version(package)}")
         self.device = device or torch_device()
-        # Images per model call in a store extraction (extract.iter_extracted): batches
-        # pay off on a GPU; on a CPU they only cost memory.
-        self.model_batch_size = 8 if self.device.startswith("cuda") else 1
+        # Images per model call in a store extraction (extract.extract_decoded_many):
+        # batches pay off on a GPU; on a CPU they only cost memory.
+        self.batch_size = 8 if self.device.startswith("cuda") else 1
         self._torch = torch
         self._model = self._build()
 
