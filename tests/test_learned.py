@@ -110,14 +110,15 @@ def test_batched_extraction_equals_one_by_one(images):
     np.testing.assert_allclose(batch[1].local.descriptors, single.local.descriptors, atol=1e-4)
 
 
-def test_without_the_extra_a_clear_message_says_how_to_install(monkeypatch, capsys):
+def test_without_the_extra_a_clear_message_says_how_to_install(monkeypatch, capsys, tmp_path):
     from delf_retrieval import cli
     from delf_retrieval.models.learned import MissingExtraError
 
     monkeypatch.setitem(sys.modules, "torch", None)  # "import torch" now raises ImportError
     with pytest.raises(MissingExtraError, match=r"pip install 'delf_retrieval\[learned\]'"):
         load_extractor("aliked")
-    code = cli.main(["recognize", "no_such_folder", "--model", "xfeat"])
+    cv2.imwrite(str(tmp_path / "a.png"), np.zeros((32, 32, 3), np.uint8))
+    code = cli.main(["extract", "--images", str(tmp_path), "--out", str(tmp_path / "store"), "--model", "xfeat"])
     assert code == 2
     assert "delf_retrieval[learned]" in capsys.readouterr().err
 
