@@ -49,9 +49,11 @@ from delf_retrieval.matching import _distance, tensorflow_device
 
 __all__ = ["approximate_group", "exact_dots"]
 
-# Absolute slack added to every bound: float64 rounding of the scaled integer product,
-# of the residual norms and of the exact dot products (all below 1e-12).
-_FLOAT64_SLACK = 1e-9
+# Absolute slack added to every bound. The residual and descriptor norms are evaluated in
+# float32 (each within about 4e-6 relative of its real value, and the bound terms are
+# products of a norm near 1 with one near 0.01, so they move by < 1e-7), the scaled
+# integer product and the exact dot products in float64 (< 1e-13): 1e-5 covers all.
+_SLACK = 1e-5
 
 
 def approximate_group(d1, stacked, bounds, max_distance, mutual, ratio, dtype, where, state):
@@ -206,12 +208,12 @@ def _approximate_product(d1, stacked, dtype, where, state):
 
 
 def quantize_rows(x: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-row symmetric quantisation: ``(q int16 [N, D], scale [N])`` with
-    ``q = rint(x * scale)``, ``max |q| = levels`` per row (all-zero rows: scale 1)."""
-    x64 = x.astype(np.float64)
-    peak = np.abs(x64).max(axis=1) if x.size else np.zeros(len(x))
-    scale = np.where(peak > 0, levels / np.where(peak > 0, peak, 1.0), 1.0)
-    return np.rint(x64 * scale[:, None]).astype(np.int16), scale
+    """Per-row symmetric quantisation: ``(q int16 [N, D], scale float32 [N])`` with
+    ``q = rint(x * scale)`` and ``max |q| <= levels`` per row (all-zero rows: scale 1).
+    Any integer ``q`` is valid for the bounds: they use the actual residuals."""
+    peak = np.abs(x).max(axis=1) if x.size else np.zeros(len(x), np.float32)
+    scale = (levels / np.where(peak > 0, peak, 1.0)).astype(np.float32)
+    return np.rint(x * scale[:, None]).astype(np.int16), scale
 
 
 def _int8_product(d1, stacked, state):
@@ -221,21 +223,23 @@ def _int8_product(d1, stacked, state):
         # products in int16: 2 * 127 * 127 fits, 2 * 255 * 127 does not).
         query, query_scale = quantize_rows(d1, 127 if nonnegative else 63)
         zero_point = 0 if nonnegative else 64
-        dequantised = query / query_scale[:, None]
+        dequantised = query * (1 / query_scale)[:, None]
         state["query"] = (query + zero_point).astype(np.uint8)
         state["zero_point"] = np.array(zero_point, np.uint8)
-        state["query_scale"] = query_scale
-        state["residual"] = _norms(d1.astype(np.float64) - dequantised)
-        state["dequantised_norm"] = _norms(dequantised)
+        state["query_scale"] = query_scale.astype(np.float64)
+        state["residual"] = _norms(d1 - dequantised).astype(np.float64)
+        state["dequantised_norm"] = _norms(dequantised).astype(np.float64)
     peak = float(np.abs(stacked).max())
-    candidate_scale = 127.0 / peak if peak > 0 else 1.0
-    candidates = np.rint(stacked.astype(np.float64) * candidate_scale)
-    residual = _norms(stacked.astype(np.float64) - candidates / candidate_scale).max()
-    norm = _norms(stacked.astype(np.float64)).max()
-    slack = state["residual"] * norm + state["dequantised_norm"] * residual + _FLOAT64_SLACK
-    scale = 1.0 / (state["query_scale"] * candidate_scale)
-    candidates_t = np.ascontiguousarray(candidates.T.astype(np.int8))
-    approx = _int8_session().run(None, {"A": state["query"], "B": candidates_t, "Z": state["zero_point"]})[0]
+    candidate_scale = np.float32(127.0 / peak if peak > 0 else 1.0)
+    candidates = np.rint(stacked * candidate_scale).astype(np.int8)
+    residual = float(_norms(stacked - candidates * (1 / candidate_scale)).max())
+    norm = float(_norms(stacked).max())
+    # |S_ij - a~_i . b~_j| <= |r_i| |b_j| + |a~_i| |e_j| (module notes), per row:
+    slack = state["residual"] * norm + state["dequantised_norm"] * residual + _SLACK
+    scale = 1.0 / (state["query_scale"] * float(candidate_scale))
+    approx = _int8_session().run(
+        None, {"A": state["query"], "B": np.ascontiguousarray(candidates.T), "Z": state["zero_point"]}
+    )[0]
     return approx, scale, slack
 
 
@@ -288,5 +292,5 @@ def _tensorflow_product(d1, stacked, dtype, where):
     bits = {"float16": 11, "bfloat16": 8, "float32": 24 if where == "cpu" else 11}[dtype]
     norm = float(max(_norms(d1.astype(np.float64)).max(), _norms(stacked.astype(np.float64)).max()))
     margin = (2.0 ** (1 - bits) + 2.0 ** (-2 * bits)) * norm**2 + d1.shape[1] * 2.0**-24 * norm**2
-    margin += 2.0**-bits * (norm**2 + margin) + _FLOAT64_SLACK
+    margin += 2.0**-bits * (norm**2 + margin) + _SLACK
     return block, np.ones(len(d1)), np.full(len(d1), margin)
