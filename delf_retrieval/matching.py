@@ -79,9 +79,9 @@ def match_batch(
     d1 = np.ascontiguousarray(d1, np.float32)
     where = resolve_device(device)
     results: list[np.ndarray | None] = [None] * len(candidates)
-    order = [c for c in range(len(candidates)) if len(candidates[c])]
+    order = [c for c in range(len(candidates)) if len(candidates[c]) and len(d1)]
     for c in range(len(candidates)):
-        if not len(candidates[c]):
+        if not len(candidates[c]) or not len(d1):
             results[c] = np.zeros((0, 2), np.int64)
     exact = dtype == "float32" and where == "cpu"
     # The int8 kernel packs the right-hand matrix on every call: small groups there.

@@ -179,6 +179,20 @@ def test_tensorflow_reduced_precision_matches_equal_float32(dtype):
             np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_empty_query_or_candidates_give_no_matches(dtype):
+    if dtype == "int8":
+        pytest.importorskip("onnxruntime", reason="MATCH_DTYPE=int8 needs the 'fast' extra")
+    query, candidates = views(2, nonnegative=True, count=2, size=120)
+    empty = np.zeros((0, 128), np.float32)
+    found = match_batch(empty, candidates, dtype=dtype, mutual=True, ratio=0.8)
+    assert [m.shape for m in found] == [(0, 2), (0, 2)]
+    found = match_batch(query, [empty, candidates[0]], dtype=dtype, mutual=True, ratio=0.8)
+    assert found[0].shape == (0, 2)
+    np.testing.assert_array_equal(found[1], match_batch(query, [candidates[0]], mutual=True, ratio=0.8)[0])
+    assert len(found[1]) > 0
+
+
 def test_quantize_int8():
     values = np.array([[0.5, -0.25, 0.0], [0.1, 0.2, -0.5]], np.float32)
     q, scale = quantize_int8(values, 100)
