@@ -282,18 +282,23 @@ def timed(fn: Callable[[], object], repeats: int = 1) -> tuple[object, float]:
     return result, best
 
 
-def clocked(fn: Callable[[], object], repeats: int = 2, cores: int = 1) -> tuple[object, tuple[float, float]]:
-    """Result of ``fn`` and ``(wall, cpu)``: the smallest wall time and the smallest CPU
-    time (this process's, divided by ``cores``) over ``repeats`` runs, seconds. On a
-    machine shared with other jobs, wall time mostly measures time slicing; CPU time
-    much less so (cache and SMT sharing still slow it)."""
-    wall, cpu, result = float("inf"), float("inf"), None
+def interleaved(
+    methods: dict[str, Callable[[], object]], repeats: int = 3, cores: int = 1
+) -> tuple[dict[str, object], dict[str, tuple[float, float]]]:
+    """Run the methods round-robin ``repeats`` times; per method its result and
+    ``(wall, cpu)``: the smallest wall time and the smallest CPU time (this process's,
+    divided by ``cores``), seconds. Round-robin spreads the drift of a shared machine's
+    load over all methods; on such a machine wall time mostly measures time slicing, CPU
+    time much less so (cache sharing still slows it)."""
+    results: dict[str, object] = {}
+    times = {name: (float("inf"), float("inf")) for name in methods}
     for _ in range(repeats):
-        start, start_cpu = time.perf_counter(), time.process_time()
-        result = fn()
-        wall = min(wall, time.perf_counter() - start)
-        cpu = min(cpu, (time.process_time() - start_cpu) / cores)
-    return result, (wall, cpu)
+        for name, fn in methods.items():
+            start, start_cpu = time.perf_counter(), time.process_time()
+            results[name] = fn()
+            wall, cpu = time.perf_counter() - start, (time.process_time() - start_cpu) / cores
+            times[name] = (min(times[name][0], wall), min(times[name][1], cpu))
+    return results, times
 
 
 def product_bound(pairs, descriptors, workers: int) -> float:
@@ -373,14 +378,22 @@ def hardware_limit_table(pairs, features, config=None, baseline: bool = True) ->
           f"{config.RATIO_TEST} ratio, mutual {config.MUTUAL_NEAREST_NEIGHBOR}; machine shared with other jobs: "
           "compare rows of this run only")
     load_before = os.getloadavg()[0]
+    f32 = batched("float32")
+    u8s8, ransac = int8_products(pairs, unit), ransac_jobs(pairs, features, f32, config)
     with threadpool_limits(1):
-        _, bound1 = clocked(lambda: [(unit[a] @ unit[b].T).shape for a, b in pairs])
-        loop, t_loop = clocked(lambda: [putative_matches(unit[a], unit[b], **rule) for a, b in pairs])
-        f32, t_f32 = clocked(lambda: batched("float32"))
-        int8, t_int8 = clocked(lambda: batched("int8"))
-        t_u8s8 = int8_products_alone(pairs, unit)
-        t_ransac = ransac_alone(pairs, features, f32, config)
+        found, times = interleaved({
+            "bound": lambda: [(unit[a] @ unit[b].T).shape for a, b in pairs],
+            "loop": lambda: [putative_matches(unit[a], unit[b], **rule) for a, b in pairs],
+            "float32": lambda: batched("float32"),
+            "int8": lambda: batched("int8"),
+            "u8s8": u8s8,
+            "ransac": ransac,
+        })
         exact = [exact_matches(unit[a], unit[b], rule) for a, b in pairs]
+    bound1, t_loop, t_f32, t_int8, t_u8s8, t_ransac = (
+        times[k] for k in ("bound", "loop", "float32", "int8", "u8s8", "ransac")
+    )
+    loop, f32, int8 = found["loop"], found["float32"], found["int8"]
     same = np.mean([np.array_equal(x, y) for x, y in zip(int8, f32, strict=True)])
     same_exact = np.mean([np.array_equal(x, y) for x, y in zip(int8, exact, strict=True)])
     f32_exact = np.mean([np.array_equal(x, y) for x, y in zip(f32, exact, strict=True)])
@@ -391,8 +404,11 @@ def hardware_limit_table(pairs, features, config=None, baseline: bool = True) ->
     # 2-core bound: wall time measured; CPU time per core = the 1-core products' CPU / 2
     bound2 = (product_bound(pairs, unit, 2), bound1[1] / 2)
     cfg32 = config.replace(WORKERS=2)
-    counts32, t_many32 = clocked(lambda: many(pairs, features, cfg32), cores=2)
-    counts8, t_many8 = clocked(lambda: many(pairs, features, cfg32.replace(MATCH_DTYPE="int8")), cores=2)
+    found, times = interleaved({
+        "float32": lambda: many(pairs, features, cfg32),
+        "int8": lambda: many(pairs, features, cfg32.replace(MATCH_DTYPE="int8")),
+    }, cores=2)
+    (counts32, t_many32), (counts8, t_many8) = (found["float32"], times["float32"]), (found["int8"], times["int8"])
     rows = [
         ("1 core: float32 products alone (bound)", bound1, bound1, ""),
         ("1 core: putative_matches, pair by pair", t_loop, bound1, ""),
@@ -408,7 +424,7 @@ def hardware_limit_table(pairs, features, config=None, baseline: bool = True) ->
         _, t_base2 = baseline_on_processes(pairs, features, 2)
         rows.append(("2 cores: host baseline, 2 processes", (t_base2, float("nan")), bound2,
                      f"{t_base2 / t_many32[0]:.1f}x slower than ours (wall)"))
-    print("wall: elapsed time (best of 2); CPU (best of 2): this process's CPU time (per core for 2-core rows, "
+    print("wall: elapsed time (best of 3, methods run round-robin); CPU (best of 3): this process's CPU time (per core for 2-core rows, "
           "which hides idle cores); x bound: against the float32 products on as many cores")
     print(f"{'step':44s} {'pairs/s':>8s} {'ms/pair':>8s} {'CPU ms':>7s} {'x bound':>8s} {'x bound':>8s}  note")
     print(f"{'':44s} {'(wall)':>8s} {'(wall)':>8s} {'/pair':>7s} {'(wall)':>8s} {'(CPU)':>8s}")
@@ -427,9 +443,9 @@ def hardware_limit_table(pairs, features, config=None, baseline: bool = True) ->
     return rates
 
 
-def int8_products_alone(pairs, unit) -> tuple[float, float]:
-    """Seconds of the bare ONNX Runtime u8 x s8 products of all pairs (inputs quantised
-    beforehand, as match_batch int8 does once per query / group)."""
+def int8_products(pairs, unit) -> Callable[[], list]:
+    """The bare ONNX Runtime u8 x s8 products of all pairs, inputs quantised beforehand
+    (match_batch int8 quantises once per query and group)."""
     from delf_retrieval.reduced_precision import _int8_session, quantize_rows
 
     session, zero = _int8_session(), np.array(0, np.uint8)
@@ -438,12 +454,11 @@ def int8_products_alone(pairs, unit) -> tuple[float, float]:
         {"A": np.abs(quantised[a]).astype(np.uint8), "B": np.ascontiguousarray(quantised[b].T.astype(np.int8)), "Z": zero}
         for a, b in pairs
     ]
-    _, seconds = clocked(lambda: [session.run(None, x) for x in inputs])
-    return seconds
+    return lambda: [session.run(None, x)[0].shape for x in inputs]
 
 
-def ransac_alone(pairs, features, matches, config) -> tuple[float, float]:
-    """Seconds of RANSAC alone on given putative matches (as count_inliers_many runs it)."""
+def ransac_jobs(pairs, features, matches, config) -> Callable[[], list]:
+    """RANSAC alone on given putative matches (as count_inliers_many runs it)."""
     from delf_retrieval.verify import _ransac_for
 
     jobs = [
@@ -451,8 +466,7 @@ def ransac_alone(pairs, features, matches, config) -> tuple[float, float]:
         for (a, b), m in zip(pairs, matches, strict=True)
         if len(m) > config.MIN_MATCHES
     ]
-    _, seconds = clocked(lambda: [_ransac_for(p1, p2, config) for p1, p2 in jobs])
-    return seconds
+    return lambda: [_ransac_for(p1, p2, config).sum() for p1, p2 in jobs]
 
 
 def exact_matches(d1, d2, rule) -> np.ndarray:

@@ -176,9 +176,13 @@ def _mutual(d1, d2, block, scale, slack, keep, nearest, best) -> np.ndarray:
     """Mask over ``keep``: row i is mutual with its nearest column j (exact similarity
     ``best``) when no row is more similar to j and no smaller row with the same
     similarity has j as its own nearest column (``select_matches``' tie rule)."""
-    upper = block[:, nearest] * scale[:, None] + slack[:, None]  # [N1, M]
+    # Upper bounds of every row at the claimed columns, in float32 (2x cheaper; the
+    # 1e-6 added covers its rounding, so no contender is missed, at worst a few more).
+    columns = np.take(block, nearest, axis=1)  # [N1, M]
+    upper = columns * scale.astype(np.float32)[:, None]
+    upper += (slack + 1e-6).astype(np.float32)[:, None]
     upper[keep, np.arange(len(keep))] = -np.inf  # a row does not contend with itself
-    k, m = np.nonzero(upper >= best[None, :])
+    k, m = np.nonzero(upper >= best.astype(np.float32)[None, :])
     values = exact_dots(d1, d2, k, nearest[m])
     mutual = np.ones(len(keep), bool)
     mutual[m[values > best[m]]] = False
