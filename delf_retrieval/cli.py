@@ -1,12 +1,75 @@
-"""Command line: ``delf-retrieval extract | recognize | retrieve | clean | evaluate | validate | demo``."""
+"""Command line: ``delf-retrieval extract | recognize | retrieve | clean | evaluate | validate | demo``.
+
+Exit codes: 0 success; 1 a submission was written or checked and is invalid; 2 the
+command could not do its work (bad input, missing file, disk full, store in use, every
+Ray worker lost; one line on stderr says what); 3 an internal error (a bug: the traceback
+is printed); 130 interrupted by Ctrl-C (rerun the same command to resume).
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import sys
+import tempfile
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
+
+from . import __version__
+from .errors import DelfError
+
+EXIT_OK = 0
+EXIT_INVALID_SUBMISSION = 1
+EXIT_ERROR = 2
+EXIT_INTERNAL = 3
+EXIT_INTERRUPTED = 130
+# What a user can act on: one line and EXIT_ERROR, no traceback.
+USER_ERRORS = (ValueError, OSError, ImportError, DelfError)
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def _writable_folder(folder: Path, what: str) -> None:
+    """Raise ValueError unless files can be created in ``folder`` (probed with a real file:
+    permission bits say nothing on a read-only mount or for root)."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".delf-write-test-"):
+            pass
+    except OSError as error:
+        raise ValueError(f"cannot write {what} in {folder}: {error.strerror or error}") from None
+
+
+def check_output_file(path: Path, what: str = "the submission") -> None:
+    """Check before any work that ``path`` can be written as a file."""
+    if path.is_dir():
+        raise ValueError(f"-o {path} is a directory; give a file name, e.g. {path / 'submission.csv'}")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise ValueError(f"cannot write {what} {path}: folder {parent} does not exist")
+    _writable_folder(parent, what)
+
+
+def check_output_folder(path: Path, what: str) -> None:
+    """Check before any work that ``path`` is (or can be created as) a writable folder."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{what} {path} exists and is not a folder")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{what} {path}: {existing} is not a folder")
+    _writable_folder(existing, what)
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -16,8 +79,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="model: 'opencv-sift' (no weights), a DELG/DELF SavedModel folder, or a TF-Hub "
         "handle cached in TFHUB_CACHE_DIR (default: opencv-sift)",
     )
-    parser.add_argument("--max-image-size", type=int, default=None, help="cap the longer image side (pixels)")
-    parser.add_argument("--max-features", type=int, default=None, help="max local features per image")
+    parser.add_argument("--max-image-size", type=_positive_int, default=None, help="cap the longer image side (pixels)")
+    parser.add_argument("--max-features", type=_positive_int, default=None, help="max local features per image")
     parser.add_argument(
         "--scales", type=float, nargs="+", default=None, help="image scales for local features"
     )
@@ -36,8 +99,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="rotate photos by their EXIF orientation (default: on, off in the reference presets)",
     )
     parser.add_argument("--dtype", choices=("float32", "float16"), default="float16", help="stored descriptors")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per atomic store chunk")
-    parser.add_argument("--threads", type=int, default=2, help="image decoding threads")
+    parser.add_argument("--batch-size", type=_positive_int, default=64, help="images per atomic store chunk")
+    parser.add_argument("--threads", type=_positive_int, default=2, help="image decoding threads")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -51,13 +114,13 @@ def _add_ray_arguments(parser: argparse.ArgumentParser, *, shards: bool) -> None
     )
     parser.add_argument(
         "--ray-workers",
-        type=int,
+        type=_positive_int,
         default=None,
         metavar="N",
         help="Ray extraction actors (default: one per GPU, else one per CPU); CPUs of a --ray local start",
     )
     if shards:
-        parser.add_argument("--shards", type=int, default=1, metavar="N", help="with --ray: exact search split over N actors")
+        parser.add_argument("--shards", type=_positive_int, default=1, metavar="N", help="with --ray: exact search split over N actors")
 
 
 def _ray_hooks(args: argparse.Namespace, extractor):
@@ -119,12 +182,13 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     from .images import list_images
     from .store import FeatureStore
 
+    check_output_folder(args.out, "the feature store")
     sources = list_images(args.images if len(args.images) > 1 else args.images[0], args.image_root)
     if not sources:
         print(f"no images found in {' '.join(args.images)}", file=sys.stderr)
         return 2
     extractor = build_extractor(args)
-    store = FeatureStore(args.out, extractor.fingerprint(), dtype=args.dtype)
+    store = FeatureStore(args.out, extractor.fingerprint(), dtype=args.dtype, wait=not args.no_wait)
     print(f"model: {extractor!r}\nstore: {store.path}")
     if args.ray:
         from .distributed import extract_to_store_ray
@@ -155,9 +219,26 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_run(args: argparse.Namespace, required: Sequence[str], output: str = "the submission") -> None:
+    """Everything a recognize/retrieve run can check before loading a model or extracting:
+    the data folder, the --config/--set values, the submission file and the work dir."""
+    from .config import load_config, parse_override
+
+    args.overrides = dict(parse_override(item) for item in args.set or ())
+    load_config(args.config, **args.overrides)  # values are valid whatever the preset
+    if not args.data_dir.is_dir():
+        raise ValueError(f"data folder {args.data_dir} does not exist or is not a folder")
+    missing = [name for name in required if not (args.data_dir / name).is_file()]
+    if missing:
+        raise ValueError(f"{args.data_dir} is not a Kaggle-layout dataset: missing {', '.join(missing)}")
+    check_output_file(args.output, output)
+    check_output_folder(args.work_dir or Path("delf_work"), "the feature cache (--work-dir)")
+
+
 def _cmd_recognize(args: argparse.Namespace) -> int:
     from . import pipeline
 
+    _check_run(args, ("train.csv", "sample_submission.csv"))
     extractor = build_extractor(args)
     with _ray_hooks(args, extractor) as hooks:
         output = pipeline.recognize(
@@ -173,12 +254,13 @@ def _cmd_recognize(args: argparse.Namespace) -> int:
             **hooks,
         )
     _report_scores(args, output.submission, "recognition")
-    return 1 if output.problems else 0
+    return EXIT_INVALID_SUBMISSION if output.problems else EXIT_OK
 
 
 def _cmd_retrieve(args: argparse.Namespace) -> int:
     from . import pipeline
 
+    _check_run(args, ("index.csv", "sample_submission.csv"))
     extractor = build_extractor(args)
     with _ray_hooks(args, extractor) as hooks:
         output = pipeline.retrieve(
@@ -194,7 +276,7 @@ def _cmd_retrieve(args: argparse.Namespace) -> int:
             **hooks,
         )
     _report_scores(args, output.submission, "retrieval")
-    return 1 if output.problems else 0
+    return EXIT_INVALID_SUBMISSION if output.problems else EXIT_OK
 
 
 def _report_scores(args: argparse.Namespace, submission, kind: str) -> None:
@@ -218,18 +300,7 @@ def _config(args: argparse.Namespace, extractor):
     from .config import load_config
 
     base = args.config or ("opencv-sift" if extractor.family == "opencv-sift" else "kaggle2020")
-    return load_config(base, **dict(_parse_overrides(args.set)))
-
-
-def _parse_overrides(items: Sequence[str] | None):
-    """``NAME=VALUE`` pairs with VALUE parsed as YAML (numbers, booleans, strings)."""
-    import yaml
-
-    for item in items or ():
-        if "=" not in item:
-            raise ValueError(f"--set expects NAME=VALUE, got {item!r}")
-        name, value = item.split("=", 1)
-        yield name.strip(), yaml.safe_load(value)
+    return load_config(base, **getattr(args, "overrides", {}))
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -237,6 +308,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     from .metrics import evaluate_recognition, evaluate_retrieval
 
+    _require_files(args.submission, args.solution)
     header = pd.read_csv(args.submission, nrows=0).columns.tolist()
     kind = args.kind or ("retrieval" if "images" in header else "recognition")
     scores = (evaluate_recognition if kind == "recognition" else evaluate_retrieval)(args.submission, args.solution)
@@ -247,11 +319,18 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_validate(args: argparse.Namespace) -> int:
     from .submission import validate_submission
 
+    _require_files(args.submission, args.sample)
     problems = validate_submission(args.submission, args.sample, kind=args.kind)
     for problem in problems:
         print(f"problem: {problem}")
     print("valid" if not problems else f"{len(problems)} problem(s)")
-    return 1 if problems else 0
+    return EXIT_INVALID_SUBMISSION if problems else EXIT_OK
+
+
+def _require_files(*paths: Path) -> None:
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(errno.ENOENT, "no such file", str(path))
 
 
 def _cmd_clean(args: argparse.Namespace) -> int:
@@ -259,6 +338,7 @@ def _cmd_clean(args: argparse.Namespace) -> int:
 
     from .clean import clean_dataset
 
+    _check_run(args, ("train.csv",), "the cleaned train.csv")
     extractor = build_extractor(args)
     hooks: dict = {}
     with contextlib.ExitStack() as stack:
@@ -296,6 +376,7 @@ def _cmd_clean(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    check_output_folder(args.out, "the demo output")
     run_demo(args.out, seed=args.seed, progress=not args.no_progress)
     return 0
 
@@ -321,6 +402,7 @@ def make_parser() -> argparse.ArgumentParser:
         prog="delf-retrieval",
         description="Landmark recognition and retrieval with DELF/DELG features and RANSAC re-ranking.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     extract = commands.add_parser("extract", help="extract features of an image set into a store")
@@ -333,6 +415,11 @@ def make_parser() -> argparse.ArgumentParser:
     extract.add_argument("--out", required=True, type=Path, help="feature store folder")
     extract.add_argument("--image-root", default=None, help="for a CSV: folder holding a/b/c/<id>.jpg")
     extract.add_argument("--retry-failed", action="store_true", help="retry images that failed before")
+    extract.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="when another process is extracting into --out, stop with an error instead of waiting for it",
+    )
     _add_model_arguments(extract)
     _add_ray_arguments(extract, shards=False)
     extract.set_defaults(func=_cmd_extract)
@@ -369,13 +456,13 @@ def make_parser() -> argparse.ArgumentParser:
     clean.add_argument("data_dir", type=Path, help="Kaggle-layout folder with train.csv and train/")
     clean.add_argument("-o", "--output", type=Path, default=Path("train_clean.csv"), help="cleaned train.csv")
     clean.add_argument("--pairs", default="all", help="'all' (each photo against up to --max-per-class of its class) or 'knn:K' (its K nearest by global cosine)")
-    clean.add_argument("--max-per-class", type=int, default=100, help="reference photos per class for --pairs all (default 100)")
+    clean.add_argument("--max-per-class", type=_positive_int, default=100, help="reference photos per class for --pairs all (default 100)")
     clean.add_argument("--min-inliers", type=int, default=11, help="inliers needed against some other photo of the class (default 11)")
     clean.add_argument("--small-classes", choices=("keep", "drop"), default="keep", help="classes left with < 2 verified photos: keep them as they were or drop them")
     clean.add_argument("--report", type=Path, default=None, help="report CSV (default <output stem>_report.csv)")
     clean.add_argument("--pictures", type=Path, default=None, help="folder of per-class pictures of removed photos (default <output stem>_removed/)")
     clean.add_argument("--no-pictures", action="store_true", help="write no pictures")
-    clean.add_argument("--chunk-size", type=int, default=1024, help="pairs per cached chunk (a killed run repeats at most one)")
+    clean.add_argument("--chunk-size", type=_positive_int, default=1024, help="pairs per cached chunk (a killed run repeats at most one)")
     clean.add_argument("--config", default=None, help="preset name or YAML/JSON file (matching/RANSAC settings; MATCH_DTYPE=int8 for the fast product)")
     clean.add_argument("--set", action="append", metavar="NAME=VALUE", help="override one config field, e.g. --set MATCH_DTYPE=int8")
     clean.add_argument("--work-dir", type=Path, default=None, help="feature and pair cache (default ./delf_work)")
@@ -391,14 +478,40 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def describe_error(error: BaseException) -> str:
+    """One line for a user error: what went wrong and, where known, what to do."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = f" ({error.filename})" if error.filename else ""
+        return (
+            f"no space left on the device{where}: free some space or use another --work-dir/--out, "
+            "then rerun the same command to resume"
+        )
+    if isinstance(error, OSError) and error.filename and error.strerror:
+        return f"{error.strerror}: {error.filename}"
+    text = str(error).strip() or type(error).__name__
+    return " ".join(text.split())  # one line
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns the exit code (see the module docstring)."""
     parser = make_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return int(args.func(args) or EXIT_OK)
+    except KeyboardInterrupt:
+        print("\ninterrupted; rerun the same command to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except USER_ERRORS as error:
+        print(f"error: {describe_error(error)}", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as error:
+        if type(error).__module__.split(".")[0] == "ray":  # a worker or node of the cluster died
+            print(f"error: Ray failed: {describe_error(error).split('. ')[0]}", file=sys.stderr)
+            return EXIT_ERROR
+        # A bug: keep the traceback, but not exit 1 (= invalid submission).
+        traceback.print_exc()
+        print(f"internal error in delf-retrieval {__version__}: please report the traceback above", file=sys.stderr)
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

@@ -12,10 +12,23 @@ of tensorflow/models (image_reranking.py ``MatchFeatures``); ``delg-r50-gldv2cle
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
+import math
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+
+
+class UnknownFieldError(TypeError, ValueError):
+    """A config field name that does not exist; the message names the closest valid ones.
+
+    A ``TypeError`` as ``dataclasses.replace`` raises for unknown names, and a
+    ``ValueError`` like every other bad configuration value.
+    """
 
 
 @dataclass(frozen=True)
@@ -122,6 +135,8 @@ class Config:
     EXTRACTION_PRESET: str = ""
 
     def __post_init__(self) -> None:
+        for name, kind in _field_types().items():
+            object.__setattr__(self, name, _checked_type(name, kind, getattr(self, name)))
         checks = {
             "NUM_TO_RERANK": self.NUM_TO_RERANK >= 0,
             "TOP_K": self.TOP_K >= 1,
@@ -157,10 +172,14 @@ class Config:
             raise ValueError(f"invalid config value(s): {values}")
 
     def replace(self, **changes: Any) -> Config:
-        """Return a copy with some fields changed (unknown names raise ``TypeError``)."""
-        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        """Return a copy with some fields changed.
+
+        Unknown names raise :class:`UnknownFieldError` (naming the closest valid fields),
+        values of the wrong type or out of range ``ValueError``.
+        """
+        unknown = sorted(set(changes) - set(_field_types()))
         if unknown:
-            raise TypeError(f"unknown config field(s): {sorted(unknown)}")
+            raise UnknownFieldError("; ".join(_unknown_field_message(name) for name in unknown))
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -174,6 +193,74 @@ class Config:
 RANSAC_METHODS = ("magsac", "opencv-ransac", "degensac", "skimage-affine")
 MATCH_DTYPES = ("float32", "int8", "float16", "bfloat16")
 MATCH_DEVICES = ("cpu", "gpu", "auto")
+_TRUE = ("true", "yes", "on", "1")
+_FALSE = ("false", "no", "off", "0")
+
+
+def _field_types() -> dict[str, type]:
+    """``{field name: int | float | bool | str}`` of :class:`Config`, in field order."""
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
+
+
+def _unknown_field_message(name: str) -> str:
+    fields = list(_field_types())
+    by_upper = {field.upper(): field for field in fields}
+    close = difflib.get_close_matches(name.upper(), list(by_upper), n=3, cutoff=0.6)
+    if close:
+        return f"unknown config field {name!r}; did you mean {' or '.join(by_upper[c] for c in close)}?"
+    return f"unknown config field {name!r}; valid fields: {', '.join(fields)}"
+
+
+def _checked_type(name: str, kind: type, value: Any) -> Any:
+    """``value`` as a ``kind`` field holds it (int 10.0 -> 10, float 3 -> 3.0), or ValueError.
+
+    Booleans are only ``True``/``False``; an int field rejects fractions and booleans; a
+    float field rejects booleans and strings.
+    """
+    expected = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[kind]
+    is_bool = isinstance(value, (bool, np.bool_))
+    is_number = isinstance(value, (int, float, np.integer, np.floating)) and not is_bool
+    if kind is bool and is_bool:
+        return bool(value)
+    if kind is str and isinstance(value, str):
+        return value
+    if kind is float and is_number:
+        return float(value)
+    if kind is int and is_number and math.isfinite(value) and float(value).is_integer():
+        return int(value)
+    raise ValueError(f"config field {name} expects {expected}, got {value!r}")
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"NAME=VALUE"`` (a ``--set`` argument) -> ``(NAME, value)`` typed as the field.
+
+    Booleans accept true/false, yes/no, on/off, 1/0 (any case); integers reject
+    fractions (``2.5``); floats accept ``inf``. Raises ValueError (UnknownFieldError for
+    a name that is not a field, naming the closest ones).
+    """
+    if "=" not in item:
+        raise ValueError(f"--set expects NAME=VALUE, got {item!r}")
+    name, text = (part.strip() for part in item.split("=", 1))
+    types = _field_types()
+    if name not in types:
+        raise UnknownFieldError(_unknown_field_message(name))
+    kind = types[name]
+    if kind is bool:
+        if text.lower() in _TRUE:
+            return name, True
+        if text.lower() in _FALSE:
+            return name, False
+        raise ValueError(f"--set {name} expects true or false, got {text!r}")
+    if kind is str:
+        return name, text
+    try:
+        number = float(text)
+    except ValueError:
+        raise ValueError(f"--set {name} expects {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+    if kind is int and not (math.isfinite(number) and number.is_integer()):
+        raise ValueError(f"--set {name} expects an integer, got {text!r}")
+    return name, int(number) if kind is int else number
 
 PRESETS: dict[str, Config] = {
     # The Kaggle 2020 host baseline, parameter for parameter.

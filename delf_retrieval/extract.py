@@ -17,11 +17,14 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .features import ImageFeatures, LocalFeatures, to_original_pixels
-from .images import ImageDecodeError, ImageSource, decode_image, downscale_to_max_size
+from .images import ImageDecodeError, ImageSource, decode_image_scaled
 from .models.base import Extractor
 from .store import FeatureStore
 
 DEFAULT_BATCH_SIZE = 64
+# Smaller images hold no landmark and break models (OpenCV SIFT fails on 2 px, DELG's
+# smallest scale rounds a few pixels to none): such an image is a failure with a reason.
+MIN_IMAGE_SIDE = 16
 
 
 @dataclass
@@ -69,8 +72,13 @@ class _Decoded:
 
 def _decode(source: ImageSource, max_size: int | None, exif_transpose: bool = True) -> _Decoded:
     try:
-        image = decode_image(source.read_bytes(), exif_transpose=exif_transpose)
-        small, factor = downscale_to_max_size(image, max_size)
+        small, factor = decode_image_scaled(source.read_bytes(), max_size, exif_transpose=exif_transpose)
+        if min(small.shape[:2]) < MIN_IMAGE_SIDE:
+            height, width = small.shape[:2]
+            shrunk = f" after shrinking to --max-image-size {max_size}" if factor > 1 else ""
+            raise ImageDecodeError(
+                f"image too small: {width}x{height} px{shrunk} (at least {MIN_IMAGE_SIDE} px per side)"
+            )
         return _Decoded(source, small, factor, None)
     except ImageDecodeError as error:
         return _Decoded(source, None, 1.0, str(error))
@@ -120,9 +128,35 @@ def extract_decoded(extractor: Extractor, decoded: _Decoded) -> tuple[ImageFeatu
     if decoded.error is not None:
         return None, decoded.error
     try:
-        return rescale_features(extractor.extract(decoded.image), decoded.factor), None
+        features = rescale_features(extractor.extract(decoded.image), decoded.factor)
     except Exception as error:  # one bad image must not end a multi-day run
         return None, f"extraction failed: {type(error).__name__}: {error}"
+    problem = non_finite_problem(features)
+    return (None, problem) if problem else (features, None)
+
+
+def non_finite_problem(features: ImageFeatures) -> str | None:
+    """Why ``features`` must not be stored (NaN or inf in any array), or None.
+
+    One NaN descriptor turns every similarity it touches into NaN: matching then finds
+    no inliers for a true pair, and search ranks are undefined. Such an image is
+    recorded as a failure instead.
+    """
+    arrays = {"global descriptor": features.global_descriptor}
+    if features.local is not None:
+        local = features.local
+        arrays.update(
+            {
+                "local keypoints": local.keypoints,
+                "local descriptors": local.descriptors,
+                "local scores": local.scores,
+                "local scales": local.scales,
+            }
+        )
+    bad = [name for name, array in arrays.items() if array is not None and not np.isfinite(array).all()]
+    if not bad:
+        return None
+    return f"extraction failed: non-finite values (NaN or inf) in the {', '.join(bad)}"
 
 
 def pending_sources(
@@ -157,10 +191,25 @@ def extract_to_store(
     retry_failed : also retry ids recorded as failures by an earlier run.
 
     Images that cannot be decoded or extracted are recorded as ``(id, reason)`` and the
-    run goes on. The store is consolidated at the end.
+    run goes on. The store is consolidated at the end. The store's extraction lock is
+    held throughout (see :meth:`FeatureStore.writing`).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    with store.writing():  # one extraction per store; a second one waits, then skips our work
+        return _extract_locked(extractor, sources, store, batch_size, decode_threads, retry_failed, progress, description)
+
+
+def _extract_locked(
+    extractor: Extractor,
+    sources: Sequence[ImageSource],
+    store: FeatureStore,
+    batch_size: int,
+    decode_threads: int,
+    retry_failed: bool,
+    progress: bool,
+    description: str,
+) -> ExtractionSummary:
     started = time.perf_counter()
     todo = pending_sources(sources, store, retry_failed=retry_failed)
     skipped = len(sources) - len(todo)

@@ -66,10 +66,12 @@ class ImageFeatures:
 
 
 def l2_normalize(array: np.ndarray, axis: int = -1, eps: float = 1e-12) -> np.ndarray:
-    """Return ``array`` divided by its L2 norm along ``axis`` (float32, zeros stay zero)."""
+    """Return ``array`` divided by its L2 norm along ``axis`` (float32, zeros stay zero;
+    a vector holding NaN or inf becomes NaN, quietly)."""
     array = np.asarray(array, dtype=np.float32)
-    norm = np.linalg.norm(array, axis=axis, keepdims=True)
-    return array / np.maximum(norm, eps)
+    with np.errstate(invalid="ignore", over="ignore"):
+        norm = np.linalg.norm(array, axis=axis, keepdims=True)
+        return array / np.maximum(norm, eps)
 
 
 def to_original_pixels(points: np.ndarray, factor: float, *, always: bool = False) -> np.ndarray:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import tarfile
 import warnings
 from collections.abc import Iterable, Sequence
@@ -58,9 +59,11 @@ class ImageSource:
     size: int = -1
 
     def read_bytes(self) -> bytes:
-        """Raw encoded bytes; raises ImageDecodeError if the file is missing."""
+        """Raw encoded bytes; raises ImageDecodeError for a missing file, a broken link,
+        a directory or another non-regular file (a FIFO would block forever)."""
         try:
             if self.offset < 0:
+                _check_regular_file(Path(self.path))
                 return Path(self.path).read_bytes()
             with open(self.path, "rb") as handle:
                 handle.seek(self.offset)
@@ -73,6 +76,17 @@ class ImageSource:
             raise ImageDecodeError(f"unreadable file: {error}") from error
 
 
+def _check_regular_file(path: Path) -> None:
+    """Raise ImageDecodeError unless ``path`` is (a link to) a regular file."""
+    if path.is_symlink() and not path.exists():
+        raise ImageDecodeError(f"broken link: {path} -> {os.readlink(path)}")
+    mode = path.stat().st_mode  # FileNotFoundError: handled by the caller
+    if stat.S_ISDIR(mode):
+        raise ImageDecodeError(f"not a file (a directory): {path}")
+    if not stat.S_ISREG(mode):
+        raise ImageDecodeError(f"not a regular file: {path}")
+
+
 def decode_image(data: bytes, *, exif_transpose: bool = True) -> np.ndarray:
     """Decode encoded image bytes to RGB uint8 ``[H, W, 3]``.
 
@@ -81,12 +95,41 @@ def decode_image(data: bytes, *, exif_transpose: bool = True) -> np.ndarray:
     pipelines and the Kaggle baseline do not apply it). Raises ImageDecodeError for
     empty, truncated, corrupt or non-image data.
     """
+    return decode_image_scaled(data, None, exif_transpose=exif_transpose)[0]
+
+
+def decode_image_scaled(
+    data: bytes, max_size: int | None, *, exif_transpose: bool = True
+) -> tuple[np.ndarray, float]:
+    """Decode to RGB uint8 ``[H, W, 3]`` with the longer side at most ``max_size`` pixels.
+
+    A JPEG larger than needed is decoded at 1/2, 1/4 or 1/8 of its size by libjpeg's
+    scaled IDCT (Pillow draft mode), so memory follows the requested size instead of the
+    photo's (a 108 MP photo capped at 1024 px never exists at full size); the rest is
+    shrunk with :func:`downscale_to_max_size`. ``exif_transpose`` as for
+    :func:`decode_image`.
+
+    Returns
+    -------
+    image : uint8 [H, W, 3]
+    factor : float
+        Original (EXIF-rotated when ``exif_transpose``) size / returned size along x (>= 1): a keypoint ``(x, y)``
+        of the returned image lies at ``(p + 0.5) * factor - 0.5`` in original pixels.
+    """
     if not data:
         raise ImageDecodeError("empty file (0 bytes)")
+    draft_scale = 1.0
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
+            if max_size is not None and image.format == "JPEG" and max(image.size) > 2 * max_size:
+                width, height = image.size
+                longest = max(width, height)
+                wanted = (max(1, width * max_size // longest), max(1, height * max_size // longest))
+                drafted = image.draft(image.mode, wanted)
+                if drafted is not None:
+                    draft_scale = width / drafted[1][2]
             image.load()
             if exif_transpose:
                 image = ImageOps.exif_transpose(image)
@@ -96,7 +139,8 @@ def decode_image(data: bytes, *, exif_transpose: bool = True) -> np.ndarray:
         raise ImageDecodeError(f"image too large: {error}") from error
     except (OSError, SyntaxError, ValueError, EOFError) as error:
         raise ImageDecodeError(f"corrupt or truncated image: {error}") from error
-    return _to_rgb_uint8(image)
+    small, factor = downscale_to_max_size(_to_rgb_uint8(image), max_size)
+    return small, factor * draft_scale
 
 
 def _to_rgb_uint8(image: Image.Image) -> np.ndarray:
@@ -190,13 +234,14 @@ def sources_from_csv(
 
 
 def sources_from_folder(folder: str | os.PathLike) -> list[ImageSource]:
-    """Every image file below ``folder`` (recursively), id = file stem, sorted by path."""
+    """Every image name below ``folder`` (recursively), id = file stem, sorted by path.
+
+    Names with an image extension that are not readable files (broken links, folders
+    named ``*.jpg``, FIFOs) are listed too, so that a run records them as failures with
+    the reason instead of leaving them out silently.
+    """
     folder = Path(folder)
-    paths = sorted(
-        path
-        for path in folder.rglob("*")
-        if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
-    )
+    paths = sorted(path for path in folder.rglob("*") if path.suffix.lower() in IMAGE_EXTENSIONS)
     return _unique([ImageSource(id=path.stem, path=str(path)) for path in paths], str(folder))
 
 

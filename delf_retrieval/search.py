@@ -6,7 +6,11 @@ into a running top-k. Results are exact and deterministic: rows are sorted by si
 descending, and equal similarities are ordered by the smaller database index first, also
 when the tie straddles a block boundary or a shard boundary (see :func:`merge_topk`).
 
-Inputs are expected to be finite; NaN similarities have no defined rank.
+Non-finite values: a similarity that is NaN or infinite (a database row or a query
+holding NaN or inf) counts as ``-inf``. Such rows rank after every finite one, ties by
+the smaller index as always, so every returned id is a real row; their similarity is
+reported as ``-inf``. Finite inputs pay nothing for this: the check looks at each block's
+k best values only, and a block is cleaned only when one of those is not finite.
 
 Every index backend has the interface of a faiss index, :class:`SearchIndex`:
 ``index.search(queries, k) -> (similarities, ids)``. :class:`CosineIndex` is the exact
@@ -401,7 +405,8 @@ def _numpy_block_topk(max_queries: int, max_rows: int) -> _BlockTopk:
         best_ids: np.ndarray,
     ) -> tuple[np.ndarray, np.ndarray]:
         sims = buffer[: queries.shape[0] * block.shape[0]].reshape(queries.shape[0], block.shape[0])
-        np.matmul(queries, block.T, out=sims)
+        with np.errstate(invalid="ignore", over="ignore"):  # non-finite rows: see the module doc
+            np.matmul(queries, block.T, out=sims)
         return _update(sims, start, best_sims, best_ids)
 
     return step
@@ -426,11 +431,18 @@ def _faiss_block_topk() -> _BlockTopk:
             min(kk + 1, block.shape[0]),
             metric=faiss.METRIC_INNER_PRODUCT,
         )
+        # faiss leaves NaN rows out (id -1 where fewer than k remain) and ranks +inf
+        # first: such queries are redone with numpy, where non-finite counts as -inf.
+        odd = ~(np.isfinite(sims).all(axis=1) & (ids >= 0).all(axis=1))
         if sims.shape[1] > kk:
-            tied = np.flatnonzero(sims[:, kk] == sims[:, kk - 1])
+            tied = np.flatnonzero((sims[:, kk] == sims[:, kk - 1]) | odd)
             sims, ids = sims[:, :kk].copy(), ids[:, :kk].copy()
-            if tied.size:
-                sims[tied], ids[tied] = _dense_topk(queries[tied] @ block.T, kk)
+        else:
+            tied = np.flatnonzero(odd)
+        if tied.size:
+            with np.errstate(invalid="ignore", over="ignore"):
+                products = queries[tied] @ block.T
+            sims[tied], ids[tied] = _dense_topk(_finite_or_minus_inf(products), kk)
         return merge_topk([(best_sims, best_ids), (sims, ids + start)], best_sims.shape[1])
 
     return step
@@ -456,16 +468,28 @@ def _update(
     threshold = best_sims[:, -1]
     if np.isfinite(threshold).all():
         # Every earlier id is smaller than this block's ids, so a block row must beat the
-        # running k-th best strictly to enter.
+        # running k-th best strictly to enter (NaN never does: it counts as -inf).
         passed = sims > threshold[:, None]
         if np.count_nonzero(passed) <= _SPARSE_FACTOR * num_queries * kk:
             flat = np.flatnonzero(passed)
-            rows = np.concatenate([np.repeat(np.arange(num_queries), kk), flat // num_rows])
-            values = np.concatenate([best_sims.ravel(), sims.ravel()[flat]])
-            ids = np.concatenate([best_ids.ravel(), flat % num_rows + start])
-            return _select_sorted(rows, values, ids, num_queries, kk)
+            entering = sims.ravel()[flat]
+            if not np.isposinf(entering).any():
+                rows = np.concatenate([np.repeat(np.arange(num_queries), kk), flat // num_rows])
+                values = np.concatenate([best_sims.ravel(), entering])
+                ids = np.concatenate([best_ids.ravel(), flat % num_rows + start])
+                return _select_sorted(rows, values, ids, num_queries, kk)
     block_sims, block_ids = _dense_topk(sims, kk)
+    # Partitioning ranks NaN and +inf above everything: if a row holds any, they are
+    # among its k best. Only then is the block cleaned and ranked again.
+    if np.isnan(block_sims).any() or np.isposinf(block_sims).any():
+        block_sims, block_ids = _dense_topk(_finite_or_minus_inf(sims), kk)
     return merge_topk([(best_sims, best_ids), (block_sims, block_ids + start)], kk)
+
+
+def _finite_or_minus_inf(sims: np.ndarray) -> np.ndarray:
+    """``sims`` with NaN and +-inf replaced by -inf, in place (our own buffer)."""
+    sims[~np.isfinite(sims)] = -np.inf
+    return sims
 
 
 def _dense_topk(sims: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -5,7 +5,8 @@ Layout::
     STORE/meta.json                    model fingerprint, dtype, format version
     STORE/chunks/chunk-<hash>.npz      one per written batch (atomic, never modified)
     STORE/CURRENT                      names the consolidated generation in use
-    STORE/gen-<tag>/ids.txt            ids, sorted
+    STORE/gen-<tag>/ids.json           ids, sorted (a JSON list: any characters;
+                                       stores of older versions have ids.txt)
     STORE/gen-<tag>/global.npy         [N, Dg] float32/float16, memory-mappable
     STORE/gen-<tag>/local_*.npy        ragged local features, rows of image i are
                                        local_offsets[i]:local_offsets[i + 1]
@@ -17,22 +18,44 @@ run leaves whole chunks or nothing; a rerun skips the ids already in chunks. A c
 name is a hash of its ids, so a retried batch (Ray) replaces its own file instead of
 duplicating it. Reading consolidates the chunks into contiguous arrays (sorted by id, so
 the result does not depend on how the work was batched or interrupted).
+
+Several processes may share a store (see :mod:`delf_retrieval.locks`):
+
+- ``STORE/.extract.lock``: one extraction at a time (:meth:`FeatureStore.writing`); a
+  second one waits with a message (or, with ``wait=False``, refuses with one) and then
+  skips what the first one did, so no work is done twice. Orphaned temporary chunk files
+  of killed runs are removed when it is taken.
+- ``STORE/.consolidate.lock``: one consolidation at a time.
+- ``gen-<tag>/.readers``: a reader holds a shared lock on the generation it reads, and
+  a consolidation deletes an old generation only when nobody holds it.
+
+Consolidation checks the free disk space first, preallocates its files and writes them
+with ``pwrite`` (not through a memory map, whose write to a full disk kills the process
+with SIGBUS), and removes its partial output when anything fails. A chunk that cannot be
+read (truncated: ``BadZipFile``) is moved aside as ``*.npz.corrupt`` and its images are
+extracted again by the next run.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
 import shutil
 import uuid
-from collections.abc import Sequence
+import warnings
+import zipfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from . import locks
 from .atomic import atomic_write, atomic_write_bytes
+from .errors import DelfError
 from .features import ImageFeatures, LocalFeatures
 
 STORE_FORMAT = 1
@@ -44,7 +67,18 @@ class StoreMismatchError(ValueError):
     """The store holds features of another model, parameters or dtype."""
 
 
+class DiskSpaceError(DelfError):
+    """Not enough free disk space to consolidate a store (nothing was lost)."""
+
+
+# Chunk files that cannot be read (truncated by a full disk or a copy, bit rot).
+_DAMAGED = (zipfile.BadZipFile, EOFError, KeyError, ValueError, OSError)
+# Free space kept in reserve beyond what consolidation writes, bytes.
+_SPACE_MARGIN = 16 * 2**20
+
+
 __all__ = [
+    "DiskSpaceError",
     "FeatureStore",
     "StoreMismatchError",
     "atomic_write_bytes",
@@ -68,8 +102,16 @@ def same_fingerprint(a: dict[str, Any] | str, b: dict[str, Any] | str) -> bool:
 
 
 def ids_hash(ids: Sequence[str]) -> str:
-    """Short stable hash of an id list (names chunks, ties derived arrays to their ids)."""
-    return hashlib.sha1("\n".join(ids).encode()).hexdigest()[:16]
+    """Short stable hash of an id list (names chunks, ties derived arrays to their ids).
+
+    Ids joined by newlines; a list holding an id with a newline is hashed as JSON behind
+    a newline instead, so that ``["a\\nb"]`` and ``["a", "b"]`` differ.
+    """
+    if any("\n" in image_id for image_id in ids):
+        text = "\n" + json.dumps(list(ids), ensure_ascii=False)
+    else:
+        text = "\n".join(ids)
+    return hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
 class FeatureStore:
@@ -83,6 +125,8 @@ class FeatureStore:
         :class:`StoreMismatchError`; ``None`` opens an existing store for reading
         whatever made it.
     dtype : ``"float32"`` or ``"float16"`` for descriptors (keypoints stay float32).
+    wait : when another process extracts into the store, :meth:`writing` waits for it
+        (saying so on stderr); False raises :class:`~delf_retrieval.locks.LockedError`.
     """
 
     def __init__(
@@ -91,6 +135,7 @@ class FeatureStore:
         fingerprint: dict[str, Any] | str | None = None,
         *,
         dtype: str = "float32",
+        wait: bool = True,
     ) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
@@ -109,8 +154,11 @@ class FeatureStore:
             (self.path / "chunks").mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(meta_path, json.dumps(self.meta, indent=2, default=str).encode())
         (self.path / "chunks").mkdir(parents=True, exist_ok=True)
+        self.wait = wait
         self._generation: dict[str, Any] | None = None
         self._arrays: dict[str, np.ndarray] = {}
+        self._reader_lock: Any = None  # shared lock on the generation being read
+        self._writer_lock: Any = None
 
     # ------------------------------------------------------------------ identity
     @property
@@ -146,18 +194,59 @@ class FeatureStore:
             )
 
     # ------------------------------------------------------------------ writing
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[FeatureStore]:
+        """Hold the store's extraction lock for a ``with`` block (re-entrant).
+
+        Decide what is left to do inside the block: a run that waited for another one
+        then sees its chunks. Temporary chunk files left by killed runs are removed.
+        """
+        if self._writer_lock is not None:
+            yield self
+            return
+        self._writer_lock = locks.exclusive_lock(
+            self.path / ".extract.lock", wait=self.wait, what=f"feature store {self.path}"
+        )
+        try:
+            for orphan in (self.path / "chunks").glob(".chunk-*.tmp-*"):
+                orphan.unlink(missing_ok=True)
+            yield self
+        finally:
+            locks.release(self._writer_lock)
+            self._writer_lock = None
+
     def chunk_paths(self) -> list[Path]:
         return sorted((self.path / "chunks").glob("chunk-*.npz"))
 
     def chunk_ids(self) -> tuple[set[str], set[str]]:
-        """``(extracted, failed)`` ids over all chunks (failed: in no chunk as extracted)."""
+        """``(extracted, failed)`` ids over all chunks (failed: in no chunk as extracted).
+
+        A chunk that cannot be read is moved aside (see :meth:`_set_aside`), so its ids
+        count as not done and are extracted again.
+        """
         extracted: set[str] = set()
         failed: set[str] = set()
         for chunk in self.chunk_paths():
-            with np.load(chunk) as data:
-                extracted.update(data["ids"].tolist())
-                failed.update(data["failed_ids"].tolist())
+            try:
+                with np.load(chunk) as data:
+                    chunk_extracted, chunk_failed = data["ids"].tolist(), data["failed_ids"].tolist()
+            except _DAMAGED as error:
+                self._set_aside(chunk, error)
+                continue
+            extracted.update(chunk_extracted)
+            failed.update(chunk_failed)
         return extracted, failed - extracted
+
+    def _set_aside(self, chunk: Path, error: BaseException) -> None:
+        """Rename a damaged chunk to ``<name>.corrupt`` (kept for inspection, no longer read)."""
+        with contextlib.suppress(FileNotFoundError):  # another process was first
+            os.replace(chunk, chunk.with_name(chunk.name + ".corrupt"))
+            warnings.warn(
+                f"feature store {self.path}: chunk {chunk.name} is damaged ({type(error).__name__}: "
+                f"{error}); moved to {chunk.name}.corrupt, its images will be extracted again",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def completed_ids(self) -> set[str]:
         """Ids already in chunks, extracted or failed (a rerun skips them)."""
@@ -182,6 +271,10 @@ class FeatureStore:
             raise ValueError(f"{len(ids)} ids but {len(features)} feature sets")
         if not ids and not failures:
             return None
+        for image_id in [*ids, *(f[0] for f in failures)]:
+            # NumPy string arrays drop trailing NULs; every other character round-trips.
+            if not isinstance(image_id, str) or not image_id or "\x00" in image_id:
+                raise ValueError(f"image ids must be non-empty strings without NUL characters, got {image_id!r}")
         arrays = self._pack(list(ids), list(features))
         arrays["failed_ids"] = np.array([f[0] for f in failures], dtype=str)
         arrays["failed_reasons"] = np.array([f[1] for f in failures], dtype=str)
@@ -226,90 +319,195 @@ class FeatureStore:
         return generation
 
     def finalize(self) -> None:
-        """Consolidate chunks into contiguous arrays if new chunks were written."""
+        """Consolidate chunks into contiguous arrays if new chunks were written.
+
+        Holds the consolidation lock (another process consolidating the same chunks is
+        waited for, not repeated). Raises :class:`DiskSpaceError` before writing
+        anything when the disk lacks room; on any failure the partial generation is
+        removed and the chunks stay as they were.
+        """
         if self.is_consolidated():
             return
-        chunks = self.chunk_paths()
-        # Which chunk and row each id comes from; a success beats a failure, and the
-        # first chunk (by name) wins among duplicates so the choice is deterministic.
+        lock = locks.exclusive_lock(self.path / ".consolidate.lock", what=f"consolidation of {self.path}")
+        try:
+            if not self.is_consolidated():
+                self._consolidate()
+            # This object moves to the new generation (arrays it already handed out stay
+            # readable: a memory map outlives its deleted file), so its old one may go.
+            locks.release(self._reader_lock)
+            self._reader_lock = None
+            self._generation = None
+            self._arrays = {}
+            self._remove_unused_generations()
+        finally:
+            locks.release(lock)
+
+    def _scan_chunks(self) -> tuple[list[Path], dict[str, tuple[int, int]], dict[str, int], dict[str, str]]:
+        """Readable chunks, and for each id: (chunk index, row), local feature count,
+        failure reason. A success beats a failure; the first chunk (by name) wins among
+        duplicates, so the choice is deterministic."""
+        chunks: list[Path] = []
         origin: dict[str, tuple[int, int]] = {}
-        failures: dict[str, str] = {}
         counts: dict[str, int] = {}
-        for chunk_index, chunk in enumerate(chunks):
-            with np.load(chunk) as data:
-                chunk_ids = data["ids"].tolist()
-                offsets = data["offsets"] if self.local_dim else None
-                for row, image_id in enumerate(chunk_ids):
-                    if image_id not in origin:
-                        origin[image_id] = (chunk_index, row)
-                        if offsets is not None:
-                            counts[image_id] = int(offsets[row + 1] - offsets[row])
-                for image_id, reason in zip(data["failed_ids"].tolist(), data["failed_reasons"].tolist(), strict=True):
-                    failures.setdefault(image_id, reason)
+        failures: dict[str, str] = {}
+        for chunk in self.chunk_paths():
+            try:
+                with np.load(chunk) as data:
+                    chunk_ids = data["ids"].tolist()
+                    offsets = data["offsets"] if self.local_dim else None
+                    failed = list(zip(data["failed_ids"].tolist(), data["failed_reasons"].tolist(), strict=True))
+            except _DAMAGED as error:
+                self._set_aside(chunk, error)
+                continue
+            chunk_index = len(chunks)
+            chunks.append(chunk)
+            for row, image_id in enumerate(chunk_ids):
+                if image_id not in origin:
+                    origin[image_id] = (chunk_index, row)
+                    if offsets is not None:
+                        counts[image_id] = int(offsets[row + 1] - offsets[row])
+            for image_id, reason in failed:
+                failures.setdefault(image_id, reason)
         for image_id in origin:
             failures.pop(image_id, None)
+        return chunks, origin, counts, failures
+
+    def _consolidate(self) -> None:
+        chunks, origin, counts, failures = self._scan_chunks()
         ids = sorted(origin)
         position = {image_id: index for index, image_id in enumerate(ids)}
+        dtype = np.dtype(self.dtype)
+        shapes: dict[str, tuple[tuple[int, ...], Any]] = {}
+        local_offsets = np.zeros(1, np.int64)
+        if self.global_dim:
+            shapes["global"] = ((len(ids), self.global_dim), dtype)
+        if self.local_dim:
+            local_offsets = np.concatenate([[0], np.cumsum([counts[i] for i in ids])]).astype(np.int64)
+            total = int(local_offsets[-1])
+            shapes["keypoints"] = ((total, 2), np.float32)
+            shapes["descriptors"] = ((total, self.local_dim), dtype)
+            shapes["scores"] = ((total,), np.float32)
+            shapes["scales"] = ((total,), np.float32)
+        names = {"global": "global.npy", **{field: f"local_{field}.npy" for field in _LOCAL_FIELDS}}
+        self._check_free_space(sum(_npy_nbytes(*shape) for shape in shapes.values()) + local_offsets.nbytes + 64 * len(ids))
         tag = f"gen-{uuid.uuid4().hex[:12]}"
         gen_dir = self.path / tag
         gen_dir.mkdir()
-        dtype = np.dtype(self.dtype)
-        outputs: dict[str, np.ndarray | None] = {}
-        if self.global_dim:
-            outputs["global"] = _open_output(gen_dir / "global.npy", (len(ids), self.global_dim), dtype)
-        if self.local_dim:
-            local_offsets = np.concatenate([[0], np.cumsum([counts[i] for i in ids])]).astype(np.int64)
-            np.save(gen_dir / "local_offsets.npy", local_offsets)
-            total = int(local_offsets[-1])
-            outputs["keypoints"] = _open_output(gen_dir / "local_keypoints.npy", (total, 2), np.float32)
-            outputs["descriptors"] = _open_output(gen_dir / "local_descriptors.npy", (total, self.local_dim), dtype)
-            outputs["scores"] = _open_output(gen_dir / "local_scores.npy", (total,), np.float32)
-            outputs["scales"] = _open_output(gen_dir / "local_scales.npy", (total,), np.float32)
+        outputs: dict[str, _NpyFile] = {}
+        try:
+            for key, (shape, array_dtype) in shapes.items():
+                outputs[key] = _NpyFile(gen_dir / names[key], shape, array_dtype)
+            if self.local_dim:
+                np.save(gen_dir / "local_offsets.npy", local_offsets)
+            self._copy_rows(chunks, origin, position, local_offsets, outputs)
+            for output in outputs.values():
+                output.close()
+            (gen_dir / "ids.json").write_text(json.dumps(ids, ensure_ascii=False), encoding="utf-8")
+            (gen_dir / "failures.json").write_text(json.dumps(failures, indent=1, sort_keys=True))
+            (gen_dir / ".readers").touch()
+            generation = {"name": tag, "chunks": [p.name for p in chunks], "count": len(ids)}
+            atomic_write_bytes(self.path / "CURRENT", json.dumps(generation).encode())
+        except BaseException as error:
+            for output in outputs.values():
+                output.close(sync=False)
+            shutil.rmtree(gen_dir, ignore_errors=True)
+            if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskSpaceError(
+                    f"the disk of feature store {self.path} filled up while consolidating it; nothing "
+                    "was lost: free some space (or move the store), then rerun the same command"
+                ) from error
+            raise
+
+    def _copy_rows(
+        self,
+        chunks: list[Path],
+        origin: dict[str, tuple[int, int]],
+        position: dict[str, int],
+        local_offsets: np.ndarray,
+        outputs: dict[str, _NpyFile],
+    ) -> None:
+        """Write each id's rows from the chunk it comes from to its place in ``outputs``."""
         for chunk_index, chunk in enumerate(chunks):
             with np.load(chunk) as data:
                 chunk_ids = data["ids"].tolist()
                 wanted = [(row, position[i]) for row, i in enumerate(chunk_ids) if origin[i] == (chunk_index, row)]
                 if not wanted:
                     continue
-                if self.global_dim and outputs["global"] is not None:
-                    rows, targets = zip(*wanted, strict=True)
-                    outputs["global"][list(targets)] = data["global"][list(rows)]
+                if "global" in outputs:
+                    rows = data["global"]
+                    for row, target in wanted:
+                        outputs["global"].write_rows(target, rows[row : row + 1])
                 if self.local_dim:
                     offsets = data["offsets"]
                     chunk_local = {field: data[field] for field in _LOCAL_FIELDS}
                     for row, target in wanted:
                         start, stop = offsets[row], offsets[row + 1]
-                        out_start, out_stop = local_offsets[target], local_offsets[target + 1]
-                        for field in _LOCAL_FIELDS:
-                            output = outputs[field]
-                            if output is not None and stop > start:
-                                output[out_start:out_stop] = chunk_local[field][start:stop]
-        for output in outputs.values():
-            if isinstance(output, np.memmap):
-                output.flush()
-        (gen_dir / "ids.txt").write_text("".join(f"{i}\n" for i in ids))
-        (gen_dir / "failures.json").write_text(json.dumps(failures, indent=1, sort_keys=True))
-        generation = {"name": tag, "chunks": [p.name for p in chunks], "count": len(ids)}
-        atomic_write_bytes(self.path / "CURRENT", json.dumps(generation).encode())
+                        if stop > start:
+                            for field in _LOCAL_FIELDS:
+                                outputs[field].write_rows(int(local_offsets[target]), chunk_local[field][start:stop])
+
+    def _check_free_space(self, needed: int) -> None:
+        free = shutil.disk_usage(self.path).free
+        if free < needed + _SPACE_MARGIN:
+            raise DiskSpaceError(
+                f"consolidating feature store {self.path} needs {_gigabytes(needed + _SPACE_MARGIN)} of free "
+                f"disk space, only {_gigabytes(free)} is free there; nothing was lost: free some space "
+                "(or move the store), then rerun the same command"
+            )
+
+    def _remove_unused_generations(self) -> None:
+        """Delete generations other than CURRENT's that no reader holds (old ones, and
+        partial ones of killed consolidations). Call with the consolidation lock held."""
+        current = self._read_current()
         for old in self.path.glob("gen-*"):
-            if old.name != tag:
+            if current is not None and old.name == current["name"]:
+                continue
+            try:
+                claim = locks.try_exclusive_lock(old / ".readers")
+            except FileNotFoundError:
+                continue  # deleted meanwhile
+            if claim is None:
+                continue  # a reader uses it: a later consolidation deletes it
+            try:
                 shutil.rmtree(old, ignore_errors=True)
-        self._generation = None
-        self._arrays = {}
+            finally:
+                locks.release(claim)
 
     # ------------------------------------------------------------------ reading
     def _gen(self) -> dict[str, Any]:
-        if self._generation is None or not self.is_consolidated():
+        """The generation to read: the current one, after consolidating new chunks
+        (also those written, or consolidated, by other processes)."""
+        if self._generation is not None:
+            current = self._read_current()
+            if (
+                current is not None
+                and current["name"] == self._generation["name"]
+                and current["chunks"] == [p.name for p in self.chunk_paths()]
+            ):
+                return self._generation
+        for _attempt in range(100):
             self.finalize()
             generation = self._read_current()
             assert generation is not None
             gen_dir = self.path / generation["name"]
-            ids = (gen_dir / "ids.txt").read_text().split()
-            generation["ids"] = ids
-            generation["ids_array"] = np.array(ids, dtype=str)
-            generation["dir"] = gen_dir
-            self._generation = generation
-            self._arrays = {}
+            try:
+                lock = locks.shared_lock(gen_dir / ".readers")
+            except FileNotFoundError:
+                continue  # replaced and deleted between reading CURRENT and locking it
+            ids = _read_ids(gen_dir)
+            if ids is None:  # deleted before the lock was granted
+                locks.release(lock)
+                continue
+            break
+        else:  # pragma: no cover - would need 100 consolidations racing this reader
+            raise RuntimeError(f"feature store {self.path} kept changing while being opened")
+        locks.release(self._reader_lock)
+        self._reader_lock = lock
+        generation["ids"] = ids
+        generation["ids_array"] = np.array(ids, dtype=str)
+        generation["dir"] = gen_dir
+        self._generation = generation
+        self._arrays = {}
         return self._generation
 
     def _array(self, name: str) -> np.ndarray:
@@ -429,9 +627,69 @@ def _stack(parts: list[np.ndarray], empty_shape: tuple[int, ...], dtype: Any) ->
     return np.concatenate([np.asarray(p, dtype=dtype).reshape((-1,) + empty_shape[1:]) for p in parts])
 
 
-def _open_output(path: Path, shape: tuple[int, ...], dtype: Any) -> np.ndarray | None:
-    """A writable .npy memmap, or None (an empty array already saved) for zero-size shapes."""
-    if int(np.prod(shape)) == 0:
-        np.save(path, np.zeros(shape, dtype=dtype))
+def _read_ids(gen_dir: Path) -> list[str] | None:
+    """Ids of a generation, or None when it is gone. ``ids.json`` round-trips any
+    characters; ``ids.txt`` (one id per line) is what older versions wrote."""
+    try:
+        return json.loads((gen_dir / "ids.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        pass
+    try:
+        text = (gen_dir / "ids.txt").read_text(encoding="utf-8")
+    except FileNotFoundError:
         return None
-    return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    return text.split("\n")[:-1]
+
+
+def _npy_nbytes(shape: tuple[int, ...], dtype: Any) -> int:
+    return int(np.prod(shape)) * np.dtype(dtype).itemsize + 128
+
+
+def _gigabytes(count: int) -> str:
+    return f"{count / 1e9:.2f} GB" if count >= 1e8 else f"{count / 1e6:.1f} MB"
+
+
+class _NpyFile:
+    """A ``.npy`` file written by row ranges at their offsets (``os.pwrite``).
+
+    The file is preallocated (``posix_fallocate``) where the file system can, so a full
+    disk shows as ``OSError(ENOSPC)`` right away; elsewhere as the same error from
+    ``pwrite``, never as the SIGBUS a write through a memory map would get.
+    """
+
+    def __init__(self, path: Path, shape: tuple[int, ...], dtype: Any) -> None:
+        self.dtype = np.dtype(dtype)
+        self.row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": shape}
+        with open(path, "wb") as handle:
+            np.lib.format.write_array_header_1_0(handle, header)
+            self.data_offset = handle.tell()
+        self.fd = os.open(path, os.O_WRONLY)
+        size = self.data_offset + int(np.prod(shape)) * self.dtype.itemsize
+        try:
+            os.posix_fallocate(self.fd, 0, size)
+        except OSError as error:
+            if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                os.close(self.fd)
+                self.fd = -1
+                raise
+            os.ftruncate(self.fd, size)  # no fallocate here: a sparse file; pwrite reports ENOSPC
+        except AttributeError:  # pragma: no cover - no posix_fallocate (macOS, Windows)
+            os.ftruncate(self.fd, size)
+
+    def write_rows(self, first_row: int, rows: np.ndarray) -> None:
+        data = memoryview(np.ascontiguousarray(rows, dtype=self.dtype)).cast("B")
+        offset = self.data_offset + first_row * self.row_bytes
+        while len(data):
+            written = os.pwrite(self.fd, data, offset)
+            data, offset = data[written:], offset + written
+
+    def close(self, sync: bool = True) -> None:
+        if self.fd < 0:
+            return
+        fd, self.fd = self.fd, -1
+        try:
+            if sync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)

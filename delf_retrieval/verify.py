@@ -90,6 +90,9 @@ def putative_matches(
         times the distance to the second nearest descriptor. ``1.0`` disables the test.
         With a single descriptor in image 2 the test passes.
 
+    Rows holding NaN or inf are left out, as if they had not been extracted: they match
+    nothing and nothing matches them (indices still refer to the full arrays).
+
     Returns
     -------
     int64 [M, 2]
@@ -100,9 +103,10 @@ def putative_matches(
     if d1.shape[1] != d2.shape[1]:
         raise ValueError(f"descriptor widths differ: {d1.shape[1]} and {d2.shape[1]}")
     _check_match_params(max_distance, ratio)
+    (d1, rows1), (d2, rows2) = _finite_rows(l2_normalize(d1)), _finite_rows(l2_normalize(d2))
     if d1.shape[0] == 0 or d2.shape[0] == 0:
         return np.zeros((0, 2), np.int64)
-    return _match_normalized(l2_normalize(d1), l2_normalize(d2), max_distance, mutual, ratio)
+    return _original_rows(_match_normalized(d1, d2, max_distance, mutual, ratio), rows1, rows2)
 
 
 def ransac_inliers(
@@ -236,9 +240,12 @@ def match_and_verify(
     k2, d2 = _as_features(keypoints2, descriptors2, "2")
     if d1.shape[1] != d2.shape[1]:
         raise ValueError(f"descriptor widths differ: {d1.shape[1]} and {d2.shape[1]}")
+    (d1, k1), rows1 = _finite_features(k1, l2_normalize(d1))
+    (d2, k2), rows2 = _finite_features(k2, l2_normalize(d2))
     if d1.shape[0] == 0 or d2.shape[0] == 0:
         return np.zeros((0, 2), np.int64), np.zeros(0, bool)
-    return _verify_normalized(k1, l2_normalize(d1), k2, l2_normalize(d2), config)
+    matches, inliers = _verify_normalized(k1, d1, k2, d2, config)
+    return _original_rows(matches, rows1, rows2), inliers
 
 
 def count_inliers(
@@ -291,13 +298,14 @@ def count_inliers_many(
     if len(candidates) == 0:
         return np.zeros(0, np.int64)
     k1, d1 = _as_features(query.keypoints, query.descriptors, "of the query")
-    d1 = l2_normalize(d1)
+    (d1, k1), _ = _finite_features(k1, l2_normalize(d1))
     features = []
     for candidate in candidates:
         k2, d2 = _as_features(candidate.keypoints, candidate.descriptors, "of a candidate")
         if d2.shape[1] != d1.shape[1]:
             raise ValueError(f"descriptor widths differ: {d1.shape[1]} and {d2.shape[1]}")
-        features.append((k2, l2_normalize(d2)))
+        (d2, k2), _ = _finite_features(k2, l2_normalize(d2))
+        features.append((k2, d2))
 
     def share(positions: range) -> list[int]:
         if d1.shape[0] == 0:
@@ -364,6 +372,39 @@ def _distance(similarity: np.ndarray) -> np.ndarray:
     """L2 distance between unit vectors with the given cosine similarity (float64)."""
     with np.errstate(invalid="ignore"):
         return np.sqrt(np.maximum(2.0 - 2.0 * similarity, 0.0))
+
+
+def _finite_rows(descriptors: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(rows holding no NaN or inf, their indices)``; indices None when every row is
+    finite. A non-finite row is left out of matching as if it had not been extracted:
+    kept, one NaN row would make every column maximum NaN and void the mutual test."""
+    finite = np.isfinite(descriptors).all(axis=1)
+    if finite.all():
+        return descriptors, None
+    rows = np.flatnonzero(finite)
+    return descriptors[rows], rows
+
+
+def _finite_features(
+    keypoints: np.ndarray, descriptors: np.ndarray
+) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray | None]:
+    """As :func:`_finite_rows`, also leaving out rows whose keypoint is not finite (RANSAC
+    would reject the whole pair for one such point). Returns ``((descriptors, keypoints),
+    indices or None)``."""
+    finite = np.isfinite(descriptors).all(axis=1) & np.isfinite(keypoints).all(axis=1)
+    if finite.all():
+        return (descriptors, keypoints), None
+    rows = np.flatnonzero(finite)
+    return (descriptors[rows], keypoints[rows]), rows
+
+
+def _original_rows(matches: np.ndarray, rows1: np.ndarray | None, rows2: np.ndarray | None) -> np.ndarray:
+    """Map ``matches`` ``[M, 2]`` between the finite rows back to the original indices."""
+    if rows1 is not None:
+        matches[:, 0] = rows1[matches[:, 0]]
+    if rows2 is not None:
+        matches[:, 1] = rows2[matches[:, 1]]
+    return matches
 
 
 def _verify_normalized(

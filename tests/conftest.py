@@ -1,16 +1,48 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures, and the check that the test environment is complete."""
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from pathlib import Path
 
 import pytest
+
+# Needed by the library or by the test extra: a missing one fails the run up front
+# instead of silently skipping every test that uses it.
+REQUIRED = {
+    "tensorflow": "tensorflow",
+    "tensorflow_hub": "tensorflow-hub",
+    "cv2": "opencv-python-headless",
+    "skimage": "scikit-image",
+    "nbformat": "nbformat (pip install '.[test]')",
+    "nbclient": "nbclient (pip install '.[test]')",
+    "ipykernel": "ipykernel (pip install '.[test]')",
+}
+# Optional extras: their tests skip without them, unless DELF_TEST_REQUIRE_EXTRAS=1 (CI).
+EXTRAS = {"ray": "ray", "faiss": "faiss", "pydegensac": "degensac", "onnxruntime": "fast"}
+
+
+def _installed(module: str) -> bool:
+    """Whether ``module`` can be imported (found without importing it: TensorFlow takes seconds)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    missing = [f"{module} ({package})" for module, package in REQUIRED.items() if not _installed(module)]
+    if os.environ.get("DELF_TEST_REQUIRE_EXTRAS") == "1":
+        missing += [f"{module} (pip install '.[{extra}]')" for module, extra in EXTRAS.items() if not _installed(module)]
+    if missing:
+        pytest.exit(f"missing test dependencies: {', '.join(missing)}", returncode=pytest.ExitCode.USAGE_ERROR)
+
 
 # --- Fixture models (delf_retrieval.testing): each built once per session. ---------------
 
 
 def _build(tmp_path_factory: pytest.TempPathFactory, name: str, **kwargs: bool) -> Path:
-    pytest.importorskip("tensorflow", reason="fixture models need TensorFlow")
     from delf_retrieval import testing
 
     builder = {
@@ -50,3 +82,24 @@ def delg_tf1_global_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def delf_hub_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Folder of a DELF-v1-like TF-Hub module."""
     return _build(tmp_path_factory, "delf_hub")
+
+
+MODEL_FIXTURES = {
+    "delg_tf2_model",
+    "delg_tf2_global_model",
+    "delg_tf1_model",
+    "delg_tf1_global_model",
+    "delf_hub_model",
+    "loaded",  # test_models.py: every fixture model, loaded
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests on the Ray cluster fixture are ``ray``; those and tests on fixture SavedModels
+    (TensorFlow) or notebooks are ``slow`` too."""
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if "cluster" in fixtures:
+            item.add_marker(pytest.mark.ray)
+        if fixtures & MODEL_FIXTURES or item.get_closest_marker("ray") or item.get_closest_marker("notebooks"):
+            item.add_marker(pytest.mark.slow)

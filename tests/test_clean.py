@@ -150,6 +150,7 @@ def quiet(_: str) -> None:
     pass
 
 
+@pytest.mark.slow
 def test_cleaning_removes_exactly_the_planted_noise(noisy, tmp_path):
     root, noise, lone = noisy
     out = tmp_path / "train_clean.csv"
@@ -182,6 +183,7 @@ class Killed(Exception):
     """Stands for the process being killed in the middle of a chunk."""
 
 
+@pytest.mark.slow
 def test_resume_after_a_kill_gives_the_identical_report(noisy, tmp_path, monkeypatch):
     root, _, _ = noisy
     kwargs = dict(work_dir=tmp_path / "w", chunk_size=4, pictures_dir="", progress=False, log=quiet)
@@ -213,6 +215,7 @@ def test_resume_after_a_kill_gives_the_identical_report(noisy, tmp_path, monkeyp
     assert calls == []  # everything cached
 
 
+@pytest.mark.slow
 def test_verify_pairs_ignores_a_corrupt_chunk(noisy, tmp_path):
     root, _, _ = noisy
     first = clean_dataset(root, "opencv-sift", output=tmp_path / "a.csv", work_dir=tmp_path / "w", chunk_size=8, pictures_dir="", progress=False, log=quiet)
@@ -222,6 +225,7 @@ def test_verify_pairs_ignores_a_corrupt_chunk(noisy, tmp_path):
     np.testing.assert_array_equal(again.inliers, first.inliers)
 
 
+@pytest.mark.slow
 def test_cli_clean(noisy, tmp_path, capsys):
     root, noise, _ = noisy
     out = tmp_path / "c.csv"
@@ -244,6 +248,7 @@ def test_verify_pairs_rejects_a_bad_chunk_size(noisy, tmp_path):
 # --------------------------------------------------------------------------- Ray
 
 
+@pytest.mark.ray
 def test_ray_gives_the_same_report(noisy, tmp_path):
     """``clean --ray local``: extraction and pair verification on Ray actors, same files."""
     pytest.importorskip("ray", reason="distributed runs need the optional extra delf_retrieval[ray]")

@@ -4,6 +4,7 @@ The cluster (a head and a second node, one CPU each) starts once for the module.
 are compared bit for bit with the local code paths (extract_to_store, cosine_topk).
 """
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -28,6 +29,7 @@ from delf_retrieval.distributed import (
     shard_bounds,
     sharded_cosine_topk,
 )
+from delf_retrieval.errors import WorkersLostError
 from delf_retrieval.extract import extract_to_store
 from delf_retrieval.images import ImageSource, kaggle_image_path, list_images
 from delf_retrieval.models.loader import load_extractor
@@ -41,6 +43,7 @@ NUM_BAD = 3  # an empty file, a text file, a missing file
 
 
 # --------------------------------------------------------------------------- no Ray needed
+@pytest.mark.slow
 def test_importing_the_package_does_not_import_ray():
     code = "import sys, delf_retrieval.distributed, delf_retrieval.cli, delf_retrieval.pipeline; print('ray' in sys.modules)"
     result = subprocess.run(
@@ -233,6 +236,25 @@ def test_batches_of_a_dead_worker_move_to_the_others(cluster, images, reference,
     assert (summary.extracted, summary.failed) == (30, 3)
     assert_same_store(reference, store)
     assert set(ids_per_chunk(store).values()) == {1}
+
+
+def test_every_worker_dead_is_a_clear_error_and_a_rerun_resumes(cluster, images, reference, tmp_path):
+    store = new_store(tmp_path / "ray")
+    with RayExtractorPool("opencv-sift", num_workers=2, max_restarts=0, max_task_retries=0) as pool:
+        victims = [worker["pid"] for worker in pool.workers()]
+
+        def kill_all(done: int, total: int) -> None:
+            for pid in victims:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+        with pytest.raises(WorkersLostError, match="every Ray extraction worker died .* rerun to resume"):
+            pool.extract_to_store(None, images, store, batch_size=2, progress=False, on_progress=kill_all)
+    done = len(FeatureStore(tmp_path / "ray").completed_ids())
+    assert 0 < done < 33  # the finished batches are kept
+    summary = extract_to_store_ray("opencv-sift", None, images, new_store(tmp_path / "ray"), num_workers=2, batch_size=2, progress=False)
+    assert summary.skipped == done and summary.extracted + summary.failed + done == 33
+    assert_same_store(reference, FeatureStore(tmp_path / "ray"))
 
 
 def test_ray_run_completes_a_store_half_filled_locally(cluster, images, tmp_path):

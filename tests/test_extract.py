@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from delf_retrieval.demo_data import bundled_photo, random_view
-from delf_retrieval.extract import extract_to_store, iter_decoded
+from delf_retrieval.extract import MIN_IMAGE_SIDE, extract_to_store, iter_decoded
+from delf_retrieval.features import ImageFeatures, LocalFeatures
 from delf_retrieval.images import ImageSource, kaggle_image_path, list_images
 from delf_retrieval.models.opencv_sift import OpenCVSiftExtractor
 from delf_retrieval.store import FeatureStore
@@ -100,6 +101,7 @@ RUNNER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_result(tmp_path):
     write_views(tmp_path / "img", 24, size=640)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -128,3 +130,55 @@ def test_rejects_bad_batch_size(tmp_path):
     extractor = OpenCVSiftExtractor()
     with pytest.raises(ValueError, match="batch_size"):
         extract_to_store(extractor, [], FeatureStore(tmp_path, extractor.fingerprint()), batch_size=0)
+
+
+def test_tiny_images_links_and_folders_are_failures_with_reasons(tmp_path):
+    ids = write_views(tmp_path / "img", 2)
+    folder = tmp_path / "img"
+    cv2.imwrite(str(folder / "dot.png"), np.full((1, 1, 3), 200, np.uint8))
+    cv2.imwrite(str(folder / "line.png"), np.full((1, 500, 3), 200, np.uint8))
+    cv2.imwrite(str(folder / "small.png"), np.full((MIN_IMAGE_SIDE, MIN_IMAGE_SIDE, 3), 9, np.uint8))
+    os.symlink(tmp_path / "deleted.jpg", folder / "gone.jpg")
+    (folder / "album.jpg").mkdir()
+    extractor = OpenCVSiftExtractor()
+    store = FeatureStore(tmp_path / "store", extractor.fingerprint())
+    summary = extract_to_store(extractor, list_images(folder), store, progress=False)
+    assert (summary.total, summary.extracted, summary.failed) == (7, 3, 4)
+    failures = store.failures()
+    assert failures["dot"] == f"image too small: 1x1 px (at least {MIN_IMAGE_SIDE} px per side)"
+    assert failures["line"] == f"image too small: 500x1 px (at least {MIN_IMAGE_SIDE} px per side)"
+    assert failures["gone"].startswith("broken link:")
+    assert failures["album"].startswith("not a file (a directory)")
+    assert store.ids == sorted([*ids, "small"])  # 16 px is enough (and has no keypoints)
+
+
+class PoisonedSift(OpenCVSiftExtractor):
+    """RootSIFT that returns NaN descriptors for 300-px-wide images and an infinite
+    keypoint for 280-px-wide ones (a model that overflowed, say)."""
+
+    def extract(self, image: np.ndarray) -> ImageFeatures:
+        features = super().extract(image)
+        local = features.local
+        descriptors, keypoints = local.descriptors.copy(), local.keypoints.copy()
+        if image.shape[1] == 300:
+            descriptors[len(descriptors) // 2, 0] = np.nan
+        if image.shape[1] == 280:
+            keypoints[-1, 1] = np.inf
+        return ImageFeatures(LocalFeatures(keypoints, descriptors, local.scores, local.scales), None)
+
+
+def test_non_finite_features_are_failures_not_stored(tmp_path):
+    good = write_views(tmp_path / "img", 2, size=320)
+    nan_id = write_views(tmp_path / "img", 1, size=300, seed=1)[0]
+    inf_id = write_views(tmp_path / "img", 1, size=280, seed=2)[0]
+    extractor = PoisonedSift()
+    store = FeatureStore(tmp_path / "store", extractor.fingerprint())
+    summary = extract_to_store(extractor, list_images(tmp_path / "img"), store, progress=False)
+    assert (summary.extracted, summary.failed) == (2, 2)
+    assert store.ids == sorted(good)
+    assert store.failures() == {
+        nan_id: "extraction failed: non-finite values (NaN or inf) in the local descriptors",
+        inf_id: "extraction failed: non-finite values (NaN or inf) in the local keypoints",
+    }
+    for image_id in good:
+        assert np.isfinite(store.local_features(image_id).descriptors).all()

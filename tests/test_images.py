@@ -1,7 +1,12 @@
 """Decoding of images as they come, Kaggle layout helpers and tar shards."""
 
 import io
+import os
+import subprocess
+import sys
 import tarfile
+import textwrap
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -11,6 +16,7 @@ from PIL import Image
 from delf_retrieval.images import (
     ImageDecodeError,
     decode_image,
+    decode_image_scaled,
     downscale_to_max_size,
     kaggle_image_path,
     list_images,
@@ -170,3 +176,76 @@ def test_tar_shard_read_in_place(tmp_path):
         archive.add(shard, arcname="inner.tar")
     with pytest.raises(ValueError, match="not an uncompressed tar"):
         list_images(gz)
+
+
+def test_folder_listing_keeps_broken_links_and_non_files(tmp_path):
+    """They used to vanish from a run without a trace; now each is listed and its read
+    fails with the reason (a FIFO is refused, not read: reading one blocks forever)."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "good.png").write_bytes(encode(Image.fromarray(gradient_rgb()), "PNG"))
+    os.symlink(tmp_path / "deleted.jpg", folder / "gone.jpg")
+    (folder / "album.jpg").mkdir()
+    os.mkfifo(folder / "pipe.jpg")
+    sources = {source.id: source for source in list_images(folder)}
+    assert sorted(sources) == ["album", "gone", "good", "pipe"]
+    assert decode_image(sources["good"].read_bytes()).shape == (24, 32, 3)
+    with pytest.raises(ImageDecodeError, match="broken link: .*gone.jpg -> .*deleted.jpg"):
+        sources["gone"].read_bytes()
+    with pytest.raises(ImageDecodeError, match="not a file \\(a directory\\)"):
+        sources["album"].read_bytes()
+    with pytest.raises(ImageDecodeError, match="not a regular file"):
+        sources["pipe"].read_bytes()
+
+
+def test_large_jpeg_decodes_at_reduced_size_with_the_right_factor():
+    y, x = np.mgrid[0:1200, 0:1600]
+    pixels = np.stack([x * 255 // 1600, y * 255 // 1200, (x + y) % 256], axis=2).astype(np.uint8)
+    data = encode(Image.fromarray(pixels), "JPEG", quality=95)
+    small, factor = decode_image_scaled(data, 200)  # 1/8 decode is 200 x 150 already
+    assert small.shape == (150, 200, 3) and factor == 8.0
+    reference, reference_factor = downscale_to_max_size(decode_image(data), 200)
+    assert reference.shape == small.shape and reference_factor == 8.0
+    # The scaled IDCT averages like an area resize: the pictures agree closely.
+    assert np.abs(small.astype(int) - reference.astype(int)).mean() < 3.0
+    # Not a multiple of the DCT scale: 1/4 decode (400 x 300), then an area resize.
+    medium, medium_factor = decode_image_scaled(data, 250)
+    assert medium.shape == (188, 250, 3) and medium_factor == pytest.approx(1600 / 250)
+    # Small enough already: decoded as it is.
+    whole, one = decode_image_scaled(data, 2000)
+    assert whole.shape == (1200, 1600, 3) and one == 1.0
+
+
+@pytest.mark.slow
+def test_large_jpeg_decoding_memory_follows_the_requested_size(tmp_path):
+    """A 24 MP JPEG capped at 1024 px must never exist at full size (it costs ~170 MB:
+    Pillow's RGBX buffer plus the RGB array); measured as the process's peak RSS."""
+    pixels = np.empty((4000, 6000, 3), np.uint8)
+    pixels[:, :, 0] = np.arange(6000, dtype=np.uint8)  # wraps: a sawtooth every 256 px
+    pixels[:, :, 1] = np.arange(4000, dtype=np.uint8)[:, None]
+    pixels[:, :, 2] = 128
+    path = tmp_path / "big.jpg"
+    path.write_bytes(encode(Image.fromarray(pixels), "JPEG", quality=80))
+    del pixels
+    script = textwrap.dedent(
+        """
+        import sys
+        from delf_retrieval.images import decode_image, decode_image_scaled
+        def peak_mb():  # this process image's high-water RSS (ru_maxrss survives exec)
+            line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+            return int(line.split()[1]) / 1024
+        data = open(sys.argv[1], "rb").read()
+        before = peak_mb()
+        image, factor = decode_image_scaled(data, 1024)
+        reduced = peak_mb() - before
+        full = decode_image(data)
+        print(image.shape[1], factor, reduced, peak_mb() - before, full.shape[1])
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, env=env, check=True)
+    width, factor, reduced_mb, full_mb, full_width = out.stdout.split()
+    assert int(width) == 1024 and float(factor) == pytest.approx(6000 / 1024)
+    assert int(full_width) == 6000
+    assert float(full_mb) > 150, out.stdout  # the measurement sees a full decode...
+    assert float(reduced_mb) < 40, out.stdout  # ...and the reduced one stays small

@@ -61,6 +61,7 @@ def test_float32_batch_equals_pair_by_pair(rule, nonnegative, monkeypatch):
     assert sum(len(m) for m in expected) > 100  # the planted matches are found
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rule", sorted(RULES))
 @pytest.mark.parametrize("nonnegative", [False, True])
 def test_int8_matches_equal_float32_matches(rule, nonnegative):
@@ -112,6 +113,7 @@ def near_ties(seed: int, nonnegative: bool):
     return query, candidates
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("nonnegative", [False, True])
 def test_int8_matches_equal_exact_matches_on_near_ties(nonnegative):
     pytest.importorskip("onnxruntime", reason="MATCH_DTYPE=int8 needs the 'fast' extra")
@@ -168,9 +170,10 @@ def test_int8_kernel_is_exact_at_the_extremes():
     np.testing.assert_array_equal(shifted, (a.astype(np.int64) - 64) @ b.astype(np.int64))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_tensorflow_reduced_precision_matches_equal_float32(dtype):
-    pytest.importorskip("tensorflow")
+    import tensorflow  # noqa: F401  (required: missing it must fail, not skip)
     query, candidates = views(4, nonnegative=True, count=3, size=200)
     for rule in RULES.values():
         expected = match_batch(query, candidates, **rule)
@@ -217,11 +220,12 @@ def test_device_choice_without_a_gpu(monkeypatch):
         Config(MATCH_DTYPE="int4")
 
 
+@pytest.mark.slow
 def test_gpu_path_places_the_product_on_the_gpu(monkeypatch):
     """With a GPU visible, MATCH_DEVICE gpu/auto run the product through TensorFlow on
     /GPU:0 (on this CPU-only machine TensorFlow's soft placement runs it on the CPU, so
     the results can still be checked)."""
-    tf = pytest.importorskip("tensorflow")
+    import tensorflow as tf
     monkeypatch.setattr(matching, "_tensorflow_gpus", lambda: 1)
     requested = []
     real_device = tf.device

@@ -362,6 +362,7 @@ def _official_scores(submission, solution, task):
 
 
 @pytest.mark.parametrize("task", ["recognition", "retrieval"])
+@pytest.mark.slow
 def test_random_files_equal_the_reference_definitions(tmp_path, task):
     import numpy as np
 

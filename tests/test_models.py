@@ -379,11 +379,12 @@ def test_bad_images_raise(loaded: Loaded) -> None:
 DELF_URL = "https://tfhub.dev/google/delf/1"
 
 
+@pytest.mark.slow
 def test_hub_cache_folder_matches_tensorflow_hub(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("TFHUB_CACHE_DIR", str(tmp_path))
-    resolver = pytest.importorskip("tensorflow_hub.compressed_module_resolver")
+    from tensorflow_hub import compressed_module_resolver as resolver
     assert hub_cache_folder(DELF_URL) == Path(resolver._module_dir(DELF_URL))
     assert hub_cache_folder(DELF_URL).name == "333559635dbfa88957ed2e7ed45bdbfe3353e356"
 
@@ -416,6 +417,7 @@ def test_uncached_hub_handle_raises_with_instructions(
 # --- detection errors and names ------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_detection_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not a file, folder or known name"):
         load_extractor(tmp_path / "missing")
@@ -430,8 +432,9 @@ def test_detection_errors(tmp_path: Path) -> None:
         load_extractor("")
 
 
+@pytest.mark.slow
 def test_unknown_signature_is_rejected(tmp_path: Path) -> None:
-    tf = pytest.importorskip("tensorflow", reason="building a SavedModel needs TensorFlow")
+    import tensorflow as tf
     module = tf.Module()
     module.serve = tf.function(lambda x: {"y": x * 2.0}, input_signature=[tf.TensorSpec([None])])
     tf.saved_model.save(
@@ -450,6 +453,7 @@ def test_sift_names(name: str) -> None:
     assert "opencv-sift" in list_models()
 
 
+@pytest.mark.slow
 def test_importing_models_does_not_import_tensorflow() -> None:
     code = (
         "import sys, delf_retrieval.models, delf_retrieval.testing, delf_retrieval.models.delg, "

@@ -12,9 +12,7 @@ import pytest
 from delf_retrieval.demo_data import build_demo_dataset
 from delf_retrieval.submission import validate_submission
 
-nbformat = pytest.importorskip("nbformat", reason="the notebook tests need nbformat")
-nbclient = pytest.importorskip("nbclient", reason="the notebook tests need nbclient")
-pytest.importorskip("ipykernel", reason="the notebook tests need an IPython kernel")
+pytestmark = pytest.mark.notebooks
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
@@ -41,11 +39,16 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return dataset.root, root / "work"
 
 
-def execute(name: str, data_dir: Path, work_dir: Path, cwd: Path):
+def execute(name: str, data_dir: Path | None, work_dir: Path, cwd: Path, **extra_env: str):
     """Run one notebook in a fresh python3 kernel; errors raise CellExecutionError."""
+    import nbclient  # imported here: a quick `-m "not slow"` run does not pay for Jupyter
+    import nbformat
+
     notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
     env = {k: v for k, v in os.environ.items() if not k.startswith("DELF_")}
-    env.update(DELF_DATA_DIR=str(data_dir), DELF_WORK_DIR=str(work_dir))
+    env.update({"DELF_WORK_DIR": str(work_dir), "DELF_KAGGLE_INPUT": str(cwd / "no-kaggle-here"), **extra_env})
+    if data_dir is not None:
+        env["DELF_DATA_DIR"] = str(data_dir)
     # The kernel must import this checkout even when the package is not installed.
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     client = nbclient.NotebookClient(
@@ -102,4 +105,18 @@ def test_explore_matches_draws_neighbours_matches_and_gallery(demo, tmp_path):
     notebook = execute("explore_matches.ipynb", data_dir, work_dir, tmp_path)
     # Neighbours, two match pictures (same and other landmark) and the gallery.
     assert pictures(notebook) == 4
+    assert not (tmp_path / "submission.csv").exists()
+
+
+@pytest.mark.parametrize("name", ALL_NOTEBOOKS)
+def test_notebooks_on_kaggle_stop_on_an_unrecognised_competition(name, tmp_path):
+    """With another competition attached they used to build the demo data and write a
+    22-row submission that their own check called valid."""
+    import nbclient
+
+    kaggle_input = tmp_path / "input"
+    (kaggle_input / "some-other-competition").mkdir(parents=True)
+    (kaggle_input / "some-other-competition" / "sample_submission.csv").write_text("id,label\n1,0\n")
+    with pytest.raises(nbclient.exceptions.CellExecutionError, match="unrecognised competition in .*some-other-competition"):
+        execute(name, None, tmp_path / "work", tmp_path, DELF_KAGGLE_INPUT=str(kaggle_input))
     assert not (tmp_path / "submission.csv").exists()

@@ -28,6 +28,7 @@ def dataset(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_recognize_cli_writes_a_valid_submission_and_reuses_features(dataset, tmp_path, capsys):
     out = tmp_path / "s.csv"
     args = ["recognize", str(dataset), "--model", "opencv-sift", "-o", str(out), "--work-dir", str(tmp_path / "w"), "--no-progress"]
@@ -45,6 +46,7 @@ def test_recognize_cli_writes_a_valid_submission_and_reuses_features(dataset, tm
     assert main(["validate", str(out), "--sample", str(dataset / "sample_submission.csv")]) == 0
 
 
+@pytest.mark.slow
 def test_verification_and_nonlandmark_handling_do_not_hurt(dataset, tmp_path):
     config = load_config("opencv-sift")
     kwargs = dict(output=None, work_dir=tmp_path / "w", progress=False, log=lambda _: None)
@@ -65,6 +67,7 @@ def test_verification_and_nonlandmark_handling_do_not_hurt(dataset, tmp_path):
     assert set(penalised.stores) == {"train", "test", "nonlandmark"}
 
 
+@pytest.mark.slow
 def test_retrieve_cli(dataset, tmp_path, capsys):
     out = tmp_path / "r.csv"
     args = ["retrieve", str(dataset), "-o", str(out), "--work-dir", str(tmp_path / "w"), "--no-progress"]
@@ -85,6 +88,7 @@ def test_bad_inputs_give_clear_errors(tmp_path, capsys):
     assert "NAME=VALUE" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_extract_cli_summary(dataset, tmp_path, capsys):
     store = tmp_path / "store"
     assert main(["extract", "--model", "opencv-sift", "--images", str(dataset / "train"), "--out", str(store), "--no-progress"]) == 0
@@ -103,6 +107,7 @@ def test_module_entry_point_help():
         assert command in result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("model_fixture", "min_gap"),
     [("delg_tf2_model", 0.9), ("delg_tf1_model", 0.9), ("delg_tf2_global_model", 0.7), ("delf_hub_model", 0.8)],
@@ -119,6 +124,7 @@ def test_recognize_with_fixture_savedmodels(model_fixture, min_gap, dataset, tmp
     assert evaluate_recognition(out, dataset / "solution.csv")["All"] >= min_gap
 
 
+@pytest.mark.slow
 def test_nonlandmark_flag_turns_the_penalty_on(dataset, tmp_path, capsys):
     out = tmp_path / "s.csv"
     args = ["recognize", str(dataset), "-o", str(out), "--work-dir", str(tmp_path / "w"), "--no-progress", "--nonlandmark"]

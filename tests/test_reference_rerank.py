@@ -76,6 +76,7 @@ def _noisy_pairs(matrix, seed, count=120, outliers=50, noise=2.5):
 
 
 @pytest.mark.parametrize("seed", range(6))
+@pytest.mark.slow
 def test_same_mask_as_a_direct_reference_call(seed):
     query, index = _noisy_pairs(ZOOM, seed)
     ours = ransac_inliers(
@@ -91,6 +92,7 @@ def test_same_mask_as_a_direct_reference_call(seed):
     np.testing.assert_array_equal(ours, reference)
 
 
+@pytest.mark.slow
 def test_random_points_count_like_the_reference():
     rng = np.random.default_rng(5)
     query, index = rng.uniform(0, 1000, size=(2, 30, 2))
@@ -101,6 +103,7 @@ def test_random_points_count_like_the_reference():
     assert 3 <= ours.sum() <= 5  # the minimal sample fits itself; no filter removes it
 
 
+@pytest.mark.slow
 def test_fit_direction_is_index_to_query():
     # the index image is a 3x zoom of the query: a residual of 10 px in the query image
     # is 30 px in the index image, so the two directions disagree on noisy matches
@@ -121,6 +124,7 @@ def test_fit_direction_is_index_to_query():
     )
 
 
+@pytest.mark.slow
 def test_no_filter_after_ransac():
     # the reference counts every inlier of a mirrored map, and of a collapse onto a cluster
     rng = np.random.default_rng(4)
@@ -191,6 +195,7 @@ def photo_features():
     return features
 
 
+@pytest.mark.slow
 def test_real_pairs_equal_the_reference(photo_features):
     pairs = [
         ((name, -1), (name, k))

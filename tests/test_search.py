@@ -204,3 +204,49 @@ def test_missing_faiss_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "faiss", None)  # makes "import faiss" fail
     with pytest.raises(ImportError, match=r"pip install delf_retrieval\[faiss\]"):
         cosine_topk(np.ones((1, 2), np.float32), np.ones((3, 2), np.float32), 1, backend="faiss")
+
+
+# --- non-finite rows and queries -----------------------------------------------------------
+
+
+def brute_force_finite(queries: np.ndarray, index: np.ndarray, k: int):
+    """Reference written from the definition: float64 products, every non-finite value
+    counts as -inf, rank by similarity descending then by row."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        sims = queries.astype(np.float64) @ index.astype(np.float64).T
+    sims[~np.isfinite(sims)] = -np.inf
+    ids = np.array([sorted(range(len(index)), key=lambda j: (-row[j], j))[:k] for row in sims])
+    return np.take_along_axis(sims, ids, axis=1), ids
+
+
+@pytest.mark.parametrize("backend", ["numpy", "faiss"])
+@pytest.mark.parametrize("block_size", [1, 3, 7, 100])
+def test_nan_and_inf_rows_rank_last_with_real_ids(backend, block_size):
+    """One NaN row used to make every query return id 9223372036854775807 at -inf."""
+    if backend == "faiss":
+        pytest.importorskip("faiss", reason="faiss-cpu is an optional extra")
+    rng = np.random.default_rng(3)
+    index = rng.integers(-3, 4, size=(12, 5)).astype(np.float32)  # integers: exact ties
+    index[2, 1] = np.nan
+    index[5] = np.inf
+    index[9, 0] = -np.inf
+    queries = rng.integers(-3, 4, size=(4, 5)).astype(np.float32)
+    queries[3, 2] = np.nan  # a broken query: every similarity -inf, ids 0..k-1
+    for k in (1, 4, 9, 12):
+        sims, ids = cosine_topk(queries, index, k, block_size=block_size, backend=backend)
+        expected_sims, expected_ids = brute_force_finite(queries, index, k)
+        np.testing.assert_array_equal(ids, expected_ids, err_msg=f"k={k}")
+        np.testing.assert_array_equal(sims, expected_sims.astype(np.float32), err_msg=f"k={k}")
+        assert ((ids >= 0) & (ids < len(index))).all()
+    assert ids[3].tolist() == list(range(12)) and np.isneginf(sims[3]).all()
+    # The bad rows come last for every good query, after all finite similarities.
+    assert ids[:3, -3:].tolist() == [[2, 5, 9]] * 3 and np.isfinite(sims[:3, :9]).all()
+
+
+def test_finite_inputs_give_the_same_result_as_before_the_check(planted):
+    """The non-finite handling must not change ordinary results (exact ids, same sims)."""
+    queries, index = planted
+    sims, ids = cosine_topk(queries, index, 10, block_size=37)
+    expected_sims, expected_ids = brute_force_finite(queries[:5], index, 10)
+    np.testing.assert_array_equal(ids[:5], expected_ids)
+    np.testing.assert_allclose(sims[:5], expected_sims, atol=1e-5)

@@ -345,3 +345,53 @@ def test_missing_pydegensac_names_the_package(monkeypatch):
     points1, points2 = forty_inliers_twenty_outliers(H)
     with pytest.raises(ImportError, match="pip install pydegensac"):
         ransac_inliers(points1, points2, method="degensac")
+
+
+# --- non-finite rows -----------------------------------------------------------------------
+
+NAN_CONFIGS = [
+    Config(),  # kaggle2020: distance bound
+    Config(MUTUAL_NEAREST_NEIGHBOR=True, RATIO_TEST=0.8, MAX_DESCRIPTOR_DISTANCE=float("inf")),
+]
+
+
+@pytest.mark.parametrize("config", NAN_CONFIGS, ids=["bound", "mutual-ratio"])
+@pytest.mark.parametrize("where", ["descriptor", "keypoint"])
+def test_a_nan_row_counts_as_if_it_were_not_there(config, where):
+    """One NaN used to zero a true pair (every column maximum became NaN). A row holding
+    NaN or inf must behave exactly like a row that was never extracted."""
+    image1, image2, _ = pair_features()
+    bad = 7  # a row of image 2 (an inlier's match or not: the comparison covers both)
+    k2, d2 = image2.keypoints.copy(), image2.descriptors.copy()
+    if where == "descriptor":
+        d2[bad, 3] = np.nan
+    else:
+        k2[bad, 0] = np.inf
+    k1, d1 = image1.keypoints.copy(), image1.descriptors.copy()
+    d1[11] = np.inf  # and a bad query row
+    k_without = np.delete(k2, bad, axis=0)
+    d_without = np.delete(d2 if where == "keypoint" else image2.descriptors, bad, axis=0)
+    k1_without, d1_without = np.delete(k1, 11, axis=0), np.delete(image1.descriptors, 11, axis=0)
+
+    matches, inliers = match_and_verify(k1, d1, k2, d2, config)
+    ref_matches, ref_inliers = match_and_verify(k1_without, d1_without, k_without, d_without, config)
+    # Same matches once indices are mapped past the removed rows.
+    expected = ref_matches.copy()
+    expected[:, 0] += expected[:, 0] >= 11
+    expected[:, 1] += expected[:, 1] >= bad
+    np.testing.assert_array_equal(matches, expected)
+    np.testing.assert_array_equal(inliers, ref_inliers)
+    count = count_inliers(k1, d1, k2, d2, config)
+    assert count == int(ref_inliers.sum()) >= 38  # not 0: the pair still verifies
+    many = count_inliers_many(LocalFeatures(k1, d1, np.ones(60), np.ones(60)), [LocalFeatures(k2, d2, np.ones(60), np.ones(60))], config)
+    assert many.tolist() == [count]
+
+
+def test_all_rows_non_finite_give_no_matches():
+    nan = np.full((3, 2), np.nan, np.float32)
+    assert putative_matches(nan, D2).shape == (0, 2)
+    assert putative_matches(D1, nan, mutual=True, ratio=0.8).shape == (0, 2)
+    # The finite rows of image 1 still find their neighbours in image 2.
+    mixed = D1.copy()
+    mixed[1] = np.nan
+    np.testing.assert_array_equal(putative_matches(mixed, D2), [[0, 1], [2, 0]])

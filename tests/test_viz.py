@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import skimage.data as skimage_data
 from matplotlib.collections import LineCollection
 from PIL import Image
 
@@ -20,7 +21,6 @@ from delf_retrieval.viz import (
     prediction_extremes,
 )
 
-skimage_data = pytest.importorskip("skimage.data", reason="bundled photos come with scikit-image")
 PHOTOS = Path(skimage_data.__file__).parent
 
 

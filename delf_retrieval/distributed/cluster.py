@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import RayClusterError
+
 __all__ = ["ray_session"]
 
 
@@ -110,7 +112,7 @@ def wait_started(ray: Any, actors: list[Any], timeout: float, what: str) -> list
     try:
         return ray.get([actor.describe.remote() for actor in actors], timeout=timeout)
     except ray.exceptions.GetTimeoutError as error:
-        raise RuntimeError(
+        raise RayClusterError(
             f"{len(actors)} {what} did not start within {timeout:g} s: the Ray cluster has no "
             f"room for them now ({ray.available_resources()} free); stop other actors or ask for less"
         ) from error

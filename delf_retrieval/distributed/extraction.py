@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..errors import WorkersLostError
 from ..extract import (
     DEFAULT_BATCH_SIZE,
     ExtractionSummary,
@@ -281,18 +282,19 @@ class RayExtractorPool:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         started = time.perf_counter()
-        todo = pending_sources(sources, store, retry_failed=retry_failed)
-        extracted, failures = self.extract_pending(
-            todo,
-            store,
-            extractor=extractor,
-            batch_size=batch_size,
-            decode_threads=decode_threads,
-            progress=progress,
-            description=description,
-            on_progress=on_progress,
-        )
-        return finish_extraction(store, len(sources), len(sources) - len(todo), extracted, failures, started)
+        with store.writing():  # one extraction per store (see FeatureStore.writing)
+            todo = pending_sources(sources, store, retry_failed=retry_failed)
+            extracted, failures = self.extract_pending(
+                todo,
+                store,
+                extractor=extractor,
+                batch_size=batch_size,
+                decode_threads=decode_threads,
+                progress=progress,
+                description=description,
+                on_progress=on_progress,
+            )
+            return finish_extraction(store, len(sources), len(sources) - len(todo), extracted, failures, started)
 
     def extract_pending(
         self,
@@ -353,7 +355,7 @@ class RayExtractorPool:
                         kill_all([self._actors[index]])
                     queue.appendleft(batch)
                     if not any(self._alive):
-                        raise RuntimeError(
+                        raise WorkersLostError(
                             f"every Ray extraction worker died ({len(queue)} batches left); the "
                             f"finished batches are in {store.path}: rerun to resume"
                         ) from error
@@ -420,26 +422,27 @@ def extract_to_store_ray(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     started = time.perf_counter()
-    todo = pending_sources(sources, store, retry_failed=retry_failed)
-    skipped = len(sources) - len(todo)
-    if not todo:
-        return finish_extraction(store, len(sources), skipped, 0, [], started)
-    pool = RayExtractorPool(
-        model_spec,
-        params,
-        num_workers=num_workers,
-        num_gpus_per_worker=num_gpus_per_worker,
-        num_cpus_per_worker=num_cpus_per_worker,
-        max_restarts=max_restarts,
-        max_task_retries=max_task_retries,
-    )
-    with ray_session(address, num_cpus=local_cpus(num_workers, num_cpus_per_worker)), pool:
-        extracted, failures = pool.extract_pending(
-            todo,
-            store,
-            batch_size=batch_size,
-            decode_threads=decode_threads,
-            progress=progress,
-            description=description,
+    with store.writing():  # one extraction per store (see FeatureStore.writing)
+        todo = pending_sources(sources, store, retry_failed=retry_failed)
+        skipped = len(sources) - len(todo)
+        if not todo:
+            return finish_extraction(store, len(sources), skipped, 0, [], started)
+        pool = RayExtractorPool(
+            model_spec,
+            params,
+            num_workers=num_workers,
+            num_gpus_per_worker=num_gpus_per_worker,
+            num_cpus_per_worker=num_cpus_per_worker,
+            max_restarts=max_restarts,
+            max_task_retries=max_task_retries,
         )
-    return finish_extraction(store, len(sources), skipped, extracted, failures, started)
+        with ray_session(address, num_cpus=local_cpus(num_workers, num_cpus_per_worker)), pool:
+            extracted, failures = pool.extract_pending(
+                todo,
+                store,
+                batch_size=batch_size,
+                decode_threads=decode_threads,
+                progress=progress,
+                description=description,
+            )
+        return finish_extraction(store, len(sources), skipped, extracted, failures, started)
