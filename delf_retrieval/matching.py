@@ -148,15 +148,8 @@ def _groups(sizes: list[int], rows: int) -> list[list[int]]:
 # --------------------------------------------------------------------------- exact float32
 def _exact_group(d1, stacked, bounds, max_distance, mutual, ratio) -> list[np.ndarray]:
     sims = d1 @ stacked.T  # [N1, sum N2]: one product for the whole group
-    column_max = sims.max(axis=0) if mutual else None
     return [
-        select_matches(
-            sims[:, start:stop],
-            None if column_max is None else column_max[start:stop],
-            max_distance,
-            mutual,
-            ratio,
-        )
+        select_matches(sims[:, start:stop], None, max_distance, mutual, ratio)
         for start, stop in zip(bounds[:-1], bounds[1:], strict=True)
     ]
 
@@ -168,28 +161,52 @@ def select_matches(
     mutual: bool,
     ratio: float,
 ) -> np.ndarray:
-    """Matches from a similarity block ``[N1, N2]`` (modified in place when ``ratio < 1``).
+    """Matches from a similarity block ``[N1, N2]`` (used as scratch, restored on return).
 
-    ``column_max`` is ``sims.max(axis=0)`` (needed when ``mutual``). Ties: the smaller
-    index wins (first maximum), and of several rows tied for one column only the
-    smallest is kept.
+    ``column_max`` is ``sims.max(axis=0)`` or None (with ``mutual``, the maxima are then
+    taken only over the columns some row could still match: the nearest columns of rows
+    passing the distance and ratio tests, a gather instead of a pass over the block when
+    they are few). Ties: the smaller index wins (first maximum), and of several rows tied
+    for one column only the smallest is kept (even when it then fails the ratio test).
     """
-    rows = np.arange(sims.shape[0])
+    n1, n2 = sims.shape
+    rows = np.arange(n1)
     nearest = sims.argmax(axis=1)
     best = sims[rows, nearest]
-    keep = np.ones(sims.shape[0], dtype=bool)
+    keep = np.ones(n1, dtype=bool)
     if np.isfinite(max_distance):
         keep &= _distance(best.astype(np.float64)) < max_distance
-    if mutual:
-        candidates = np.flatnonzero(keep & (best == column_max[nearest]))
-        _, first = np.unique(nearest[candidates], return_index=True)
-        keep = np.zeros_like(keep)
-        keep[candidates[first]] = True
-    if ratio < 1.0 and sims.shape[1] > 1:
+    passes_ratio = np.ones(n1, dtype=bool)
+    if ratio < 1.0 and n2 > 1:
         sims[rows, nearest] = -np.inf
         second = _distance(sims.max(axis=1).astype(np.float64))
-        keep &= _distance(best.astype(np.float64)) < ratio * second
+        sims[rows, nearest] = best
+        passes_ratio = _distance(best.astype(np.float64)) < ratio * second
+    if mutual:
+        keep = _mutual_winners(sims, column_max, nearest, best, keep, keep & passes_ratio)
+    keep &= passes_ratio
     return np.stack([rows[keep], nearest[keep]], axis=1).astype(np.int64)
+
+
+def _mutual_winners(sims, column_max, nearest, best, eligible, claiming) -> np.ndarray:
+    """Rows kept by the mutual test: per column, the smallest ``eligible`` row whose
+    nearest column it is and whose similarity is the column's maximum. Only columns that
+    ``claiming`` rows point at are resolved (the others can give no match)."""
+    n1, n2 = sims.shape
+    columns = np.unique(nearest[claiming])
+    winners = np.zeros(n1, dtype=bool)
+    if column_max is None and 3 * len(columns) <= n2:
+        block = np.take(sims, columns, axis=1)  # [N1, C]
+        candidates = (block == block.max(axis=0)) & (nearest[:, None] == columns) & eligible[:, None]
+        found = candidates.any(axis=0)
+        winners[candidates.argmax(axis=0)[found]] = True
+        return winners
+    if column_max is None:
+        column_max = sims.max(axis=0)
+    candidates = np.flatnonzero(eligible & (best == column_max[nearest]))
+    _, first = np.unique(nearest[candidates], return_index=True)
+    winners[candidates[first]] = True
+    return winners
 
 
 def _distance(similarity: np.ndarray) -> np.ndarray:

@@ -196,6 +196,22 @@ def test_empty_query_or_candidates_give_no_matches(dtype):
     assert len(found[1]) > 0
 
 
+def test_column_maxima_over_claimed_columns_only_equal_the_full_pass():
+    """select_matches without column maxima (it then takes them over the few columns rows
+    can still match) == with the full column-max pass, also with many exact ties."""
+    rng = np.random.default_rng(3)
+    for trial in range(200):
+        n1, n2 = rng.integers(1, 50), rng.integers(1, 70)
+        sims = (rng.integers(0, 6, (n1, n2)) / 6 if trial % 2 else rng.uniform(-1, 1, (n1, n2))).astype(np.float32)
+        for rule in RULES.values():
+            full = matching.select_matches(sims.copy(), sims.max(axis=0), **rule)
+            lazy = matching.select_matches(sims.copy(), None, **rule)
+            np.testing.assert_array_equal(lazy, full)
+    block = sims.copy()
+    matching.select_matches(block, None, **RULES["all three"])
+    np.testing.assert_array_equal(block, sims)  # scratch use restored
+
+
 def test_quantize_int8():
     values = np.array([[0.5, -0.25, 0.0], [0.1, 0.2, -0.5]], np.float32)
     q, scale = quantize_int8(values, 100)
