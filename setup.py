@@ -23,6 +23,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10,<3.13",
     packages=find_packages(include=["delf_retrieval", "delf_retrieval.*"]),
+    package_data={"delf_retrieval": ["web/*.html"]},
     install_requires=read_requirements(),
     extras_require={
         "test": [
@@ -31,11 +32,15 @@ setup(
             "nbclient>=0.10",
             "nbformat>=5.9",
             "ipykernel>=6.29",
+            "httpx>=0.27",
+            "selenium>=4.20",
         ],
         "notebook": ["jupyter>=1.0"],
         "ray": ["ray[default]>=2.30"],
         "faiss": ["faiss-cpu>=1.8"],
         "degensac": ["pydegensac>=0.1.2"],
+        # The web service (delf-retrieval serve) and its tests' HTTP and browser clients.
+        "serve": ["fastapi>=0.110", "uvicorn>=0.30", "python-multipart>=0.0.9", "threadpoolctl>=3.1"],
         # MATCH_DTYPE="int8": ONNX Runtime's integer matrix product (MLAS u8 x s8 kernels).
         "fast": ["onnxruntime>=1.17", "onnx>=1.15"],
     },

@@ -1,4 +1,4 @@
-"""Command line: ``delf-retrieval extract | recognize | retrieve | clean | evaluate | validate | demo``.
+"""Command line: ``delf-retrieval extract | recognize | retrieve | clean | evaluate | validate | demo | index | predict | serve``.
 
 Exit codes: 0 success; 1 a submission was written or checked and is invalid; 2 the
 command could not do its work (bad input, missing file, disk full, store in use, every
@@ -75,10 +75,27 @@ def check_output_folder(path: Path, what: str) -> None:
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
-        default="opencv-sift",
-        help="model: 'opencv-sift' (no weights), a DELG/DELF SavedModel folder, or a TF-Hub "
-        "handle cached in TFHUB_CACHE_DIR (default: opencv-sift)",
+        default=None,
+        help="model: 'opencv-sift' (no weights), a DELG/DELF SavedModel folder, a TF-Hub "
+        "handle cached in TFHUB_CACHE_DIR, or your own Keras/TF model (.keras, .h5, SavedModel "
+        "folder; see docs/own_model.md) (default: opencv-sift)",
     )
+    parser.add_argument("--global-model", default=None, help="with --local-model: global descriptors from this model")
+    parser.add_argument("--local-model", default=None, help="with --global-model: local features from this model")
+    keras = parser.add_argument_group("Keras/TF model options (your own model; all go into the store fingerprint)")
+    keras.add_argument("--layer", default=None, help="descriptor layer (SavedModel: output name); default: input of the final softmax layer, else the model output")
+    keras.add_argument("--pooling", choices=("gem", "max", "avg"), default=None, help="pooling of a 4-D layer output (default gem)")
+    keras.add_argument("--gem-p", type=float, default=None, help="GeM exponent (default 3)")
+    keras.add_argument(
+        "--preprocess", choices=("caffe", "torch", "tf", "0-1", "0-255"), default=None,
+        help="pixel preprocessing (default caffe, as Keras ResNet50/VGG16)",
+    )
+    keras.add_argument("--image-size", type=int, nargs="+", default=None, metavar="PX", help="input size: S or H W (default: the model's, else 224)")
+    keras.add_argument("--resize", choices=("fixed", "longest"), default=None, help="fixed size, or cap the longer side keeping the aspect (default fixed)")
+    keras.add_argument("--global-scales", type=float, nargs="+", default=None, help="scales whose global descriptors are averaged (default 1.0)")
+    keras.add_argument("--flip", action="store_true", help="also average the horizontally mirrored image")
+    keras.add_argument("--model-batch-size", type=_positive_int, default=None, help="images per model call (default 32)")
+    keras.add_argument("--head", default=None, help="SavedModel: output holding class probabilities")
     parser.add_argument("--max-image-size", type=_positive_int, default=None, help="cap the longer image side (pixels)")
     parser.add_argument("--max-features", type=_positive_int, default=None, help="max local features per image")
     parser.add_argument(
@@ -131,9 +148,10 @@ def _ray_hooks(args: argparse.Namespace, extractor):
         raise ValueError("--shards needs --ray")
     if not args.ray:
         return contextlib.nullcontext({})
+    _check_ray_model(args)
     from .distributed import RayRunner
 
-    runner = RayRunner(args.model, extractor.params, address=args.ray, num_workers=args.ray_workers, num_shards=args.shards)
+    runner = RayRunner(args.model or "opencv-sift", extractor.params, address=args.ray, num_workers=args.ray_workers, num_shards=args.shards)
 
     @contextlib.contextmanager
     def hooks():
@@ -154,27 +172,108 @@ def _extraction_preset(args: argparse.Namespace) -> str:
     return ""
 
 
-def build_extractor(args: argparse.Namespace):
-    """The extractor named by ``--model`` with the preset and parameter overrides."""
+def _model_options(args: argparse.Namespace) -> dict:
+    """Keras/TF model options given on the command line (only those set)."""
+    options = {
+        "layer": args.layer,
+        "pooling": args.pooling,
+        "gem_p": args.gem_p,
+        "preprocess": args.preprocess,
+        "resize": args.resize,
+        "head": args.head,
+        "batch_size": args.model_batch_size,
+        "flip": True if args.flip else None,
+    }
+    if args.image_size is not None:
+        if len(args.image_size) not in (1, 2):
+            raise ValueError("--image-size takes one size S or two sizes H W")
+        options["image_size"] = args.image_size[0] if len(args.image_size) == 1 else tuple(args.image_size)
+    return {name: value for name, value in options.items() if value is not None}
+
+
+def _is_keras_spec(spec: str | None) -> bool:
+    from .models.keras_model import is_keras_file
+    from .models.loader import detect_format
+
+    if spec is None:
+        return False
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return is_keras_file(path)
+    try:
+        return path.is_dir() and detect_format(path) == "keras"
+    except ValueError:
+        return False
+
+
+def _load_one(spec: str, args: argparse.Namespace, options: dict, *, for_global: bool, for_local: bool):
+    """One model with the command line's overrides: Keras options for Keras models, local
+    parameters when it supplies local features, global scales when it supplies the global one."""
     from .models.loader import load_extractor
     from .models.presets import extraction_params
 
-    preset = _extraction_preset(args)
-    extractor = load_extractor(args.model, extraction_params(preset) if preset else None)
+    keras = _is_keras_spec(spec)
+    if keras and for_global and args.global_scales is not None:
+        options = {**options, "scales": tuple(args.global_scales)}
+    preset = "" if keras else _extraction_preset(args)  # extraction presets are DELG/DELF settings
+    # Options given to a non-Keras model raise a clear error.
+    extractor = load_extractor(spec, extraction_params(preset) if preset else None, **options)
     changes = {}
     if args.exif_transpose is not None:
         changes["exif_transpose"] = args.exif_transpose
     if args.max_image_size is not None:
         changes["max_image_size"] = args.max_image_size
-    if args.max_features is not None:
+    if for_local and args.max_features is not None:
         changes["max_feature_num"] = args.max_features
-    if args.scales is not None:
+    if for_local and args.scales is not None:
         changes["image_scales"] = tuple(args.scales)
-    if args.score_threshold is not None:
+    if for_local and args.score_threshold is not None:
         changes["score_threshold"] = args.score_threshold
+    if for_global and not keras and args.global_scales is not None:
+        changes["global_scales"] = tuple(args.global_scales)
     if changes:
-        extractor = load_extractor(args.model, dataclasses.replace(extractor.params, **changes))
+        extractor = load_extractor(spec, dataclasses.replace(extractor.params, **changes), **options)
     return extractor
+
+
+def build_extractor(args: argparse.Namespace):
+    """The extractor named by ``--model`` (or ``--global-model`` + ``--local-model``) with
+    the command line's parameter overrides and Keras/TF model options."""
+    from .models.composite import CompositeExtractor
+
+    options = _model_options(args)
+    if args.global_model or args.local_model:
+        if not (args.global_model and args.local_model):
+            raise ValueError("--global-model and --local-model go together")
+        if args.model is not None:
+            raise ValueError("give either --model or --global-model with --local-model")
+        global_extractor = _load_one(args.global_model, args, options, for_global=True, for_local=False)
+        local_extractor = _load_one(args.local_model, args, {}, for_global=False, for_local=True)
+        return CompositeExtractor(global_extractor, local_extractor)
+    return _load_one(args.model or "opencv-sift", args, options, for_global=True, for_local=True)
+
+
+def _check_ray_model(args: argparse.Namespace) -> None:
+    """Ray actors rebuild the model from --model and its parameters only."""
+    if args.global_model or args.local_model or _model_options(args) or args.global_scales is not None:
+        raise ValueError(
+            "--ray supports --model with the extraction parameters only, not --global-model/"
+            "--local-model or Keras model options; run without --ray"
+        )
+
+
+def _classifiers(args: argparse.Namespace, extractor) -> list:
+    """Classifiers of --classes (the global model's head) and --classifier MODEL CSV."""
+    from .classifier import Classifier, load_classifier, read_class_mapping
+
+    found = []
+    if args.classes:
+        model = getattr(extractor, "global_extractor", extractor)
+        found.append(Classifier(model, read_class_mapping(args.classes)))
+    options = _model_options(args)
+    for model, csv in args.classifier or ():
+        found.append(load_classifier(model, csv, **options))
+    return found
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
@@ -193,8 +292,9 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     if args.ray:
         from .distributed import extract_to_store_ray
 
+        _check_ray_model(args)
         summary = extract_to_store_ray(
-            args.model,
+            args.model or "opencv-sift",
             extractor.params,
             sources,
             store,
@@ -240,11 +340,19 @@ def _cmd_recognize(args: argparse.Namespace) -> int:
 
     _check_run(args, ("train.csv", "sample_submission.csv"))
     extractor = build_extractor(args)
+    config = _config(args, extractor)
+    classifiers = _classifiers(args, extractor)
+    if config.CLASSIFIER_MODE != "off" and not classifiers:
+        raise ValueError(
+            f"CLASSIFIER_MODE={config.CLASSIFIER_MODE!r} needs a classifier: --classes CSV (the model's "
+            "softmax head) or --classifier MODEL CSV"
+        )
     with _ray_hooks(args, extractor) as hooks:
         output = pipeline.recognize(
             args.data_dir,
             extractor,
-            _config(args, extractor),
+            config,
+            classifiers=classifiers,
             output=args.output,
             work_dir=args.work_dir,
             use_nonlandmark=True if args.nonlandmark else None,
@@ -299,7 +407,8 @@ def _config(args: argparse.Namespace, extractor):
     """--config (default: the preset suiting the model) with --set overrides applied."""
     from .config import load_config
 
-    base = args.config or ("opencv-sift" if extractor.family == "opencv-sift" else "kaggle2020")
+    local_family = extractor.family.split("+")[-1]  # a composite's local model decides
+    base = args.config or ("opencv-sift" if local_family == "opencv-sift" else "kaggle2020")
     return load_config(base, **getattr(args, "overrides", {}))
 
 
@@ -346,8 +455,9 @@ def _cmd_clean(args: argparse.Namespace) -> int:
             from .clean_ray import RayChunkRunner
             from .distributed import RayRunner
 
+            _check_ray_model(args)
             runner = stack.enter_context(
-                RayRunner(args.model, extractor.params, address=args.ray, num_workers=args.ray_workers)
+                RayRunner(args.model or "opencv-sift", extractor.params, address=args.ray, num_workers=args.ray_workers)
             )
             hooks = {
                 "runner": runner,
@@ -381,6 +491,47 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_index(args: argparse.Namespace) -> int:
+    from .config import parse_override
+    from .index_dir import build_index
+
+    args.overrides = dict(parse_override(item) for item in args.set or ())
+    extractor = build_extractor(args)
+    config = _config(args, extractor) if args.config or args.set else None
+    build_index(
+        args.data_dir,
+        extractor,
+        args.out,
+        config=config,
+        use_nonlandmark=False if args.no_nonlandmark else None,
+        thumbnail_size=args.thumbnail_size,
+        dtype=args.dtype,
+        search_dtype=args.search_dtype,
+        batch_size=args.batch_size,
+        decode_threads=args.threads,
+        progress=not args.no_progress,
+    )
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from .predict_cli import run_predict
+
+    return run_predict(args)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import ServeSettings, serve
+
+    changes = {"max_upload_bytes": int(args.max_upload_mb * 2**20)}
+    if args.concurrency is not None:
+        changes["concurrency"] = args.concurrency
+    if args.threads_per_request is not None:
+        changes["threads"] = args.threads_per_request
+    serve(args.index_dir, host=args.host, port=args.port, settings=ServeSettings.for_cores(**changes))
+    return 0
+
+
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("data_dir", type=Path, help="Kaggle-layout folder (train.csv, train/, test/, ...)")
     parser.add_argument("-o", "--output", type=Path, default=Path("submission.csv"), help="submission file")
@@ -388,7 +539,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
         "--config",
         default=None,
         help="preset name (kaggle2020, kaggle2020-nonlandmark, opencv-sift, delf-matchfeatures, "
-        "delg-r50-gldv2clean, delg-r101-gldv2clean) or YAML/JSON file",
+        "delg-r50-gldv2clean, delg-r101-gldv2clean, classifier, knn-classifier) or YAML/JSON file",
     )
     parser.add_argument("--set", action="append", metavar="NAME=VALUE", help="override one config field, e.g. --set NUM_TO_RERANK=10")
     parser.add_argument("--work-dir", type=Path, default=None, help="feature cache (default ./delf_work)")
@@ -426,6 +577,11 @@ def make_parser() -> argparse.ArgumentParser:
 
     recognize = commands.add_parser("recognize", help="recognition submission for a Kaggle-layout dataset")
     _add_run_arguments(recognize)
+    recognize.add_argument("--classes", default=None, metavar="CSV", help="class_index,landmark_id of the (global) model's softmax head")
+    recognize.add_argument(
+        "--classifier", nargs=2, action="append", metavar=("MODEL", "CSV"),
+        help="another softmax classifier and its class mapping (repeatable; the most confident wins)",
+    )
     recognize.add_argument(
         "--nonlandmark",
         action="store_true",
@@ -475,6 +631,41 @@ def make_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(func=_cmd_demo)
+
+    index = commands.add_parser("index", help="build a recognition index folder from a Kaggle-layout dataset")
+    index.add_argument("data_dir", type=Path, help="Kaggle-layout folder (train.csv + train/, optional labels.csv, nonlandmark.csv)")
+    index.add_argument("--out", required=True, type=Path, help="index folder (rerun the same command to resume)")
+    index.add_argument("--config", default=None, help="preset or YAML/JSON file stored in the index (default: the model's preset)")
+    index.add_argument("--set", action="append", metavar="NAME=VALUE", help="override one config field, e.g. --set LANDMARK_THRESHOLD=1.5")
+    index.add_argument("--no-nonlandmark", action="store_true", help="leave nonlandmark.csv's distractor set out")
+    index.add_argument("--thumbnail-size", type=int, default=256, help="longer side of the thumbnails the web page shows (0: none)")
+    index.add_argument(
+        "--search-dtype",
+        choices=("float32", "float16"),
+        default="float32",
+        help="dtype of the searched train vectors: float32 (default, faster per photo, 2x the disk of float16) or float16 (the store's own)",
+    )
+    _add_model_arguments(index)
+    index.set_defaults(func=_cmd_index)
+
+    predict = commands.add_parser("predict", help="recognise the landmark in photos with an index")
+    predict.add_argument("index_dir", type=Path, help="folder built by `delf-retrieval index`")
+    predict.add_argument("photos", type=Path, nargs="+", help="photo file(s)")
+    predict.add_argument("--json", action="store_true", help="print a JSON list of predictions")
+    predict.add_argument("--show", type=Path, default=None, metavar="OUT.png", help="draw the query, its best neighbours and the inlier lines (several photos: OUT-<photo>.png)")
+    predict.add_argument("--model", default=None, help="the index's model, if it moved")
+    predict.add_argument("--set", action="append", metavar="NAME=VALUE", help="override one config field, e.g. --set LANDMARK_THRESHOLD=2")
+    predict.add_argument("--no-verify", action="store_true", help="global similarity only, no RANSAC")
+    predict.set_defaults(func=_cmd_predict)
+
+    serve = commands.add_parser("serve", help="web service and page for an index (needs the serve extra)")
+    serve.add_argument("index_dir", type=Path, help="folder built by `delf-retrieval index`")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-upload-mb", type=float, default=20.0, help="largest photo accepted, MiB (default 20)")
+    serve.add_argument("--concurrency", type=int, default=None, help="predictions at once (default: one per core)")
+    serve.add_argument("--threads-per-request", type=int, default=None, help="threads per prediction (default 1)")
+    serve.set_defaults(func=_cmd_serve)
     return parser
 
 

@@ -92,6 +92,21 @@ class Config:
         of confidence (0 disables it).
     FREQUENT_LANDMARK_MIN_COUNT : int
         Number of queries a landmark may be predicted for without penalty.
+    WHITENING_DIM : int
+        Learned PCA-whitening of global descriptors, fitted on the database store
+        (:mod:`delf_retrieval.whitening`): 0 off, ``d > 0`` whiten and keep ``d``
+        dimensions, -1 keep all (both capped at the rank of the database).
+    CLASSIFIER_MODE : str
+        ``"off"`` (kNN only), ``"classifier"`` (softmax classifier(s) alone) or ``"fused"``
+        (kNN and classifier, :mod:`delf_retrieval.classifier`); needs classifiers.
+    FUSION_COSINE_POWER : float
+        ``a`` in the fused score ``sum_j s_j ** a * p(l) ** b``.
+    FUSION_PROB_POWER : float
+        ``b`` in that score.
+    LANDMARK_THRESHOLD : float
+        ``predict`` (one photo, :mod:`delf_retrieval.recognizer`) calls a photo a landmark
+        when its confidence is at least this; below it the answer is "not a landmark"
+        (the best guess is still reported). Submissions are not affected.
     MATCH_DTYPE : str
         Precision of the descriptor product that finds putative matches: ``"float32"``
         (exact), ``"int8"`` (8-bit product through ONNX Runtime's integer kernels, then
@@ -130,6 +145,11 @@ class Config:
     RETRIEVAL_LABEL_BOOST: float = 0.5
     FREQUENT_LANDMARK_PENALTY: float = 0.0
     FREQUENT_LANDMARK_MIN_COUNT: int = 1
+    WHITENING_DIM: int = 0
+    CLASSIFIER_MODE: str = "off"
+    FUSION_COSINE_POWER: float = 1.0
+    FUSION_PROB_POWER: float = 1.0
+    LANDMARK_THRESHOLD: float = 0.0
     MATCH_DTYPE: str = "float32"
     MATCH_DEVICE: str = "cpu"
     EXTRACTION_PRESET: str = ""
@@ -159,6 +179,11 @@ class Config:
             "RETRIEVAL_LABEL_BOOST": self.RETRIEVAL_LABEL_BOOST >= 0,
             "FREQUENT_LANDMARK_PENALTY": self.FREQUENT_LANDMARK_PENALTY >= 0,
             "FREQUENT_LANDMARK_MIN_COUNT": self.FREQUENT_LANDMARK_MIN_COUNT >= 1,
+            "WHITENING_DIM": self.WHITENING_DIM >= -1,
+            "CLASSIFIER_MODE": self.CLASSIFIER_MODE in CLASSIFIER_MODES,
+            "FUSION_COSINE_POWER": self.FUSION_COSINE_POWER >= 0,
+            "FUSION_PROB_POWER": self.FUSION_PROB_POWER >= 0,
+            "LANDMARK_THRESHOLD": math.isfinite(self.LANDMARK_THRESHOLD),
             "MATCH_DTYPE": self.MATCH_DTYPE in MATCH_DTYPES,
             "MATCH_DEVICE": self.MATCH_DEVICE in MATCH_DEVICES,
         }
@@ -191,6 +216,7 @@ class Config:
 
 
 RANSAC_METHODS = ("magsac", "opencv-ransac", "degensac", "skimage-affine")
+CLASSIFIER_MODES = ("off", "classifier", "fused")
 MATCH_DTYPES = ("float32", "int8", "float16", "bfloat16")
 MATCH_DEVICES = ("cpu", "gpu", "auto")
 _TRUE = ("true", "yes", "on", "1")
@@ -297,7 +323,16 @@ PRESETS: dict[str, Config] = {
         MUTUAL_NEAREST_NEIGHBOR=True,
         RATIO_TEST=0.8,
         MIN_INLIERS=8,
+        # The inlier term of one candidate with MIN_INLIERS inliers (8 / 40): with the
+        # non-landmark penalty on (an index with a distractor set), a photo counts as a
+        # landmark when its score beats its likeness to the distractors by that much.
+        LANDMARK_THRESHOLD=0.2,
     ),
+    # Your own softmax classifier(s) alone (needs classifiers: model + class mapping CSV).
+    "classifier": Config(CLASSIFIER_MODE="classifier"),
+    # kNN over the global descriptors fused with the classifier probabilities
+    # (Kaggle 2020 recognition 3rd place): sum over the TOP_K neighbours of cos^a * p^b.
+    "knn-classifier": Config(CLASSIFIER_MODE="fused", TOP_K=5),
 }
 
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -65,12 +66,17 @@ class ExtractionSummary:
 @dataclass(frozen=True)
 class _Decoded:
     source: ImageSource
-    image: np.ndarray | None
+    image: Any  # RGB uint8 [H, W, 3], or what the extractor's prepare_image made of it; None on failure
     factor: float
     error: str | None
 
 
-def _decode(source: ImageSource, max_size: int | None, exif_transpose: bool = True) -> _Decoded:
+def _decode(
+    source: ImageSource,
+    max_size: int | None,
+    exif_transpose: bool = True,
+    prepare: Callable[[np.ndarray], Any] | None = None,
+) -> _Decoded:
     try:
         small, factor = decode_image_scaled(source.read_bytes(), max_size, exif_transpose=exif_transpose)
         if min(small.shape[:2]) < MIN_IMAGE_SIDE:
@@ -79,6 +85,8 @@ def _decode(source: ImageSource, max_size: int | None, exif_transpose: bool = Tr
             raise ImageDecodeError(
                 f"image too small: {width}x{height} px{shrunk} (at least {MIN_IMAGE_SIDE} px per side)"
             )
+        if prepare is not None:  # e.g. a Keras model's resize + preprocessing, off the model thread
+            small = prepare(small)
         return _Decoded(source, small, factor, None)
     except ImageDecodeError as error:
         return _Decoded(source, None, 1.0, str(error))
@@ -93,14 +101,19 @@ def iter_decoded(
     threads: int = 2,
     prefetch: int = 16,
     exif_transpose: bool = True,
+    prepare: Callable[[np.ndarray], Any] | None = None,
 ) -> Iterator[_Decoded]:
-    """Decode (and downscale) images in a thread pool, yielding them in input order."""
+    """Decode (and downscale) images in a thread pool, yielding them in input order.
+
+    ``prepare`` (e.g. ``KerasExtractor.prepare_image``) runs on each decoded image in the
+    same threads; its result replaces the image.
+    """
     with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="decode") as pool:
         pending: deque[Future[_Decoded]] = deque()
         position = 0
         while position < len(sources) or pending:
             while position < len(sources) and len(pending) < prefetch:
-                pending.append(pool.submit(_decode, sources[position], max_size, exif_transpose))
+                pending.append(pool.submit(_decode, sources[position], max_size, exif_transpose, prepare))
                 position += 1
             yield pending.popleft().result()
 
@@ -157,6 +170,26 @@ def non_finite_problem(features: ImageFeatures) -> str | None:
     if not bad:
         return None
     return f"extraction failed: non-finite values (NaN or inf) in the {', '.join(bad)}"
+
+
+def extract_decoded_many(
+    extractor: Extractor, decoded: Sequence[_Decoded]
+) -> list[tuple[ImageFeatures | None, str | None]]:
+    """:func:`extract_decoded` of several images with one ``extractor.extract_many`` call.
+
+    Extractors that batch (``batch_size`` > 1, e.g. Keras models) run the decoded images
+    through the model together; if the batch fails, each image is retried alone so that
+    one bad image fails only itself. Results are in input order.
+    """
+    good = [item for item in decoded if item.error is None]
+    if len(good) <= 1:
+        return [extract_decoded(extractor, item) for item in decoded]
+    try:
+        features = extractor.extract_many([item.image for item in good])
+    except Exception:
+        return [extract_decoded(extractor, item) for item in decoded]
+    by_id = {id(item): rescale_features(f, item.factor) for item, f in zip(good, features, strict=True)}
+    return [(by_id[id(item)], None) if item.error is None else (None, item.error) for item in decoded]
 
 
 def pending_sources(
@@ -227,22 +260,39 @@ def _extract_locked(
         batch_features.clear()
         batch_failures.clear()
 
-    bar = tqdm(total=len(todo), desc=description, unit="img", disable=not progress or not todo, smoothing=0.1)
-    exif = extractor.params.exif_transpose
-    for decoded in iter_decoded(todo, max_size=max_size, threads=decode_threads, exif_transpose=exif):
-        image_id = decoded.source.id
-        features, reason = extract_decoded(extractor, decoded)
-        if features is None:
-            batch_failures.append((image_id, reason))
-            failures.append((image_id, reason))
-        else:
-            batch_ids.append(image_id)
-            batch_features.append(features)
-            extracted += 1
-        if len(batch_ids) + len(batch_failures) >= batch_size:
-            flush()
-        bar.update(1)
+    # Extractors that batch their model calls (Keras) get this many decoded images at once.
+    model_batch = max(1, int(getattr(extractor, "batch_size", 1)))
+    pending: list[_Decoded] = []
+
+    def run_model() -> None:
+        nonlocal extracted
+        for decoded, (features, reason) in zip(pending, extract_decoded_many(extractor, pending), strict=True):
+            image_id = decoded.source.id
+            if features is None:
+                batch_failures.append((image_id, reason))
+                failures.append((image_id, reason))
+            else:
+                batch_ids.append(image_id)
+                batch_features.append(features)
+                extracted += 1
+            if len(batch_ids) + len(batch_failures) >= batch_size:
+                flush()
+        bar.update(len(pending))
         bar.set_postfix(failed=len(failures), refresh=False)
+        pending.clear()
+
+    bar = tqdm(total=len(todo), desc=description, unit="img", disable=not progress or not todo, smoothing=0.1)
+    prefetch = max(16, 2 * model_batch)
+    prepare = getattr(extractor, "prepare_image", None)
+    exif = extractor.params.exif_transpose
+    decoded_images = iter_decoded(
+        todo, max_size=max_size, threads=decode_threads, prefetch=prefetch, exif_transpose=exif, prepare=prepare
+    )
+    for decoded in decoded_images:
+        pending.append(decoded)
+        if len(pending) >= model_batch:
+            run_model()
+    run_model()
     flush()
     bar.close()
     return finish_extraction(store, len(sources), skipped, extracted, failures, started)

@@ -10,12 +10,14 @@ confidence)`` per query -> ``submission.csv`` (:func:`recognize`).
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from . import classifier, whitening
 from .config import Config
 from .images import read_labels_csv
 from .models.base import Extractor, ExtractorParams
@@ -165,6 +167,7 @@ def recognize(
     progress: bool = True,
     log: Log = print,
     runner: Runner | None = None,
+    classifiers: Sequence[classifier.Classifier] = (),
 ) -> RunOutput:
     """Recognition submission for a Kaggle-layout dataset.
 
@@ -175,7 +178,10 @@ def recognize(
     ``config`` defaults to the preset suiting the model (``opencv-sift`` or
     ``kaggle2020``). Writes ``output`` (None: write nothing) and validates it.
     ``runner`` runs extraction and search (default :class:`~delf_retrieval.run.LocalRunner`;
-    ``delf_retrieval.distributed.RayRunner`` for Ray).
+    ``delf_retrieval.distributed.RayRunner`` for Ray). ``classifiers`` (softmax models with
+    their class mappings, :func:`delf_retrieval.classifier.load_classifier`) are used when
+    ``CLASSIFIER_MODE`` is ``classifier`` or ``fused``; ``WHITENING_DIM`` whitens the global
+    descriptors first (:mod:`delf_retrieval.whitening`).
     """
     data, extractor, config, work = open_run(data_dir, model, config, work_dir, params, log)
     data.require("train.csv", "sample_submission.csv")
@@ -191,15 +197,20 @@ def recognize(
     stores, summaries = extract_splits(
         extractor, splits, "train", work, dtype=dtype, progress=progress, log=log, runner=runner
     )
+    searched = whitening.whiten_for_run(stores, "train", config.WHITENING_DIM, log=log)  # hook (issue 11)
+    labels = read_labels_csv(data.csv("train.csv"))
     result = recognize_stores(
-        stores["test"],
-        stores["train"],
-        read_labels_csv(data.csv("train.csv")),
+        searched["test"],
+        searched["train"],
+        labels,
         config,
-        nonlandmark=stores.get("nonlandmark"),
+        nonlandmark=searched.get("nonlandmark"),
         verify=verify,
         progress=progress,
         index_factory=None if runner is None else runner.index,
+    )
+    result = classifier.apply_classifiers(  # hook (issue 11): no-op when CLASSIFIER_MODE is "off"
+        result, classifiers, stores["test"], splits["test"], labels, config, progress=progress, log=log
     )
     frame = recognition_dataframe(result.predictions, ids=data.sample()["id"].tolist())
     path, problems = finish_run(data, frame, output, "recognition", result.seconds, log)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from . import whitening
 from .config import Config
 from .images import read_labels_csv
 from .models.base import Extractor, ExtractorParams
@@ -186,11 +187,12 @@ def retrieve(
     stores, summaries = extract_splits(
         extractor, splits, "index", work, dtype=dtype, progress=progress, log=log, runner=runner
     )
+    searched = whitening.whiten_for_run(stores, "index", config.WHITENING_DIM, log=log)  # hook (issue 11)
     result = retrieve_stores(
-        stores["test"],
-        stores["index"],
+        searched["test"],
+        searched["index"],
         config,
-        train=stores.get("train"),
+        train=searched.get("train"),
         labels=read_labels_csv(data.csv("train.csv")) if labelled else None,
         verify=verify,
         progress=progress,

@@ -286,7 +286,7 @@ def open_run(
         from .models.loader import load_extractor
 
         extractor = load_extractor(model, params)
-    if config is None and extractor.family == "opencv-sift":
+    if config is None and extractor.family.split("+")[-1] == "opencv-sift":  # also keras+opencv-sift
         config = "opencv-sift"
     config = load_config(config)
     work = Path(work_dir) if work_dir is not None else Path.cwd() / "delf_work"

@@ -20,7 +20,7 @@ REQUIRED = {
     "ipykernel": "ipykernel (pip install '.[test]')",
 }
 # Optional extras: their tests skip without them, unless DELF_TEST_REQUIRE_EXTRAS=1 (CI).
-EXTRAS = {"ray": "ray", "faiss": "faiss", "pydegensac": "degensac", "onnxruntime": "fast"}
+EXTRAS = {"ray": "ray", "faiss": "faiss", "pydegensac": "degensac", "onnxruntime": "fast", "fastapi": "serve"}
 
 
 def _installed(module: str) -> bool:
@@ -91,6 +91,7 @@ MODEL_FIXTURES = {
     "delg_tf1_global_model",
     "delf_hub_model",
     "loaded",  # test_models.py: every fixture model, loaded
+    "keras_classifier",  # issue 11: small Keras models saved three ways
 }
 
 
@@ -103,3 +104,35 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.ray)
         if fixtures & MODEL_FIXTURES or item.get_closest_marker("ray") or item.get_closest_marker("notebooks"):
             item.add_marker(pytest.mark.slow)
+
+
+# --- Small Keras models (issue 11: your own model) ----------------------------------------
+
+
+def build_small_keras_classifier(num_classes: int = 5, seed: int = 0):
+    """A seeded conv net: conv1 -> conv2 -> global max pooling 'gmp' -> softmax 'head'."""
+    import keras
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((None, None, 3))
+    x = keras.layers.Conv2D(8, 3, strides=2, activation="relu", name="conv1")(inputs)
+    x = keras.layers.Conv2D(16, 3, strides=2, activation="relu", name="conv2")(x)
+    x = keras.layers.GlobalMaxPooling2D(name="gmp")(x)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", name="head")(x)
+    return keras.Model(inputs, outputs)
+
+
+@pytest.fixture(scope="session")
+def keras_classifier(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Folder with one small classifier saved three ways: ``model.keras``, ``model.h5`` and
+    ``saved_model/`` (exported with outputs ``output_0`` = gmp, ``output_1`` = head), plus
+    ``classes.csv`` mapping its 5 classes to the demo dataset's landmarks 1000..1004."""
+    import keras
+    folder = tmp_path_factory.mktemp("keras") / "classifier"
+    folder.mkdir()
+    model = build_small_keras_classifier()
+    model.save(folder / "model.keras")
+    model.save(folder / "model.h5")
+    both = keras.Model(model.inputs, [model.get_layer("gmp").output, model.output])
+    both.export(str(folder / "saved_model"), verbose=False)
+    (folder / "classes.csv").write_text("class_index,landmark_id\n" + "".join(f"{i},{1000 + i}\n" for i in range(5)))
+    return folder

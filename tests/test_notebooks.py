@@ -120,3 +120,24 @@ def test_notebooks_on_kaggle_stop_on_an_unrecognised_competition(name, tmp_path)
     with pytest.raises(nbclient.exceptions.CellExecutionError, match="unrecognised competition in .*some-other-competition"):
         execute(name, None, tmp_path / "work", tmp_path, DELF_KAGGLE_INPUT=str(kaggle_input))
     assert not (tmp_path / "submission.csv").exists()
+
+
+def test_recognition_notebook_with_your_own_keras_model(demo, tmp_path, keras_classifier):
+    """Issue 11: a Keras model for search + RootSIFT for re-ranking, fused with its softmax head."""
+    data_dir, work_dir = demo
+    notebook = execute(
+        "recognition_submission.ipynb",
+        data_dir,
+        work_dir,
+        tmp_path,
+        DELF_GLOBAL_MODEL=str(keras_classifier / "model.keras"),
+        DELF_LOCAL_MODEL="opencv-sift",
+        DELF_MODEL_OPTIONS=json.dumps({"preprocess": "tf", "image_size": 64}),
+        DELF_CLASSES=str(keras_classifier / "classes.csv"),
+        DELF_PRESET="knn-classifier",
+    )
+    written = tmp_path / "submission.csv"
+    assert validate_submission(written, data_dir / "sample_submission.csv", kind="recognition") == []
+    text = printed(notebook)
+    assert "KerasExtractor(" in text and "classifier: fused predictions from 1 classifier(s)" in text
+    assert any(path.name.startswith("keras+opencv-sift-") for path in work_dir.iterdir())

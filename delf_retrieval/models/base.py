@@ -78,9 +78,12 @@ class Extractor(ABC):
 
     Subclasses set ``family`` (e.g. ``"delg-tf2"``), ``has_local``, ``has_global``
     (a native global descriptor), ``local_dim`` and ``global_dim`` (0 when absent).
+    ``batch_size`` > 1 asks the extraction runner to hand :meth:`extract_many` that many
+    images at once (models that batch their calls, e.g. Keras models).
     """
 
     family: str = ""
+    batch_size: int = 1
     has_local: bool = False
     has_global: bool = False
     local_dim: int = 0

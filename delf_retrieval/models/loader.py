@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from .base import Extractor, ExtractorParams
 
@@ -19,7 +20,8 @@ SUPPORTED = (
     "DELG in TF1 format (Kaggle delg-saved-models: input_image:0, input_scales:0, "
     "global_descriptors:0, ...) or the DELF v1 TF-Hub module (signature 'default' with "
     "image, score_threshold, image_scales, max_feature_num); or a TF-Hub handle such as "
-    "'google/delf/1' already in TFHUB_CACHE_DIR"
+    "'google/delf/1' already in TFHUB_CACHE_DIR; or your own Keras/TF model: a .keras or .h5 "
+    "file, or a SavedModel folder whose serving_default takes one image batch [B, H, W, 3]"
 )
 
 _DELF_INPUTS = {"image", "score_threshold", "image_scales", "max_feature_num"}
@@ -36,7 +38,10 @@ def list_models() -> list[str]:
 
 
 def detect_format(folder: str | os.PathLike) -> str:
-    """Family of the SavedModel in ``folder``: ``"delg-tf2"``, ``"delg-tf1"`` or ``"delf-hub"``.
+    """Family of the SavedModel in ``folder``: ``"delg-tf2"``, ``"delg-tf1"``, ``"delf-hub"``
+    or ``"keras"`` (a ``serving_default`` with exactly one ``[B, H, W, 3]`` input, as
+    ``keras.Model.export`` writes; checked after the DELG/DELF signatures, whose image
+    input is a single ``[H, W, 3]`` image among other inputs).
 
     Raises
     ------
@@ -46,7 +51,9 @@ def detect_format(folder: str | os.PathLike) -> str:
     """
     folder = Path(folder)
     if not folder.is_dir():
-        raise ValueError(f"{folder} is not a folder; expected a SavedModel folder")
+        raise ValueError(
+            f"{folder} is not a folder; expected a SavedModel folder or a Keras model file (.keras, .h5, .hdf5)"
+        )
     graph_file = folder / "saved_model.pb"
     if not graph_file.is_file():
         raise ValueError(
@@ -78,6 +85,8 @@ def detect_format(folder: str | os.PathLike) -> str:
             return "delg-tf2"
         if not is_tf2 and _DELG_TF1_NODES <= {node.name for node in meta_graph.graph_def.node}:
             return "delg-tf1"
+        if is_tf2 and serving is not None and _is_image_batch_signature(serving):
+            return "keras"
         for name, signature in signatures.items():
             found.append(f"{name}({', '.join(sorted(signature.inputs))})")
     kind = "TF-Hub module" if is_hub_module else "SavedModel"
@@ -85,6 +94,15 @@ def detect_format(folder: str | os.PathLike) -> str:
         f"{folder}: unrecognised {kind} (signatures: {', '.join(found) or 'none'}). "
         f"Supported: {SUPPORTED}"
     )
+
+
+def _is_image_batch_signature(signature: Any) -> bool:
+    """One input of shape ``[B, H, W, 3]`` (B, H, W may be unknown): an image-batch model."""
+    if len(signature.inputs) != 1:
+        return False
+    (tensor,) = signature.inputs.values()
+    dims = [dim.size for dim in tensor.tensor_shape.dim]
+    return not tensor.tensor_shape.unknown_rank and len(dims) == 4 and dims[3] == 3
 
 
 def _extractor_class(family: str) -> type[Extractor]:
@@ -101,25 +119,57 @@ def _extractor_class(family: str) -> type[Extractor]:
     return DelfHubExtractor
 
 
-def load_extractor(spec: str | os.PathLike, params: ExtractorParams | None = None) -> Extractor:
-    """Build the extractor named by ``spec``.
+def load_extractor(
+    spec: str | os.PathLike | None = None,
+    params: ExtractorParams | None = None,
+    *,
+    global_model: str | os.PathLike | Extractor | None = None,
+    local_model: str | os.PathLike | Extractor | None = None,
+    custom_objects: dict[str, Any] | None = None,
+    **options: Any,
+) -> Extractor:
+    """Build the extractor named by ``spec``, or a composite of two models.
 
     Parameters
     ----------
     spec : ``"opencv-sift"`` (or ``"sift"``, ``"opencv"``); a SavedModel folder (DELG TF2,
-        DELG TF1 or DELF TF-Hub, detected from its files); or a TF-Hub handle
-        (``"google/delf/1"``, ``"https://tfhub.dev/google/delf/1"``) found in the TF-Hub
-        cache, never downloaded.
-    params : extraction parameters; each family's defaults when None.
+        DELG TF1, DELF TF-Hub or your own Keras/TF export, detected from its files); a
+        ``.keras`` / ``.h5`` Keras model file; or a TF-Hub handle (``"google/delf/1"``,
+        ``"https://tfhub.dev/google/delf/1"``) found in the TF-Hub cache, never downloaded.
+    params : extraction parameters; each family's defaults when None. With
+        ``global_model``/``local_model`` they go to the local model.
+    global_model, local_model : instead of ``spec``: global descriptors from one model
+        and local features from the other (each a spec as above or an Extractor), e.g.
+        ``load_extractor(global_model="my.keras", local_model="opencv-sift", layer="gmp")``.
+    custom_objects : for Keras models with custom layers (``keras.models.load_model``).
+    **options : Keras/TF model options (:class:`.keras_model.KerasOptions`: ``layer``,
+        ``pooling``, ``gem_p``, ``preprocess``, ``image_size``, ``resize``, ``scales``,
+        ``flip``, ``batch_size``, ``head``); with a composite they go to the global model.
 
     Raises
     ------
     ValueError
-        For a name, path or model that is not supported.
+        For a name, path, model or option that is not supported.
     HubModuleNotCachedError
         (a ``FileNotFoundError``) for a handle that is not in the TF-Hub cache.
     """
+    if global_model is not None or local_model is not None:
+        if spec is not None or global_model is None or local_model is None:
+            raise ValueError("give either spec, or both global_model and local_model")
+        from .composite import CompositeExtractor
+
+        if isinstance(global_model, Extractor):
+            if options:
+                raise ValueError("model options apply to a global_model given by name, not to an Extractor")
+            global_extractor = global_model
+        else:
+            global_extractor = load_extractor(global_model, custom_objects=custom_objects, **options)
+        local_extractor = local_model if isinstance(local_model, Extractor) else load_extractor(local_model, params)
+        return CompositeExtractor(global_extractor, local_extractor)
+    if spec is None:
+        raise ValueError(f"no model given. Supported: {SUPPORTED}")
     if isinstance(spec, str) and spec.strip().lower() in SIFT_NAMES:
+        _no_options(spec, options)
         from .opencv_sift import OpenCVSiftExtractor
 
         return OpenCVSiftExtractor(params)
@@ -128,6 +178,12 @@ def load_extractor(spec: str | os.PathLike, params: ExtractorParams | None = Non
     if not os.fspath(spec).strip():
         raise ValueError(f"empty model name. Supported: {SUPPORTED}")
     path = Path(spec).expanduser()
+    from .keras_model import is_keras_file  # no TensorFlow import until a model is built
+
+    if path.is_file() and is_keras_file(path):
+        from .keras_model import KerasExtractor, KerasOptions
+
+        return KerasExtractor(path, KerasOptions.from_mapping(options), params, custom_objects)
     if path.exists():
         folder = path
     else:
@@ -139,4 +195,16 @@ def load_extractor(spec: str | os.PathLike, params: ExtractorParams | None = Non
             )
         folder = resolve_hub_handle(spec)
     family = detect_format(folder)
+    if family == "keras":
+        from .keras_model import KerasExtractor, KerasOptions
+
+        return KerasExtractor(folder, KerasOptions.from_mapping(options), params)
+    _no_options(spec, options)
     return _extractor_class(family)(folder, params)
+
+
+def _no_options(spec: str | os.PathLike, options: dict[str, Any]) -> None:
+    if options:
+        raise ValueError(
+            f"model options {sorted(options)} apply to Keras/TF models only, not to {os.fspath(spec)!r}"
+        )
