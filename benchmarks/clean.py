@@ -93,12 +93,17 @@ def main() -> None:
 
     unit = {i: l2_normalize(f.descriptors) for i, f in features.items()}
     bound = product_bound(pairs, unit, 2)
-    start = time.perf_counter()
-    verify_chunk(store, rows, config)
-    ours = time.perf_counter() - start
-    start = time.perf_counter()
-    verify_chunk(store, rows, config.replace(MATCH_DTYPE="int8"))
-    ours8 = time.perf_counter() - start
+    config8 = config.replace(MATCH_DTYPE="int8")
+    verify_chunk(store, rows[:2], config)  # warm-up: imports, ONNX Runtime session
+    verify_chunk(store, rows[:2], config8)
+    ours, ours8 = float("inf"), float("inf")
+    for _ in range(2):  # best of 2, alternating
+        start = time.perf_counter()
+        verify_chunk(store, rows, config)
+        ours = min(ours, time.perf_counter() - start)
+        start = time.perf_counter()
+        verify_chunk(store, rows, config8)
+        ours8 = min(ours8, time.perf_counter() - start)
     _, baseline = baseline_on_processes(pairs, features, 2)
     n = len(pairs)
     measured = [

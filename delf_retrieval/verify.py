@@ -375,7 +375,7 @@ def _match_normalized(
     sims = d1 @ d2.T
     # No row of image 1 is more similar to j than i: a column maximum is cheaper than an
     # argmax along axis 0; select_matches keeps the smallest i of several tied rows.
-    return select_matches(sims, sims.max(axis=0) if mutual else None, max_distance, mutual, ratio)
+    return select_matches(sims, None, max_distance, mutual, ratio)
 
 
 def _distance(similarity: np.ndarray) -> np.ndarray:
