@@ -35,7 +35,7 @@ except ImportError:  # run from a checkout without installing
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from delf_retrieval import pipeline, recognition, retrieval
+from delf_retrieval import cascade, pipeline, retrieval
 from delf_retrieval.config import default_preset, load_config
 from delf_retrieval.images import read_labels_csv
 from delf_retrieval.metrics import evaluate_recognition, evaluate_retrieval
@@ -45,7 +45,7 @@ from delf_retrieval.store import FeatureStore
 from delf_retrieval.submission import recognition_dataframe, retrieval_dataframe
 
 _inliers: dict[tuple[bytes, ...], np.ndarray] = {}
-_count = recognition.count_inliers_many
+_count = cascade.count_inliers_many
 
 
 def _digest(local) -> bytes:
@@ -72,7 +72,7 @@ def main() -> None:
     parser.add_argument("--no-verify", action="store_true", help="global similarity only")
     parser.add_argument("--only", default="", help="run only the settings whose name contains this")
     args = parser.parse_args()
-    recognition.count_inliers_many = cached_count_inliers_many
+    cascade.count_inliers_many = cached_count_inliers_many
     retrieval.count_inliers_many = cached_count_inliers_many
 
     extractor = load_extractor(args.model)

@@ -148,6 +148,17 @@ class Config:
         inliers and queries whose predicted landmark has no such candidate;
         ``"excess"``: only by how much the distractor similarity exceeds the global
         cosine to the best candidate (see :mod:`delf_retrieval.rerank`).
+    CASCADE_CANDIDATES : int
+        Verification cascade for a learned ``MATCHER`` (:mod:`delf_retrieval.cascade`):
+        recognition first verifies this many global candidates with mutual nearest
+        neighbours (``MUTUAL_NEAREST_NEIGHBOR``, ``RATIO_TEST``,
+        ``MAX_DESCRIPTOR_DISTANCE``) + RANSAC, and the learned matcher verifies the
+        ``NUM_TO_RERANK`` of them with the most inliers (ties in global order). 0, or not
+        more than ``NUM_TO_RERANK``: off (the first ``NUM_TO_RERANK`` by global
+        similarity). Ignored with ``MATCHER="nn"``.
+    CASCADE_MIN_INLIERS : int
+        Cheap inlier counts below this are no evidence in the cascade (such candidates
+        keep their global order behind the ones with evidence).
     """
 
     NUM_TO_RERANK: int = 3
@@ -188,6 +199,8 @@ class Config:
     DBA_TOP_K: int = 0
     DBA_ALPHA: float = 3.0
     NONLANDMARK_RULE: str = "subtract"
+    CASCADE_CANDIDATES: int = 0
+    CASCADE_MIN_INLIERS: int = 12
 
     def __post_init__(self) -> None:
         for name, kind in _field_types().items():
@@ -222,6 +235,8 @@ class Config:
             "DBA_TOP_K": self.DBA_TOP_K >= 0,
             "DBA_ALPHA": self.DBA_ALPHA >= 0,
             "NONLANDMARK_RULE": self.NONLANDMARK_RULE in NONLANDMARK_RULES,
+            "CASCADE_CANDIDATES": self.CASCADE_CANDIDATES >= 0,
+            "CASCADE_MIN_INLIERS": self.CASCADE_MIN_INLIERS >= 0,
             "WHITENING_DIM": self.WHITENING_DIM >= -1,
             "CLASSIFIER_MODE": self.CLASSIFIER_MODE in CLASSIFIER_MODES,
             "FUSION_COSINE_POWER": self.FUSION_COSINE_POWER >= 0,
@@ -356,12 +371,12 @@ _LEARNED_NN = dict(
     NONLANDMARK_RULE="unverified",
     LANDMARK_THRESHOLD=0.2,  # the inlier term of MIN_INLIERS inliers, as in opencv-sift
 )
+# MUTUAL_NEAREST_NEIGHBOR and RATIO_TEST (the NN presets') do not touch the learned
+# matcher; they are the filters of the cheap first stage when CASCADE_CANDIDATES is set.
 _LEARNED_MATCHER = dict(
     _LEARNED_NN,
     NUM_TO_RERANK=5,
     RETRIEVAL_NUM_TO_RERANK=10,
-    RATIO_TEST=1.0,
-    MUTUAL_NEAREST_NEIGHBOR=False,
     MIN_INLIERS=35,
     MAX_INLIER_SCORE=150,
     LANDMARK_THRESHOLD=0.233,
@@ -417,7 +432,9 @@ PRESETS: dict[str, Config] = {
     # Learned features with their learned matcher, then RANSAC over its matches.
     "aliked-lightglue": Config(**_LEARNED_MATCHER, MATCHER="lightglue", MATCHER_FEATURES="aliked"),
     "disk-lightglue": Config(**_LEARNED_MATCHER, MATCHER="lightglue", MATCHER_FEATURES="disk"),
-    "xfeat-lighterglue": Config(**_LEARNED_MATCHER, MATCHER="lighterglue", MATCHER_FEATURES="xfeat"),
+    "xfeat-lighterglue": Config(
+        **dict(_LEARNED_MATCHER, RATIO_TEST=0.82), MATCHER="lighterglue", MATCHER_FEATURES="xfeat"
+    ),
     # Your own softmax classifier(s) alone (needs classifiers: model + class mapping CSV).
     "classifier": Config(CLASSIFIER_MODE="classifier"),
     # kNN over the global descriptors fused with the classifier probabilities

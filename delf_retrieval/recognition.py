@@ -2,7 +2,8 @@
 
 Data flow: query and train stores -> global top-k search of the train store
 (:func:`~delf_retrieval.run.search_store`) -> RANSAC inlier counts of the best
-``NUM_TO_RERANK`` candidates (:mod:`.verify`) -> per-landmark votes with optional
+``NUM_TO_RERANK`` candidates (:mod:`.verify`; with a learned matcher optionally chosen
+from more candidates by a cheap matcher, :mod:`.cascade`) -> per-landmark votes with optional
 non-landmark and frequent-landmark penalties (:mod:`.rerank`) -> one ``(landmark,
 confidence)`` per query -> ``submission.csv`` (:func:`recognize`).
 """
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import classifier, whitening
+from . import cascade, classifier, whitening
 from .config import Config
 from .images import read_labels_csv
 from .models.base import Extractor, ExtractorParams
@@ -34,7 +35,6 @@ from .run import (
 )
 from .store import FeatureStore
 from .submission import recognition_dataframe
-from .verify import count_inliers_many
 
 __all__ = ["RecognitionResult", "recognize", "recognize_neighbours", "recognize_stores"]
 
@@ -81,8 +81,9 @@ def recognize_stores(
         ``RayRunner.index`` shards it over Ray).
     """
     started = time.perf_counter()
-    num_candidates = max(config.NUM_TO_RERANK, config.TOP_K)
-    similarities, rows = search_store(queries.global_descriptors(), database, num_candidates, config, index_factory)
+    similarities, rows = search_store(
+        queries.global_descriptors(), database, cascade.num_candidates(config), config, index_factory
+    )
     search_seconds = time.perf_counter() - started
     result = recognize_neighbours(
         queries, database, labels, config, similarities, rows, nonlandmark=nonlandmark, verify=verify, progress=progress
@@ -106,7 +107,7 @@ def recognize_neighbours(
     """Recognition from the global neighbours already found for every query.
 
     ``similarities`` float [Q, K] and ``rows`` int [Q, K] are the database's top-K for
-    ``queries`` in row order (``K >= max(NUM_TO_RERANK, TOP_K)`` or all rows); other
+    ``queries`` in row order (``K >= cascade.num_candidates(config)`` or all rows); other
     arguments as :func:`recognize_stores`.
     """
     query_ids, database_ids = queries.ids, database.ids
@@ -130,11 +131,10 @@ def recognize_neighbours(
         result.global_predictions[query_id] = recognize_one(candidate_labels, cosine, None, global_config)
         inliers = None
         if use_local:
-            verified = candidates[: config.NUM_TO_RERANK]
-            inliers = np.zeros(len(candidates), np.int64)
-            inliers[: len(verified)] = count_inliers_many(
+            inliers = cascade.verify_candidates(
                 queries.local_features(query_id),
-                [database.local_features(database_ids[c]) for c in verified],
+                lambda p: database.local_features(database_ids[candidates[p]]),  # noqa: B023 - called here
+                len(candidates),
                 config,
             )
             result.inliers[query_id] = inliers

@@ -28,6 +28,8 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from . import aggregation
+from .cascade import cascade_active, verify_candidates
+from .cascade import num_candidates as cascade_width
 from .config import Config, load_config
 from .extract import rescale_features
 from .features import ImageFeatures, LocalFeatures
@@ -43,7 +45,6 @@ from .models.base import Extractor
 from .rerank import nonlandmark_similarity, recognize_one, rerank
 from .search import cosine_topk
 from .store import FeatureStore, StoreMismatchError
-from .verify import count_inliers_many
 
 ImageInput = np.ndarray | str | os.PathLike | bytes | bytearray | memoryview
 
@@ -174,9 +175,7 @@ def recognize_candidates(
     candidate_nl = None if candidate_nonlandmark is None else candidate_nonlandmark[candidates]
     inliers = None
     if verify and config.NUM_TO_RERANK > 0 and query is not None and database.local_dim:
-        verified = candidates[: config.NUM_TO_RERANK]
-        inliers = np.zeros(len(candidates), np.int64)
-        inliers[: len(verified)] = count_inliers_many(query, [database.local_features(ids[c]) for c in verified], config)
+        inliers = verify_candidates(query, lambda p: database.local_features(ids[candidates[p]]), len(candidates), config)
     label, confidence = recognize_one(
         candidate_labels, np.asarray(cosine, np.float64), inliers, config, candidate_nl, query_nonlandmark
     )
@@ -294,7 +293,7 @@ class Recognizer:
             return []
         started = time.perf_counter()
         vectors = np.stack([self.search_vector(features) for _, features, _ in decoded])
-        num_candidates = max(self.config.NUM_TO_RERANK, self.config.TOP_K)
+        num_candidates = cascade_width(self.config)
         similarities, rows = cosine_topk(vectors, self.vectors, num_candidates, block_size=self.config.SEARCH_BLOCK_SIZE)
         query_nl = None
         if self.nonlandmark is not None:
@@ -365,7 +364,11 @@ class Recognizer:
     def _neighbours(self, rows: np.ndarray, cosine: np.ndarray, inliers: np.ndarray | None) -> list[Neighbour]:
         penalty = None if self.train_nonlandmark is None else self.train_nonlandmark[rows]
         order, scores = rerank(cosine.astype(np.float64), inliers, self.config, penalty)
-        verified = 0 if inliers is None else min(self.config.NUM_TO_RERANK, len(rows))
+        shown = np.zeros(len(rows), bool)  # candidates whose inlier count is reported
+        if inliers is not None:
+            shown[: min(self.config.NUM_TO_RERANK, len(rows))] = True
+            if cascade_active(self.config):  # the cheap matcher chose them: report the matched
+                shown = np.asarray(inliers) > 0
         result = []
         for position, score in zip(order, scores, strict=True):
             label = self.labels[rows[position]]
@@ -375,7 +378,7 @@ class Recognizer:
                     landmark_id=label,
                     name=self.names.get(label) if label else None,
                     cosine=float(cosine[position]),
-                    inliers=int(inliers[position]) if inliers is not None and position < verified else None,
+                    inliers=int(inliers[position]) if shown[position] else None,
                     score=float(score),
                 )
             )

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import whitening
+from . import cascade, whitening
 from .config import Config
 from .images import read_labels_csv
 from .models.base import Extractor, ExtractorParams
@@ -127,7 +127,7 @@ def predicted_landmarks(
     ``index.ids`` (None: no landmark).
     """
     recognise = verify and bool(train.local_dim) and config.NUM_TO_RERANK > 0
-    k = max(config.NUM_TO_RERANK, config.TOP_K) if recognise else config.TOP_K
+    k = cascade.num_candidates(config) if recognise else config.TOP_K
     num_index = len(index.ids)
     vectors = np.concatenate([index.global_descriptors(), queries.global_descriptors()], dtype=np.float32)
     similarities, rows = search_store(vectors, train, k, config, index_factory)
