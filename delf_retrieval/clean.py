@@ -37,7 +37,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from .atomic import atomic_write, atomic_write_bytes
-from .config import Config, load_config
+from .config import Config, default_preset, load_config
 from .store import FeatureStore
 from .verify import count_inliers_many
 
@@ -400,7 +400,7 @@ def decide(
 # --------------------------------------------------------------------------- whole run
 def clean_dataset(
     data_dir: str | Path,
-    model: Any = "opencv-sift",
+    model: Any = None,
     config: Config | str | Path | None = None,
     *,
     output: str | Path = "train_clean.csv",
@@ -445,8 +445,8 @@ def clean_dataset(
     if small_classes not in SMALL_CLASS_POLICIES:
         raise ValueError(f"small_classes must be one of {SMALL_CLASS_POLICIES}, got {small_classes!r}")
     extractor = _load_model(model)
-    if config is None and extractor.family == "opencv-sift":
-        config = "opencv-sift"
+    if config is None:  # the preset suiting the model, as recognize picks it
+        config = default_preset(extractor.family)
     config = load_config(config)
     work = Path(work_dir) if work_dir is not None else Path.cwd() / "delf_work"
     log(f"model: {extractor!r}\nfeatures cached in: {work / pipeline.model_key(extractor)}")
@@ -497,9 +497,11 @@ def clean_dataset(
 
 def _load_model(model: Any) -> Any:
     from .models.base import Extractor
-    from .models.loader import load_extractor
+    from .models.loader import default_model, load_extractor
 
-    return model if isinstance(model, Extractor) else load_extractor(model)
+    if isinstance(model, Extractor):
+        return model
+    return load_extractor(default_model() if model is None else model)
 
 
 def _write_csv(frame: pd.DataFrame, path: Path) -> None:

@@ -72,6 +72,12 @@ def check_output_folder(path: Path, what: str) -> None:
     _writable_folder(existing, what)
 
 
+def _default_model() -> str:
+    from .models.loader import default_model
+
+    return default_model()
+
+
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
@@ -79,7 +85,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="model: 'opencv-sift' (no weights), 'aliked', 'disk' or 'xfeat' (learned, extra [learned]), "
         "a DELG/DELF SavedModel folder, a TF-Hub "
         "handle cached in TFHUB_CACHE_DIR, or your own Keras/TF model (.keras, .h5, SavedModel "
-        "folder; see docs/own_model.md) (default: opencv-sift)",
+        "folder; see docs/own_model.md) (default: xfeat when the [learned] extra is installed, "
+        "else opencv-sift; $DELF_RETRIEVAL_DEFAULT_MODEL pins it)",
     )
     parser.add_argument("--global-model", default=None, help="with --local-model: global descriptors from this model")
     parser.add_argument("--local-model", default=None, help="with --global-model: local features from this model")
@@ -152,7 +159,7 @@ def _ray_hooks(args: argparse.Namespace, extractor):
     _check_ray_model(args)
     from .distributed import RayRunner
 
-    runner = RayRunner(args.model or "opencv-sift", extractor.params, address=args.ray, num_workers=args.ray_workers, num_shards=args.shards)
+    runner = RayRunner(args.model or _default_model(), extractor.params, address=args.ray, num_workers=args.ray_workers, num_shards=args.shards)
 
     @contextlib.contextmanager
     def hooks():
@@ -251,7 +258,7 @@ def build_extractor(args: argparse.Namespace):
         global_extractor = _load_one(args.global_model, args, options, for_global=True, for_local=False)
         local_extractor = _load_one(args.local_model, args, {}, for_global=False, for_local=True)
         return CompositeExtractor(global_extractor, local_extractor)
-    return _load_one(args.model or "opencv-sift", args, options, for_global=True, for_local=True)
+    return _load_one(args.model or _default_model(), args, options, for_global=True, for_local=True)
 
 
 def _check_ray_model(args: argparse.Namespace) -> None:
@@ -295,7 +302,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 
         _check_ray_model(args)
         summary = extract_to_store_ray(
-            args.model or "opencv-sift",
+            args.model or _default_model(),
             extractor.params,
             sources,
             store,
@@ -457,7 +464,7 @@ def _cmd_clean(args: argparse.Namespace) -> int:
 
             _check_ray_model(args)
             runner = stack.enter_context(
-                RayRunner(args.model or "opencv-sift", extractor.params, address=args.ray, num_workers=args.ray_workers)
+                RayRunner(args.model or _default_model(), extractor.params, address=args.ray, num_workers=args.ray_workers)
             )
             hooks = {
                 "runner": runner,

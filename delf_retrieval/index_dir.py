@@ -43,7 +43,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .config import Config, load_config
+from .config import Config, default_preset, load_config
 from .extract import extract_to_store
 from .images import kaggle_image_path, list_images, read_labels_csv
 from .models.base import Extractor, ExtractorParams
@@ -134,8 +134,8 @@ def params_from_fingerprint(fingerprint: dict[str, Any]) -> ExtractorParams:
 
 def model_spec(extractor: Extractor) -> str:
     """What :func:`.models.load_extractor` needs to load ``extractor`` again: its folder or name."""
-    if extractor.family == "opencv-sift":
-        return "opencv-sift"
+    if extractor.family in ("opencv-sift", "aliked", "disk", "xfeat"):  # names, no folder
+        return extractor.family
     folder = getattr(extractor, "path", None)
     if folder is None:
         raise ValueError(f"cannot tell where {extractor!r} was loaded from; pass the model spec instead")
@@ -143,13 +143,13 @@ def model_spec(extractor: Extractor) -> str:
 
 
 def default_config(extractor: Extractor) -> Config:
-    """The preset suiting the model, as ``recognize`` picks it."""
-    return load_config("opencv-sift" if extractor.family == "opencv-sift" else "kaggle2020")
+    """The preset suiting the model, as ``recognize`` picks it (:func:`.config.default_preset`)."""
+    return load_config(default_preset(extractor.family))
 
 
 def build_index(
     data_dir: str | Path,
-    model: str | Extractor = "opencv-sift",
+    model: str | Extractor | None = None,
     out: str | Path = "index",
     *,
     config: Config | str | Path | None = None,
@@ -169,7 +169,8 @@ def build_index(
     ----------
     data_dir : folder with ``train.csv`` + ``train/`` (and optionally ``labels.csv``,
         ``nonlandmark.csv`` + ``nonlandmark/``), as :func:`.pipeline.recognize` takes it.
-    model : model spec or extractor (see :func:`.models.load_extractor`).
+    model : model spec or extractor (see :func:`.models.load_extractor`); default
+        :func:`.models.default_model` (xfeat with the [learned] extra, else opencv-sift).
     out : index folder; an interrupted build resumes when rerun with the same arguments.
     config : preset, file or Config stored in the index (default: the model's preset).
     use_nonlandmark : keep the distractor set (default: when ``nonlandmark.csv`` exists);
@@ -198,8 +199,9 @@ def build_index(
     if isinstance(model, Extractor):
         extractor, spec = model, model_spec(model)
     else:
-        from .models.loader import load_extractor
+        from .models.loader import default_model, load_extractor
 
+        model = default_model() if model is None else model
         extractor = load_extractor(model, params)
         spec = str(Path(model).resolve()) if Path(model).exists() else str(model)
     config = default_config(extractor) if config is None else load_config(config)

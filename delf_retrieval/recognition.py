@@ -155,7 +155,7 @@ def recognize_neighbours(
 
 def recognize(
     data_dir: str | Path,
-    model: str | Extractor = "opencv-sift",
+    model: str | Extractor | None = None,
     config: Config | str | Path | None = None,
     *,
     output: str | Path | None = "submission.csv",

@@ -158,7 +158,7 @@ def _votes(
 
 def retrieve(
     data_dir: str | Path,
-    model: str | Extractor = "opencv-sift",
+    model: str | Extractor | None = None,
     config: Config | str | Path | None = None,
     *,
     output: str | Path | None = "submission.csv",

@@ -283,21 +283,22 @@ class RunOutput:
 
 def open_run(
     data_dir: str | Path,
-    model: str | Extractor,
+    model: str | Extractor | None,
     config: Config | str | Path | None,
     work_dir: str | Path | None,
     params: ExtractorParams | None,
     log: Log,
 ) -> tuple[KaggleData, Extractor, Config, Path]:
-    """Dataset, extractor (loaded from a spec unless given), config (the preset suiting
-    the model by default) and cache folder of a whole run."""
+    """Dataset, extractor (loaded from a spec unless given; None: the default model,
+    :func:`.models.default_model`), config (the preset suiting the model by default) and
+    cache folder of a whole run."""
     data = KaggleData(Path(data_dir))
     if isinstance(model, Extractor):
         extractor = model
     else:
-        from .models.loader import load_extractor
+        from .models.loader import default_model, load_extractor
 
-        extractor = load_extractor(model, params)
+        extractor = load_extractor(default_model() if model is None else model, params)
     if config is None:  # a composite (e.g. keras+opencv-sift) follows its local model
         config = default_preset(extractor.family)
     config = load_config(config)

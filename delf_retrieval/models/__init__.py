@@ -6,6 +6,6 @@ not import TensorFlow; the adapters do when a model is loaded.
 """
 
 from .base import Extractor, ExtractorParams
-from .loader import list_models, load_extractor
+from .loader import default_model, list_models, load_extractor
 
-__all__ = ["Extractor", "ExtractorParams", "list_models", "load_extractor"]
+__all__ = ["Extractor", "ExtractorParams", "default_model", "list_models", "load_extractor"]

