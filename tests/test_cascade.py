@@ -158,3 +158,10 @@ def test_config_rejects_negative_cascade_values():
 def test_learned_matcher_presets_give_the_cheap_stage_nearest_neighbour_filters(name):
     config = load_config(name)
     assert config.MUTUAL_NEAREST_NEIGHBOR and config.RATIO_TEST < 1
+
+
+def test_the_cascade_is_on_where_it_was_measured_to_help():
+    assert load_config("aliked-lightglue").CASCADE_CANDIDATES == 30
+    assert cascade.cascade_active(load_config("aliked-lightglue"))
+    assert not cascade.cascade_active(load_config("xfeat-lighterglue"))
+    assert not cascade.cascade_active(load_config("aliked"))
