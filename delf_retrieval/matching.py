@@ -9,7 +9,9 @@ neighbour (argmax / ratio test) and each candidate descriptor's nearest query de
 Precision (``Config.MATCH_DTYPE``):
 
 ``"float32"``
-    NumPy/BLAS ``sgemm``; equal to :func:`~delf_retrieval.verify.putative_matches`.
+    NumPy/BLAS ``sgemm``; equal to :func:`~delf_retrieval.verify.putative_matches`. With
+    Numba (extra ``fast``) the row and column statistics of the whole stacked block come
+    from one pass (:mod:`delf_retrieval.match_kernels`) instead of four NumPy passes.
 ``"int8"``
     The product runs on 8-bit integers through ONNX Runtime's ``MatMulInteger`` (MLAS
     u8 x s8 kernels, ``onnxruntime/core/mlas/lib/qgemm_kernel_avx2.cpp``: ``vpmaddubsw`` +
@@ -38,7 +40,16 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["match_batch", "quantize_int8", "resolve_device", "select_matches", "tensorflow_device"]
+from delf_retrieval.match_kernels import numba_available, segment_stats
+
+__all__ = [
+    "match_batch",
+    "match_segments",
+    "quantize_int8",
+    "resolve_device",
+    "select_matches",
+    "tensorflow_device",
+]
 
 # Stacked product size per group (elements of the [N1, sum N2] similarity matrix).
 _GROUP_ELEMENTS = 1 << 22
@@ -148,10 +159,53 @@ def _groups(sizes: list[int], rows: int) -> list[list[int]]:
 # --------------------------------------------------------------------------- exact float32
 def _exact_group(d1, stacked, bounds, max_distance, mutual, ratio) -> list[np.ndarray]:
     sims = d1 @ stacked.T  # [N1, sum N2]: one product for the whole group
+    return match_segments(sims, bounds, max_distance, mutual, ratio)
+
+
+def match_segments(
+    sims: np.ndarray,
+    bounds: np.ndarray,
+    max_distance: float,
+    mutual: bool,
+    ratio: float,
+) -> list[np.ndarray]:
+    """:func:`select_matches` of each column segment ``[bounds[s], bounds[s + 1])`` of a
+    float32 similarity block ``[N1, C]`` (no NaN; every segment non-empty).
+
+    With Numba (extra ``fast``) the statistics the rules need come from one pass over the
+    block (:func:`delf_retrieval.match_kernels.segment_stats`) and the result is the same
+    as ``select_matches`` segment by segment (tested); without it, that is what runs.
+    """
+    pairs = list(zip(bounds[:-1], bounds[1:], strict=True))
+    if not numba_available() or sims.dtype != np.float32:
+        return [select_matches(sims[:, start:stop], None, max_distance, mutual, ratio) for start, stop in pairs]
+    stats = segment_stats(sims, np.asarray(bounds, np.int64))
     return [
-        select_matches(sims[:, start:stop], None, max_distance, mutual, ratio)
-        for start, stop in zip(bounds[:-1], bounds[1:], strict=True)
+        _matches_from_stats(
+            stats.best[:, s], stats.nearest[:, s], stats.second[:, s], stats.column_max[start:stop],
+            max_distance, mutual, ratio,
+        )
+        for s, (start, stop) in enumerate(pairs)
     ]
+
+
+def _matches_from_stats(best, nearest, second, column_max, max_distance, mutual, ratio) -> np.ndarray:
+    """The rules of :func:`select_matches` on per-row statistics of one segment: row
+    maximum ``best`` [N1] at ``nearest`` [N1], the maximum ``second`` [N1] without that
+    position, and the segment's ``column_max`` [N2]."""
+    n1, n2 = len(best), len(column_max)
+    rows = np.arange(n1)
+    best64 = _distance(best.astype(np.float64))
+    keep = np.ones(n1, dtype=bool)
+    if np.isfinite(max_distance):
+        keep &= best64 < max_distance
+    passes_ratio = np.ones(n1, dtype=bool)
+    if ratio < 1.0 and n2 > 1:
+        passes_ratio = best64 < ratio * _distance(second.astype(np.float64))
+    if mutual:
+        keep = _winners_by_column_max(column_max, nearest, best, keep)
+    keep &= passes_ratio
+    return np.stack([rows[keep], nearest[keep]], axis=1).astype(np.int64)
 
 
 def select_matches(
@@ -203,6 +257,13 @@ def _mutual_winners(sims, column_max, nearest, best, eligible, claiming) -> np.n
         return winners
     if column_max is None:
         column_max = sims.max(axis=0)
+    return _winners_by_column_max(column_max, nearest, best, eligible)
+
+
+def _winners_by_column_max(column_max, nearest, best, eligible) -> np.ndarray:
+    """Per column, the smallest ``eligible`` row whose nearest column it is and whose
+    similarity equals the column maximum."""
+    winners = np.zeros(len(best), dtype=bool)
     candidates = np.flatnonzero(eligible & (best == column_max[nearest]))
     _, first = np.unique(nearest[candidates], return_index=True)
     winners[candidates[first]] = True

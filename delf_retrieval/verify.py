@@ -33,7 +33,7 @@ import numpy as np
 
 from delf_retrieval.config import RANSAC_METHODS, Config
 from delf_retrieval.features import LocalFeatures, l2_normalize
-from delf_retrieval.matching import match_batch, select_matches
+from delf_retrieval.matching import match_batch, match_segments
 
 __all__ = [
     "bounded_blas_threads",
@@ -374,8 +374,8 @@ def _match_normalized(
     """Matches between non-empty, L2-normalised float32 descriptor arrays."""
     sims = d1 @ d2.T
     # No row of image 1 is more similar to j than i: a column maximum is cheaper than an
-    # argmax along axis 0; select_matches keeps the smallest i of several tied rows.
-    return select_matches(sims, None, max_distance, mutual, ratio)
+    # argmax along axis 0; the rules keep the smallest i of several tied rows.
+    return match_segments(sims, np.array([0, sims.shape[1]]), max_distance, mutual, ratio)[0]
 
 
 def _distance(similarity: np.ndarray) -> np.ndarray:

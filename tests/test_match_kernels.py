@@ -1,0 +1,101 @@
+"""The one-pass similarity-block statistics against NumPy derivations written here."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from delf_retrieval import match_kernels
+from delf_retrieval.matching import match_segments, select_matches
+
+pytest.importorskip("numba")
+
+
+def planted_block(seed: int, dtype) -> np.ndarray:
+    """A [157, 300] block with repeated row maxima, a column of +0.0 / -0.0, negative
+    values and rows tied for a column maximum."""
+    rng = np.random.default_rng(seed)
+    block = rng.standard_normal((157, 300)).astype(np.float32)
+    block[5, [7, 90, 91]] = block[5].max() + 1  # a repeated maximum: it is its own second
+    block[:, 3] = 0.0
+    block[[9, 12], 3] = -0.0
+    block[20] = -np.abs(block[20])  # an all-negative row
+    block[30:34, 200] = 50.0  # four rows tied for one column
+    block[40, 255:300] = 7.0  # a constant tail
+    if dtype == np.int32:
+        return np.rint(block * 1000).astype(np.int32)
+    return block
+
+
+def reference(block: np.ndarray, start: int, stop: int):
+    """Row maximum, its first position, the maximum with that position removed."""
+    segment = block[:, start:stop].astype(np.float64)
+    nearest = np.array([int(np.flatnonzero(row == row.max())[0]) for row in segment])
+    best = segment.max(axis=1)
+    second = np.array([np.delete(row, k).max() if len(row) > 1 else -np.inf for row, k in zip(segment, nearest, strict=True)])
+    return best, nearest, second
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.int32])
+@pytest.mark.parametrize("bounds", [[0, 300], [0, 1, 2, 150, 151, 300], [0, 3, 4, 250, 300]])
+def test_segment_stats_equal_the_definition(dtype, bounds):
+    block = planted_block(0, dtype)
+    stats = match_kernels.segment_stats(block, np.array(bounds))
+    assert match_kernels.numba_available()
+    np.testing.assert_array_equal(stats.column_max.astype(np.float64), block.astype(np.float64).max(axis=0))
+    for s, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        best, nearest, second = reference(block, start, stop)
+        np.testing.assert_array_equal(stats.best[:, s].astype(np.float64), best)
+        np.testing.assert_array_equal(stats.nearest[:, s], nearest)
+        if stop - start > 1:
+            np.testing.assert_array_equal(stats.second[:, s].astype(np.float64), second)
+    assert stats.best.dtype == stats.column_max.dtype == dtype
+    s = int(np.searchsorted(bounds, 90, side="right")) - 1  # columns 90 and 91 share it
+    assert stats.second[5, s] == stats.best[5, s]  # the repeated maximum is its own second
+
+
+def test_float_keys_keep_the_float_order_and_join_the_zeros():
+    values = np.array([-np.inf, -3.5, -1e-45, -0.0, 0.0, 1e-45, 2.0, np.finfo(np.float32).max, np.inf], np.float32)
+    block = np.tile(values, (2, 1))
+    block[1] = block[1][::-1]
+    stats = match_kernels.segment_stats(block, np.array([0, 3, 5, 9]))
+    # segment [3, 5) holds -0.0 and +0.0: equal, so the first wins, as with argmax
+    assert stats.nearest[0, 1] == 0 and stats.best[0, 1] == 0.0 and stats.second[0, 1] == 0.0
+    assert stats.best[0, 2] == np.inf and stats.second[0, 2] == np.finfo(np.float32).max
+    assert stats.best[0, 0] == -1e-45 and stats.nearest[0, 0] == 2 and stats.second[0, 0] == -3.5
+    np.testing.assert_array_equal(stats.column_max, np.maximum(values, values[::-1]))
+
+
+def test_numpy_fallback_gives_the_same_statistics():
+    block = planted_block(1, np.float32)
+    bounds = np.array([0, 1, 120, 300])
+    compiled, fallback = match_kernels.segment_stats(block, bounds), match_kernels._numpy_stats(block, bounds)
+    for name in ("best", "nearest", "second", "column_max"):
+        np.testing.assert_array_equal(getattr(compiled, name), getattr(fallback, name))
+
+
+@pytest.mark.parametrize("rule", [
+    dict(max_distance=0.9, mutual=False, ratio=1.0),
+    dict(max_distance=float("inf"), mutual=True, ratio=0.8),
+    dict(max_distance=1.0, mutual=True, ratio=0.9),
+])
+def test_match_segments_equal_select_matches_with_ties(rule):
+    rng = np.random.default_rng(3)
+    d1 = rng.standard_normal((200, 16)).astype(np.float32)
+    d1 /= np.linalg.norm(d1, axis=1, keepdims=True)
+    d2 = np.concatenate([d1[::3] + 0.05 * rng.standard_normal((67, 16)).astype(np.float32), d1[:40:2]])
+    d2 /= np.linalg.norm(d2, axis=1, keepdims=True)
+    d1[50] = d1[51]  # two query rows tied for every column
+    sims = d1 @ d2.T
+    sims = np.round(sims, 2).astype(np.float32)  # many exact ties
+    bounds = np.array([0, 30, 31, 87])
+    found = match_segments(sims, bounds, **rule)
+    for (start, stop), got in zip(zip(bounds[:-1], bounds[1:], strict=True), found, strict=True):
+        want = select_matches(sims[:, start:stop].copy(), None, **rule)
+        np.testing.assert_array_equal(got, want)
+    assert sum(len(m) for m in found) > 20
+
+
+def test_rejects_other_dtypes():
+    with pytest.raises(TypeError, match="float32 or int32"):
+        match_kernels.segment_stats(np.zeros((2, 2)), np.array([0, 2]))
