@@ -72,10 +72,11 @@ def _stats(block, bounds, best, nearest, second, column_max, key):
 
 
 @numba.njit(nogil=True, cache=True)
-def stats(block, bounds, is_float, best, nearest, second, column_max):
+def stats(block, bounds, float_keys, best, nearest, second, column_max):
     """Fill ``best``, ``nearest``, ``second`` ``[N1, S]`` and ``column_max`` ``[C]`` (keys)
-    from an int32 view ``block`` ``[N1, C]`` of int32 or float32 values."""
-    if is_float:
+    from an int32 view ``block`` ``[N1, C]``: of float32 values with ``float_keys``, else
+    of values that order as int32."""
+    if float_keys:
         _stats(block, bounds, best, nearest, second, column_max, float_key)
     else:
         _stats(block, bounds, best, nearest, second, column_max, int_key)

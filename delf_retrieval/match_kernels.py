@@ -57,10 +57,14 @@ def numba_available() -> bool:
     return _kernel() is not None
 
 
-def segment_stats(block: np.ndarray, bounds: np.ndarray) -> SegmentStats:
+def segment_stats(block: np.ndarray, bounds: np.ndarray, nonnegative: bool = False) -> SegmentStats:
     """Statistics of ``block`` (float32 or int32 ``[N1, C]``, C-contiguous, no NaN) per
     segment ``[bounds[s], bounds[s + 1])`` (``bounds``: int64 ``[S + 1]``, ``bounds[0] = 0``,
-    ``bounds[-1] = C``, every segment non-empty)."""
+    ``bounds[-1] = C``, every segment non-empty).
+
+    ``nonnegative=True`` promises a float32 block without negative values or ``-0.0`` (a
+    product of non-negative descriptors): their bit patterns then order as the values do,
+    and the key map is skipped (about a third of the kernel's work)."""
     if block.dtype not in (np.float32, np.int32):
         raise TypeError(f"similarity blocks are float32 or int32, got {block.dtype}")
     bounds = np.asarray(bounds, np.int64)
@@ -70,16 +74,18 @@ def segment_stats(block: np.ndarray, bounds: np.ndarray) -> SegmentStats:
     block = np.ascontiguousarray(block)
     rows, segments = block.shape[0], len(bounds) - 1
     is_float = block.dtype == np.float32
+    use_keys = is_float and not nonnegative
     best = np.empty((rows, segments), np.int32)
     second = np.empty((rows, segments), np.int32)
     nearest = np.empty((rows, segments), np.int64)
     column_max = np.full(block.shape[1], _LOW, np.int32)
-    kernel(block.view(np.int32), bounds, is_float, best, nearest, second, column_max)
+    kernel(block.view(np.int32), bounds, use_keys, best, nearest, second, column_max)
     if not is_float:
         return SegmentStats(best, nearest, second, column_max)
-    second = _from_keys(second)
+    convert = _from_keys if use_keys else (lambda bits: bits.view(np.float32))
+    second = convert(second)
     second[:, np.diff(bounds) == 1] = -np.inf
-    return SegmentStats(_from_keys(best), nearest, second, _from_keys(column_max))
+    return SegmentStats(convert(best), nearest, second, convert(column_max))
 
 
 def _from_keys(keys: np.ndarray) -> np.ndarray:

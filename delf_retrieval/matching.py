@@ -159,7 +159,8 @@ def _groups(sizes: list[int], rows: int) -> list[list[int]]:
 # --------------------------------------------------------------------------- exact float32
 def _exact_group(d1, stacked, bounds, max_distance, mutual, ratio) -> list[np.ndarray]:
     sims = d1 @ stacked.T  # [N1, sum N2]: one product for the whole group
-    return match_segments(sims, bounds, max_distance, mutual, ratio)
+    nonnegative = bool(d1.min() >= 0 and stacked.min() >= 0)
+    return match_segments(sims, bounds, max_distance, mutual, ratio, nonnegative=nonnegative)
 
 
 def match_segments(
@@ -168,6 +169,8 @@ def match_segments(
     max_distance: float,
     mutual: bool,
     ratio: float,
+    *,
+    nonnegative: bool = False,
 ) -> list[np.ndarray]:
     """:func:`select_matches` of each column segment ``[bounds[s], bounds[s + 1])`` of a
     float32 similarity block ``[N1, C]`` (no NaN; every segment non-empty).
@@ -175,11 +178,13 @@ def match_segments(
     With Numba (extra ``fast``) the statistics the rules need come from one pass over the
     block (:func:`delf_retrieval.match_kernels.segment_stats`) and the result is the same
     as ``select_matches`` segment by segment (tested); without it, that is what runs.
+    ``nonnegative``: the block is a product of non-negative descriptors (RootSIFT), see
+    :func:`~delf_retrieval.match_kernels.segment_stats`.
     """
     pairs = list(zip(bounds[:-1], bounds[1:], strict=True))
     if not numba_available() or sims.dtype != np.float32:
         return [select_matches(sims[:, start:stop], None, max_distance, mutual, ratio) for start, stop in pairs]
-    stats = segment_stats(sims, np.asarray(bounds, np.int64))
+    stats = segment_stats(sims, np.asarray(bounds, np.int64), nonnegative)
     return [
         _matches_from_stats(
             stats.best[:, s], stats.nearest[:, s], stats.second[:, s], stats.column_max[start:stop],

@@ -375,7 +375,8 @@ def _match_normalized(
     sims = d1 @ d2.T
     # No row of image 1 is more similar to j than i: a column maximum is cheaper than an
     # argmax along axis 0; the rules keep the smallest i of several tied rows.
-    return match_segments(sims, np.array([0, sims.shape[1]]), max_distance, mutual, ratio)[0]
+    nonnegative = bool(d1.min() >= 0 and d2.min() >= 0)
+    return match_segments(sims, np.array([0, sims.shape[1]]), max_distance, mutual, ratio, nonnegative=nonnegative)[0]
 
 
 def _distance(similarity: np.ndarray) -> np.ndarray:

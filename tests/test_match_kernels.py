@@ -99,3 +99,21 @@ def test_match_segments_equal_select_matches_with_ties(rule):
 def test_rejects_other_dtypes():
     with pytest.raises(TypeError, match="float32 or int32"):
         match_kernels.segment_stats(np.zeros((2, 2)), np.array([0, 2]))
+
+
+def test_nonnegative_blocks_skip_the_key_map_with_the_same_result():
+    rng = np.random.default_rng(4)
+    d1, d2 = np.abs(rng.standard_normal((120, 32))), np.abs(rng.standard_normal((90, 32)))
+    d1[:, :20] = 0  # exact zeros in the product: +0.0 only
+    d2[:, 12:] = 0
+    block = (d1.astype(np.float32) @ d2.astype(np.float32).T).astype(np.float32)
+    block[7, 40:43] = block[7].max()  # a repeated maximum
+    bounds = np.array([0, 1, 50, 90])
+    fast = match_kernels.segment_stats(block, bounds, nonnegative=True)
+    for s, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        best, nearest, second = reference(block, start, stop)
+        np.testing.assert_array_equal(fast.best[:, s], best)
+        np.testing.assert_array_equal(fast.nearest[:, s], nearest)
+        np.testing.assert_array_equal(fast.second[:, s], second)
+    np.testing.assert_array_equal(fast.column_max, block.max(axis=0))
+    assert (block == 0).sum() > 100
