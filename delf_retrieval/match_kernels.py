@@ -24,9 +24,15 @@ import os
 
 import numpy as np
 
-__all__ = ["SegmentStats", "numba_available", "segment_stats"]
+__all__ = ["SegmentStats", "numba_available", "product_stats", "segment_stats"]
 
 _LOW = np.int32(np.iinfo(np.int32).min)
+# Rows of one product tile in product_stats: 64 x 2048 float32 (the widest stacked group
+# of matching.match_batch) is 512 KiB, the L2 cache of a core here, so the tile is still
+# cached when the pass reads it. Fixed, not derived from the width: BLAS rounds an entry
+# the same way whenever its tile has the same height, so a pair matched alone and the
+# same pair inside a stacked group get the same similarities.
+_TILE_ROWS = 64
 
 
 class SegmentStats:
@@ -58,8 +64,8 @@ def numba_available() -> bool:
 
 
 def segment_stats(block: np.ndarray, bounds: np.ndarray, nonnegative: bool = False) -> SegmentStats:
-    """Statistics of ``block`` (float32 or int32 ``[N1, C]``, C-contiguous, no NaN) per
-    segment ``[bounds[s], bounds[s + 1])`` (``bounds``: int64 ``[S + 1]``, ``bounds[0] = 0``,
+    """Statistics of ``block`` (float32 or int32 ``[N1, C]``, no NaN) per segment
+    ``[bounds[s], bounds[s + 1])`` (``bounds``: int64 ``[S + 1]``, ``bounds[0] = 0``,
     ``bounds[-1] = C``, every segment non-empty).
 
     ``nonnegative=True`` promises a float32 block without negative values or ``-0.0`` (a
@@ -68,19 +74,48 @@ def segment_stats(block: np.ndarray, bounds: np.ndarray, nonnegative: bool = Fal
     if block.dtype not in (np.float32, np.int32):
         raise TypeError(f"similarity blocks are float32 or int32, got {block.dtype}")
     bounds = np.asarray(bounds, np.int64)
-    kernel = _kernel()
-    if kernel is None or block.shape[0] == 0:
+    if _kernel() is None or block.shape[0] == 0:
         return _numpy_stats(block, bounds)
-    block = np.ascontiguousarray(block)
-    rows, segments = block.shape[0], len(bounds) - 1
-    is_float = block.dtype == np.float32
-    use_keys = is_float and not nonnegative
+    tiles = [(0, np.ascontiguousarray(block))]
+    return _reduce_tiles(tiles, block.shape, bounds, block.dtype == np.float32 and not nonnegative, block.dtype)
+
+
+def product_stats(d1: np.ndarray, d2: np.ndarray, bounds: np.ndarray, nonnegative: bool = False) -> SegmentStats:
+    """:func:`segment_stats` of the similarity block ``d1 @ d2.T`` without materialising it.
+
+    ``d1`` float32 ``[N1, D]``, ``d2`` float32 ``[C, D]`` (rows stacked per segment).
+    With Numba the product runs in tiles of rows that fit the L2 cache, each reduced right
+    after BLAS writes it into one reused buffer: faster than the bare product alone, which
+    writes (and page-faults) a fresh ``[N1, C]`` array in main memory. Without Numba: the
+    whole product, then the NumPy passes.
+    """
+    if _kernel() is None or len(d1) == 0:
+        return segment_stats(d1 @ d2.T, bounds, nonnegative)
+    rows, width = len(d1), len(d2)
+    tile = _TILE_ROWS
+    buffer = np.empty((min(tile, rows), width), np.float32)
+    right = d2.T
+
+    def tiles():
+        for start in range(0, rows, tile):
+            stop = min(rows, start + tile)
+            yield start, np.matmul(d1[start:stop], right, out=buffer[: stop - start])
+
+    return _reduce_tiles(tiles(), (rows, width), np.asarray(bounds, np.int64), not nonnegative, np.float32)
+
+
+def _reduce_tiles(tiles, shape, bounds, use_keys, dtype) -> SegmentStats:
+    """Run the kernel over ``(first row, block)`` tiles of a ``shape`` block."""
+    rows, segments = shape[0], len(bounds) - 1
     best = np.empty((rows, segments), np.int32)
     second = np.empty((rows, segments), np.int32)
     nearest = np.empty((rows, segments), np.int64)
-    column_max = np.full(block.shape[1], _LOW, np.int32)
-    kernel(block.view(np.int32), bounds, use_keys, best, nearest, second, column_max)
-    if not is_float:
+    column_max = np.full(shape[1], _LOW, np.int32)
+    for start, block in tiles:
+        stop = start + len(block)
+        _kernel()(block.view(np.int32), bounds, use_keys, best[start:stop], nearest[start:stop],
+                  second[start:stop], column_max)
+    if dtype == np.int32:
         return SegmentStats(best, nearest, second, column_max)
     convert = _from_keys if use_keys else (lambda bits: bits.view(np.float32))
     second = convert(second)

@@ -10,8 +10,9 @@ Precision (``Config.MATCH_DTYPE``):
 
 ``"float32"``
     NumPy/BLAS ``sgemm``; equal to :func:`~delf_retrieval.verify.putative_matches`. With
-    Numba (extra ``fast``) the row and column statistics of the whole stacked block come
-    from one pass (:mod:`delf_retrieval.match_kernels`) instead of four NumPy passes.
+    Numba (extra ``fast``) the product runs in L2-sized tiles of rows, each reduced to
+    the row and column statistics the rules need while it is in cache
+    (:mod:`delf_retrieval.match_kernels`), instead of four NumPy passes over the block.
 ``"int8"``
     The product runs on 8-bit integers through ONNX Runtime's ``MatMulInteger`` (MLAS
     u8 x s8 kernels, ``onnxruntime/core/mlas/lib/qgemm_kernel_avx2.cpp``: ``vpmaddubsw`` +
@@ -40,10 +41,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from delf_retrieval.match_kernels import numba_available, segment_stats
+from delf_retrieval.match_kernels import numba_available, product_stats, segment_stats
 
 __all__ = [
     "match_batch",
+    "match_products",
     "match_segments",
     "quantize_int8",
     "resolve_device",
@@ -55,6 +57,8 @@ __all__ = [
 _GROUP_ELEMENTS = 1 << 22
 # Stacked candidate descriptors per int8 product (ONNX Runtime packs them per call).
 _INT8_GROUP_COLUMNS = 2048
+# Stacked candidate descriptors per float32 group (BLAS packs them once per row tile).
+_EXACT_GROUP_COLUMNS = 2048
 
 
 # --------------------------------------------------------------------------- public
@@ -95,8 +99,9 @@ def match_batch(
         if not len(candidates[c]) or not len(d1):
             results[c] = np.zeros((0, 2), np.int64)
     exact = dtype == "float32" and where == "cpu"
-    # The int8 kernel packs the right-hand matrix on every call: small groups there.
-    rows = len(d1) if exact else _GROUP_ELEMENTS // _INT8_GROUP_COLUMNS
+    # BLAS (per tile of rows, match_kernels.product_stats) and the int8 kernel (per call)
+    # pack the right-hand matrix again each time: groups of at most ~2048 columns.
+    rows = max(len(d1), _GROUP_ELEMENTS // _EXACT_GROUP_COLUMNS) if exact else _GROUP_ELEMENTS // _INT8_GROUP_COLUMNS
     state: dict = {}  # the query's quantisation, made once per call
     for group in _groups([len(candidates[c]) for c in order], rows):
         members = [order[g] for g in group]
@@ -158,9 +163,31 @@ def _groups(sizes: list[int], rows: int) -> list[list[int]]:
 
 # --------------------------------------------------------------------------- exact float32
 def _exact_group(d1, stacked, bounds, max_distance, mutual, ratio) -> list[np.ndarray]:
-    sims = d1 @ stacked.T  # [N1, sum N2]: one product for the whole group
+    return match_products(d1, stacked, bounds, max_distance, mutual, ratio)
+
+
+def match_products(
+    d1: np.ndarray,
+    stacked: np.ndarray,
+    bounds: np.ndarray,
+    max_distance: float,
+    mutual: bool,
+    ratio: float,
+) -> list[np.ndarray]:
+    """:func:`select_matches` of ``d1`` (float32 ``[N1, D]``, finite, unit rows) against
+    each candidate segment ``stacked[bounds[s]:bounds[s + 1]]`` (float32 ``[C, D]``).
+
+    With Numba (extra ``fast``) the product runs in cache-sized tiles of rows, each
+    reduced to the statistics the rules need right after it is written
+    (:func:`delf_retrieval.match_kernels.product_stats`); the matches are those of
+    ``select_matches`` on the whole block (tested). Without Numba that is what runs.
+    """
+    if not numba_available():
+        sims = d1 @ stacked.T  # [N1, C]: one product for the whole group
+        return [select_matches(sims[:, a:b], None, max_distance, mutual, ratio) for a, b in _pairs(bounds)]
     nonnegative = bool(d1.min() >= 0 and stacked.min() >= 0)
-    return match_segments(sims, bounds, max_distance, mutual, ratio, nonnegative=nonnegative)
+    stats = product_stats(d1, stacked, np.asarray(bounds, np.int64), nonnegative)
+    return _segments_from_stats(stats, bounds, max_distance, mutual, ratio)
 
 
 def match_segments(
@@ -169,28 +196,28 @@ def match_segments(
     max_distance: float,
     mutual: bool,
     ratio: float,
-    *,
-    nonnegative: bool = False,
 ) -> list[np.ndarray]:
     """:func:`select_matches` of each column segment ``[bounds[s], bounds[s + 1])`` of a
-    float32 similarity block ``[N1, C]`` (no NaN; every segment non-empty).
-
-    With Numba (extra ``fast``) the statistics the rules need come from one pass over the
-    block (:func:`delf_retrieval.match_kernels.segment_stats`) and the result is the same
-    as ``select_matches`` segment by segment (tested); without it, that is what runs.
-    ``nonnegative``: the block is a product of non-negative descriptors (RootSIFT), see
-    :func:`~delf_retrieval.match_kernels.segment_stats`.
-    """
-    pairs = list(zip(bounds[:-1], bounds[1:], strict=True))
+    float32 similarity block ``[N1, C]`` (no NaN; every segment non-empty), from one
+    pass over the block (:func:`delf_retrieval.match_kernels.segment_stats`) when Numba
+    is installed."""
     if not numba_available() or sims.dtype != np.float32:
-        return [select_matches(sims[:, start:stop], None, max_distance, mutual, ratio) for start, stop in pairs]
-    stats = segment_stats(sims, np.asarray(bounds, np.int64), nonnegative)
+        return [select_matches(sims[:, a:b], None, max_distance, mutual, ratio) for a, b in _pairs(bounds)]
+    stats = segment_stats(sims, np.asarray(bounds, np.int64))
+    return _segments_from_stats(stats, bounds, max_distance, mutual, ratio)
+
+
+def _pairs(bounds) -> list[tuple[int, int]]:
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+def _segments_from_stats(stats, bounds, max_distance, mutual, ratio) -> list[np.ndarray]:
     return [
         _matches_from_stats(
             stats.best[:, s], stats.nearest[:, s], stats.second[:, s], stats.column_max[start:stop],
             max_distance, mutual, ratio,
         )
-        for s, (start, stop) in enumerate(pairs)
+        for s, (start, stop) in enumerate(_pairs(bounds))
     ]
 
 

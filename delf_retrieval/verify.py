@@ -33,7 +33,7 @@ import numpy as np
 
 from delf_retrieval.config import RANSAC_METHODS, Config
 from delf_retrieval.features import LocalFeatures, l2_normalize
-from delf_retrieval.matching import match_batch, match_segments
+from delf_retrieval.matching import match_batch, match_products
 
 __all__ = [
     "bounded_blas_threads",
@@ -372,11 +372,9 @@ def _match_normalized(
     d1: np.ndarray, d2: np.ndarray, max_distance: float, mutual: bool, ratio: float
 ) -> np.ndarray:
     """Matches between non-empty, L2-normalised float32 descriptor arrays."""
-    sims = d1 @ d2.T
     # No row of image 1 is more similar to j than i: a column maximum is cheaper than an
     # argmax along axis 0; the rules keep the smallest i of several tied rows.
-    nonnegative = bool(d1.min() >= 0 and d2.min() >= 0)
-    return match_segments(sims, np.array([0, sims.shape[1]]), max_distance, mutual, ratio, nonnegative=nonnegative)[0]
+    return match_products(d1, d2, np.array([0, len(d2)]), max_distance, mutual, ratio)[0]
 
 
 def _distance(similarity: np.ndarray) -> np.ndarray:

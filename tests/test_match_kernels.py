@@ -117,3 +117,25 @@ def test_nonnegative_blocks_skip_the_key_map_with_the_same_result():
         np.testing.assert_array_equal(fast.second[:, s], second)
     np.testing.assert_array_equal(fast.column_max, block.max(axis=0))
     assert (block == 0).sum() > 100
+
+
+@pytest.mark.parametrize("nonnegative", [False, True])
+@pytest.mark.parametrize("tile_rows", [8, 64])  # several tiles (the last one short), or one
+def test_product_stats_in_tiles_equal_the_whole_block(nonnegative, tile_rows, monkeypatch):
+    monkeypatch.setattr(match_kernels, "_TILE_ROWS", tile_rows)
+    rng = np.random.default_rng(5)
+    # small integers: every product and sum is exact in float32, whatever BLAS's order
+    low = 0 if nonnegative else -7
+    d1, d2 = (rng.integers(low, 8, size=s).astype(np.float32) for s in ((61, 24), (130, 24)))
+    d2[100:110] = d2[90:100]  # duplicate candidate rows: tied columns
+    bounds = np.array([0, 1, 64, 130])
+    tiled = match_kernels.product_stats(d1, d2, bounds, nonnegative)
+    block = d1.astype(np.float64) @ d2.T.astype(np.float64)
+    np.testing.assert_array_equal(tiled.column_max, block.max(axis=0))
+    for s, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        best, nearest, second = reference(block, start, stop)
+        np.testing.assert_array_equal(tiled.best[:, s], best)
+        np.testing.assert_array_equal(tiled.nearest[:, s], nearest)
+        if stop - start > 1:
+            np.testing.assert_array_equal(tiled.second[:, s], second)
+    assert (tiled.second == tiled.best).sum() > 5  # ties were exercised
