@@ -27,12 +27,12 @@ import numpy as np
 __all__ = ["SegmentStats", "numba_available", "product_stats", "segment_stats"]
 
 _LOW = np.int32(np.iinfo(np.int32).min)
-# Rows of one product tile in product_stats: 64 x 2048 float32 (the widest stacked group
-# of matching.match_batch) is 512 KiB, the L2 cache of a core here, so the tile is still
-# cached when the pass reads it. Fixed, not derived from the width: BLAS rounds an entry
-# the same way whenever its tile has the same height, so a pair matched alone and the
-# same pair inside a stacked group get the same similarities.
-_TILE_ROWS = 64
+# Rows of one product tile in product_stats. Each BLAS call packs the whole right-hand
+# matrix again, so small tiles cost more than they save in cache misses; 256 rows (2 MiB
+# at 2048 columns) measured best on 1 and 2 cores (benchmarks/verification.py pairs). It is
+# fixed, not derived from the width: BLAS rounds an entry the same way whenever its tile
+# has the same height, so a pair matched alone and inside a stacked group agree.
+_TILE_ROWS = 256
 
 
 class SegmentStats:
