@@ -21,8 +21,8 @@ query image and runs RANSAC on all cores:
 A second table, "matching at the hardware limit", times the same pairs in one run:
 
 * one core: the bare float32 products ``d1 @ d2.T`` (the bound), the same products in
-  64-row tiles written into one reused buffer (what ``match_batch`` does with Numba: it
-  avoids a fresh ``[N1, N2]`` array per pair, so it beats the bare product), ``putative_matches``
+  row tiles written into one reused buffer (the product part of ``match_batch`` with
+  Numba), ``putative_matches``
   pair by pair, ``match_batch`` (one query against all its candidates, stacked) in
   float32 and in int8 (``MATCH_DTYPE``), and how often int8 gives exactly the float32
   matches and inlier counts;
@@ -59,6 +59,7 @@ except ImportError:  # run from a checkout without installing
 from delf_retrieval.config import PRESETS
 from delf_retrieval.features import LocalFeatures, l2_normalize
 from delf_retrieval.images import kaggle_image_path, load_image, read_labels_csv
+from delf_retrieval.match_kernels import _TILE_ROWS
 from delf_retrieval.matching import match_batch, select_matches
 from delf_retrieval.models.opencv_sift import OpenCVSiftExtractor
 from delf_retrieval.verify import (
@@ -303,7 +304,7 @@ def interleaved(
     return results, times
 
 
-def tiled_product(d1: np.ndarray, d2: np.ndarray, rows: int = 64) -> tuple[int, int]:
+def tiled_product(d1: np.ndarray, d2: np.ndarray, rows: int = _TILE_ROWS) -> tuple[int, int]:
     """The float32 product ``d1 @ d2.T`` computed ``rows`` rows at a time into one reused
     buffer (nothing else): the product part of ``match_kernels.product_stats``."""
     buffer = np.empty((min(rows, len(d1)), len(d2)), np.float32)
@@ -428,14 +429,14 @@ def hardware_limit_table(pairs, features, config=None, baseline: bool = True) ->
     (counts32, t_many32), (counts8, t_many8) = (found["float32"], times["float32"]), (found["int8"], times["int8"])
     rows = [
         ("1 core: float32 products alone (bound)", bound1, bound1, ""),
-        ("1 core: float32 products, 64-row tiles", tiled1, bound1, "one reused buffer: no fresh [N1, N2] array"),
+        (f"1 core: float32 products, {_TILE_ROWS}-row tiles", tiled1, bound1, "into one reused buffer"),
         ("1 core: putative_matches, pair by pair", t_loop, bound1, ""),
         ("1 core: match_batch float32 (stacked)", t_f32, bound1, ""),
         ("1 core: int8 products alone (ORT u8s8)", t_u8s8, bound1, ""),
         ("1 core: match_batch int8", t_int8, bound1, f"{t_f32[1] / t_int8[1]:.2f}x faster than float32 (CPU)"),
         ("1 core: RANSAC alone (float32 matches)", t_ransac, bound1, ""),
         ("2 cores: float32 products alone (bound)", bound2, bound2, ""),
-        ("2 cores: float32 products, 64-row tiles", tiled2, bound2, ""),
+        (f"2 cores: float32 products, {_TILE_ROWS}-row tiles", tiled2, bound2, ""),
         ("2 cores: count_inliers_many float32", t_many32, bound2, ""),
         ("2 cores: count_inliers_many int8", t_many8, bound2, f"{t_many32[1] / t_many8[1]:.2f}x faster than float32 (CPU)"),
     ]

@@ -309,17 +309,21 @@ def count_inliers_many(
         return count_inliers_learned(query, candidates, config)
     k1, d1 = _as_features(query.keypoints, query.descriptors, "of the query")
     (d1, k1), _ = _finite_features(k1, l2_normalize(d1))
-    features = []
+    checked = []
     for candidate in candidates:
         k2, d2 = _as_features(candidate.keypoints, candidate.descriptors, "of a candidate")
         if d2.shape[1] != d1.shape[1]:
             raise ValueError(f"descriptor widths differ: {d1.shape[1]} and {d2.shape[1]}")
-        (d2, k2), _ = _finite_features(k2, l2_normalize(d2))
-        features.append((k2, d2))
+        checked.append((k2, d2))
+
+    def prepared(position: int) -> tuple[np.ndarray, np.ndarray]:
+        (d2, k2), _ = _finite_features(checked[position][0], l2_normalize(checked[position][1]))
+        return k2, d2
 
     def share(positions: range) -> list[int]:
         if d1.shape[0] == 0:
             return [0] * len(positions)
+        features = {p: prepared(p) for p in positions}  # in the job: in parallel
         found = match_batch(
             d1,
             [features[p][1] for p in positions],
@@ -341,10 +345,13 @@ def count_inliers_many(
     workers = min(config.WORKERS or os.cpu_count() or 1, len(candidates))
     if workers <= 1:
         return np.asarray(share(range(len(candidates))), dtype=np.int64)
-    # One candidate per job, taken by whichever thread is free: the call waits for its
-    # last job, so larger shares leave a core idle at the end (measured: 8.8 against 9.6
-    # ms per pair with two shares per thread on 2 cores, benchmarks/verification.py pairs).
-    shares = [range(p, p + 1) for p in range(len(candidates))]
+    # Jobs are taken by whichever thread is free and the call waits for the last one, so
+    # float32 runs one candidate per job (measured: 8.8 against 9.6 ms per pair with two
+    # shares per thread on 2 cores, benchmarks/verification.py pairs); the other dtypes
+    # quantise the query once per job, so they keep about two shares per thread.
+    per_worker = len(candidates) if config.MATCH_DTYPE == "float32" else 2
+    step = max(1, -(-len(candidates) // (per_worker * workers)))
+    shares = [range(s, min(s + step, len(candidates))) for s in range(0, len(candidates), step)]
     with bounded_blas_threads(1), ThreadPoolExecutor(max_workers=workers) as pool:
         counts = [c for part in pool.map(share, shares) for c in part]
     return np.asarray(counts, dtype=np.int64)
