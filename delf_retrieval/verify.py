@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
+import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -352,8 +354,8 @@ def count_inliers_many(
     per_worker = len(candidates) if config.MATCH_DTYPE == "float32" else 2
     step = max(1, -(-len(candidates) // (per_worker * workers)))
     shares = [range(s, min(s + step, len(candidates))) for s in range(0, len(candidates), step)]
-    with bounded_blas_threads(1), ThreadPoolExecutor(max_workers=workers) as pool:
-        counts = [c for part in pool.map(share, shares) for c in part]
+    with bounded_blas_threads(1):
+        counts = [c for part in _thread_pool(workers).map(share, shares) for c in part]
     return np.asarray(counts, dtype=np.int64)
 
 
@@ -364,13 +366,44 @@ def bounded_blas_threads(limit: int) -> Iterator[None]:
     For code that is already parallel at an outer level (threads over candidates, Ray
     workers). Uses ``threadpoolctl``; without it, does nothing.
     """
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-image/scipy stacks
+    controller = _threadpool_controller()
+    if controller is None:  # pragma: no cover - threadpoolctl comes with scikit-image/scipy stacks
         yield
         return
-    with threadpool_limits(limits=limit):
+    with controller.limit(limits=limit):
         yield
+
+
+_CONTROLLER: dict = {}
+
+
+def _threadpool_controller():
+    """A ``threadpoolctl.ThreadpoolController`` (None without threadpoolctl), kept while
+    no module was imported since: making one scans every loaded library (about 2 ms,
+    which count_inliers_many would pay per query), and a new BLAS or OpenMP library only
+    arrives with a new extension module."""
+    key = len(sys.modules)
+    if _CONTROLLER.get("key") != key:
+        try:
+            from threadpoolctl import ThreadpoolController
+        except ImportError:  # pragma: no cover
+            return None
+        _CONTROLLER.update(key=len(sys.modules), controller=ThreadpoolController())
+    return _CONTROLLER["controller"]
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _thread_pool(workers: int) -> ThreadPoolExecutor:
+    """A process-wide pool of ``workers`` threads for count_inliers_many (starting one
+    costs about 4 ms, per query otherwise). Its jobs never wait on other jobs, so callers
+    on several threads may share it."""
+    with _POOLS_LOCK:
+        if workers not in _POOLS:
+            _POOLS[workers] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="delf-verify")
+        return _POOLS[workers]
 
 
 # --- matching ------------------------------------------------------------------------------
