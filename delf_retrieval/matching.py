@@ -58,7 +58,9 @@ _GROUP_ELEMENTS = 1 << 22
 # Stacked candidate descriptors per int8 product (ONNX Runtime packs them per call).
 _INT8_GROUP_COLUMNS = 2048
 # Stacked candidate descriptors per float32 group (BLAS packs them once per row tile).
-_EXACT_GROUP_COLUMNS = 2048
+# Stacking only saves calls for small candidates; a larger one is its own group, read in
+# place (a copy into a stacked array costs more than the calls it saves).
+_EXACT_GROUP_COLUMNS = 1024
 
 
 # --------------------------------------------------------------------------- public
@@ -100,12 +102,13 @@ def match_batch(
             results[c] = np.zeros((0, 2), np.int64)
     exact = dtype == "float32" and where == "cpu"
     # BLAS (per tile of rows, match_kernels.product_stats) and the int8 kernel (per call)
-    # pack the right-hand matrix again each time: groups of at most ~2048 columns.
+    # pack the right-hand matrix again each time: groups of at most 1024 / 2048 columns.
     rows = max(len(d1), _GROUP_ELEMENTS // _EXACT_GROUP_COLUMNS) if exact else _GROUP_ELEMENTS // _INT8_GROUP_COLUMNS
     state: dict = {}  # the query's quantisation, made once per call
     for group in _groups([len(candidates[c]) for c in order], rows):
         members = [order[g] for g in group]
-        stacked = np.ascontiguousarray(np.concatenate([candidates[c] for c in members]), np.float32)
+        parts = [candidates[c] for c in members]
+        stacked = np.ascontiguousarray(parts[0] if len(parts) == 1 else np.concatenate(parts), np.float32)
         bounds = np.cumsum([0] + [len(candidates[c]) for c in members])
         if exact:
             found = _exact_group(d1, stacked, bounds, max_distance, mutual, ratio)
