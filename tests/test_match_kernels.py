@@ -139,3 +139,24 @@ def test_product_stats_in_tiles_equal_the_whole_block(nonnegative, tile_rows, mo
         if stop - start > 1:
             np.testing.assert_array_equal(tiled.second[:, s], second)
     assert (tiled.second == tiled.best).sum() > 5  # ties were exercised
+
+
+def test_matching_without_numba_gives_the_same_matches(monkeypatch):
+    from delf_retrieval.matching import match_batch
+
+    rng = np.random.default_rng(6)
+    query = rng.standard_normal((150, 32)).astype(np.float32)
+    query /= np.linalg.norm(query, axis=1, keepdims=True)
+    candidates = []
+    for size in (40, 1100, 90):  # stacked small ones, one matched in place
+        rows = np.concatenate([query[rng.choice(150, 30)] + 0.1 * rng.standard_normal((30, 32)),
+                               rng.standard_normal((size - 30, 32))]).astype(np.float32)
+        candidates.append(rows / np.linalg.norm(rows, axis=1, keepdims=True))
+    rule = dict(max_distance=float("inf"), mutual=True, ratio=0.9)
+    compiled = match_batch(query, candidates, **rule)
+    monkeypatch.setattr(match_kernels, "_KERNELS", [None])
+    assert not match_kernels.numba_available()
+    fallback = match_batch(query, candidates, **rule)
+    for a, b in zip(compiled, fallback, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert all(len(m) >= 15 for m in compiled)
