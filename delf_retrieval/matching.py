@@ -9,7 +9,10 @@ neighbour (argmax / ratio test) and each candidate descriptor's nearest query de
 Precision (``Config.MATCH_DTYPE``):
 
 ``"float32"``
-    NumPy/BLAS ``sgemm``; equal to :func:`~delf_retrieval.verify.putative_matches`.
+    NumPy/BLAS ``sgemm``; equal to :func:`~delf_retrieval.verify.putative_matches`. With
+    Numba (extra ``fast``) the product runs in L2-sized tiles of rows, each reduced to
+    the row and column statistics the rules need while it is in cache
+    (:mod:`delf_retrieval.match_kernels`), instead of four NumPy passes over the block.
 ``"int8"``
     The product runs on 8-bit integers through ONNX Runtime's ``MatMulInteger`` (MLAS
     u8 x s8 kernels, ``onnxruntime/core/mlas/lib/qgemm_kernel_avx2.cpp``: ``vpmaddubsw`` +
@@ -38,12 +41,26 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["match_batch", "quantize_int8", "resolve_device", "select_matches", "tensorflow_device"]
+from delf_retrieval.match_kernels import numba_available, product_stats, segment_stats
+
+__all__ = [
+    "match_batch",
+    "match_products",
+    "match_segments",
+    "quantize_int8",
+    "resolve_device",
+    "select_matches",
+    "tensorflow_device",
+]
 
 # Stacked product size per group (elements of the [N1, sum N2] similarity matrix).
 _GROUP_ELEMENTS = 1 << 22
 # Stacked candidate descriptors per int8 product (ONNX Runtime packs them per call).
 _INT8_GROUP_COLUMNS = 2048
+# Stacked candidate descriptors per float32 group (BLAS packs them once per row tile).
+# Stacking only saves calls for small candidates; a larger one is its own group, read in
+# place (a copy into a stacked array costs more than the calls it saves).
+_EXACT_GROUP_COLUMNS = 1024
 
 
 # --------------------------------------------------------------------------- public
@@ -84,12 +101,14 @@ def match_batch(
         if not len(candidates[c]) or not len(d1):
             results[c] = np.zeros((0, 2), np.int64)
     exact = dtype == "float32" and where == "cpu"
-    # The int8 kernel packs the right-hand matrix on every call: small groups there.
-    rows = len(d1) if exact else _GROUP_ELEMENTS // _INT8_GROUP_COLUMNS
+    # BLAS (per tile of rows, match_kernels.product_stats) and the int8 kernel (per call)
+    # pack the right-hand matrix again each time: groups of at most 1024 / 2048 columns.
+    rows = max(len(d1), _GROUP_ELEMENTS // _EXACT_GROUP_COLUMNS) if exact else _GROUP_ELEMENTS // _INT8_GROUP_COLUMNS
     state: dict = {}  # the query's quantisation, made once per call
     for group in _groups([len(candidates[c]) for c in order], rows):
         members = [order[g] for g in group]
-        stacked = np.ascontiguousarray(np.concatenate([candidates[c] for c in members]), np.float32)
+        parts = [candidates[c] for c in members]
+        stacked = np.ascontiguousarray(parts[0] if len(parts) == 1 else np.concatenate(parts), np.float32)
         bounds = np.cumsum([0] + [len(candidates[c]) for c in members])
         if exact:
             found = _exact_group(d1, stacked, bounds, max_distance, mutual, ratio)
@@ -147,11 +166,81 @@ def _groups(sizes: list[int], rows: int) -> list[list[int]]:
 
 # --------------------------------------------------------------------------- exact float32
 def _exact_group(d1, stacked, bounds, max_distance, mutual, ratio) -> list[np.ndarray]:
-    sims = d1 @ stacked.T  # [N1, sum N2]: one product for the whole group
+    return match_products(d1, stacked, bounds, max_distance, mutual, ratio)
+
+
+def match_products(
+    d1: np.ndarray,
+    stacked: np.ndarray,
+    bounds: np.ndarray,
+    max_distance: float,
+    mutual: bool,
+    ratio: float,
+) -> list[np.ndarray]:
+    """:func:`select_matches` of ``d1`` (float32 ``[N1, D]``, finite, unit rows) against
+    each candidate segment ``stacked[bounds[s]:bounds[s + 1]]`` (float32 ``[C, D]``).
+
+    With Numba (extra ``fast``) the product runs in cache-sized tiles of rows, each
+    reduced to the statistics the rules need right after it is written
+    (:func:`delf_retrieval.match_kernels.product_stats`); the matches are those of
+    ``select_matches`` on the whole block (tested). Without Numba that is what runs.
+    """
+    if not numba_available():
+        sims = d1 @ stacked.T  # [N1, C]: one product for the whole group
+        return [select_matches(sims[:, a:b], None, max_distance, mutual, ratio) for a, b in _pairs(bounds)]
+    nonnegative = bool(d1.min() >= 0 and stacked.min() >= 0)
+    stats = product_stats(d1, stacked, np.asarray(bounds, np.int64), nonnegative)
+    return _segments_from_stats(stats, bounds, max_distance, mutual, ratio)
+
+
+def match_segments(
+    sims: np.ndarray,
+    bounds: np.ndarray,
+    max_distance: float,
+    mutual: bool,
+    ratio: float,
+) -> list[np.ndarray]:
+    """:func:`select_matches` of each column segment ``[bounds[s], bounds[s + 1])`` of a
+    float32 similarity block ``[N1, C]`` (no NaN; every segment non-empty), from one
+    pass over the block (:func:`delf_retrieval.match_kernels.segment_stats`) when Numba
+    is installed."""
+    if not numba_available() or sims.dtype != np.float32:
+        return [select_matches(sims[:, a:b], None, max_distance, mutual, ratio) for a, b in _pairs(bounds)]
+    stats = segment_stats(sims, np.asarray(bounds, np.int64))
+    return _segments_from_stats(stats, bounds, max_distance, mutual, ratio)
+
+
+def _pairs(bounds) -> list[tuple[int, int]]:
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+def _segments_from_stats(stats, bounds, max_distance, mutual, ratio) -> list[np.ndarray]:
     return [
-        select_matches(sims[:, start:stop], None, max_distance, mutual, ratio)
-        for start, stop in zip(bounds[:-1], bounds[1:], strict=True)
+        _matches_from_stats(
+            stats.best[:, s], stats.nearest[:, s], stats.second[:, s], stats.column_max[start:stop],
+            max_distance, mutual, ratio,
+        )
+        for s, (start, stop) in enumerate(_pairs(bounds))
     ]
+
+
+def _matches_from_stats(best, nearest, second, column_max, max_distance, mutual, ratio) -> np.ndarray:
+    """The rules of :func:`select_matches` on per-row statistics of one segment: row
+    maximum ``best`` [N1] at ``nearest`` [N1], the maximum ``second`` [N1] without that
+    position, and the segment's ``column_max`` [N2]."""
+    n1, n2 = len(best), len(column_max)
+    rows = np.arange(n1)
+    best64 = _distance(best.astype(np.float64))
+    keep = np.ones(n1, dtype=bool)
+    if np.isfinite(max_distance):
+        keep &= best64 < max_distance
+    passes_ratio = np.ones(n1, dtype=bool)
+    if ratio < 1.0 and n2 > 1:
+        passes_ratio = best64 < ratio * _distance(second.astype(np.float64))
+    if mutual:
+        keep = _winners_by_column_max(column_max, nearest, best, keep)
+    keep &= passes_ratio
+    return np.stack([rows[keep], nearest[keep]], axis=1).astype(np.int64)
 
 
 def select_matches(
@@ -203,6 +292,13 @@ def _mutual_winners(sims, column_max, nearest, best, eligible, claiming) -> np.n
         return winners
     if column_max is None:
         column_max = sims.max(axis=0)
+    return _winners_by_column_max(column_max, nearest, best, eligible)
+
+
+def _winners_by_column_max(column_max, nearest, best, eligible) -> np.ndarray:
+    """Per column, the smallest ``eligible`` row whose nearest column it is and whose
+    similarity equals the column maximum."""
+    winners = np.zeros(len(best), dtype=bool)
     candidates = np.flatnonzero(eligible & (best == column_max[nearest]))
     _, first = np.unique(nearest[candidates], return_index=True)
     winners[candidates[first]] = True

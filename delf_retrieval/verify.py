@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
+import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +35,7 @@ import numpy as np
 
 from delf_retrieval.config import RANSAC_METHODS, Config
 from delf_retrieval.features import LocalFeatures, l2_normalize
-from delf_retrieval.matching import match_batch, select_matches
+from delf_retrieval.matching import match_batch, match_products
 
 __all__ = [
     "bounded_blas_threads",
@@ -309,17 +311,21 @@ def count_inliers_many(
         return count_inliers_learned(query, candidates, config)
     k1, d1 = _as_features(query.keypoints, query.descriptors, "of the query")
     (d1, k1), _ = _finite_features(k1, l2_normalize(d1))
-    features = []
+    checked = []
     for candidate in candidates:
         k2, d2 = _as_features(candidate.keypoints, candidate.descriptors, "of a candidate")
         if d2.shape[1] != d1.shape[1]:
             raise ValueError(f"descriptor widths differ: {d1.shape[1]} and {d2.shape[1]}")
-        (d2, k2), _ = _finite_features(k2, l2_normalize(d2))
-        features.append((k2, d2))
+        checked.append((k2, d2))
+
+    def prepared(position: int) -> tuple[np.ndarray, np.ndarray]:
+        (d2, k2), _ = _finite_features(checked[position][0], l2_normalize(checked[position][1]))
+        return k2, d2
 
     def share(positions: range) -> list[int]:
         if d1.shape[0] == 0:
             return [0] * len(positions)
+        features = {p: prepared(p) for p in positions}  # in the job: in parallel
         found = match_batch(
             d1,
             [features[p][1] for p in positions],
@@ -341,11 +347,15 @@ def count_inliers_many(
     workers = min(config.WORKERS or os.cpu_count() or 1, len(candidates))
     if workers <= 1:
         return np.asarray(share(range(len(candidates))), dtype=np.int64)
-    # About two shares per thread: balanced when candidates differ in size.
-    step = max(1, -(-len(candidates) // (2 * workers)))
+    # Jobs are taken by whichever thread is free and the call waits for the last one, so
+    # float32 runs one candidate per job (measured: 8.8 against 9.6 ms per pair with two
+    # shares per thread on 2 cores, benchmarks/verification.py pairs); the other dtypes
+    # quantise the query once per job, so they keep about two shares per thread.
+    per_worker = len(candidates) if config.MATCH_DTYPE == "float32" else 2
+    step = max(1, -(-len(candidates) // (per_worker * workers)))
     shares = [range(s, min(s + step, len(candidates))) for s in range(0, len(candidates), step)]
-    with bounded_blas_threads(1), ThreadPoolExecutor(max_workers=workers) as pool:
-        counts = [c for part in pool.map(share, shares) for c in part]
+    with bounded_blas_threads(1):
+        counts = [c for part in _thread_pool(workers).map(share, shares) for c in part]
     return np.asarray(counts, dtype=np.int64)
 
 
@@ -356,13 +366,44 @@ def bounded_blas_threads(limit: int) -> Iterator[None]:
     For code that is already parallel at an outer level (threads over candidates, Ray
     workers). Uses ``threadpoolctl``; without it, does nothing.
     """
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-image/scipy stacks
+    controller = _threadpool_controller()
+    if controller is None:  # pragma: no cover - threadpoolctl comes with scikit-image/scipy stacks
         yield
         return
-    with threadpool_limits(limits=limit):
+    with controller.limit(limits=limit):
         yield
+
+
+_CONTROLLER: dict = {}
+
+
+def _threadpool_controller():
+    """A ``threadpoolctl.ThreadpoolController`` (None without threadpoolctl), kept while
+    no module was imported since: making one scans every loaded library (about 2 ms,
+    which count_inliers_many would pay per query), and a new BLAS or OpenMP library only
+    arrives with a new extension module."""
+    key = len(sys.modules)
+    if _CONTROLLER.get("key") != key:
+        try:
+            from threadpoolctl import ThreadpoolController
+        except ImportError:  # pragma: no cover
+            return None
+        _CONTROLLER.update(key=len(sys.modules), controller=ThreadpoolController())
+    return _CONTROLLER["controller"]
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _thread_pool(workers: int) -> ThreadPoolExecutor:
+    """A process-wide pool of ``workers`` threads for count_inliers_many (starting one
+    costs about 4 ms, per query otherwise). Its jobs never wait on other jobs, so callers
+    on several threads may share it."""
+    with _POOLS_LOCK:
+        if workers not in _POOLS:
+            _POOLS[workers] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="delf-verify")
+        return _POOLS[workers]
 
 
 # --- matching ------------------------------------------------------------------------------
@@ -372,10 +413,9 @@ def _match_normalized(
     d1: np.ndarray, d2: np.ndarray, max_distance: float, mutual: bool, ratio: float
 ) -> np.ndarray:
     """Matches between non-empty, L2-normalised float32 descriptor arrays."""
-    sims = d1 @ d2.T
     # No row of image 1 is more similar to j than i: a column maximum is cheaper than an
-    # argmax along axis 0; select_matches keeps the smallest i of several tied rows.
-    return select_matches(sims, None, max_distance, mutual, ratio)
+    # argmax along axis 0; the rules keep the smallest i of several tied rows.
+    return match_products(d1, d2, np.array([0, len(d2)]), max_distance, mutual, ratio)[0]
 
 
 def _distance(similarity: np.ndarray) -> np.ndarray:

