@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from . import cascade, classifier, whitening
 from .config import Config
+from .features import LocalFeatures
 from .images import read_labels_csv
 from .models.base import Extractor, ExtractorParams
 from .rerank import nonlandmark_similarity, penalize_frequent_landmarks, recognize_one
@@ -36,7 +37,7 @@ from .run import (
 from .store import FeatureStore
 from .submission import recognition_dataframe
 
-__all__ = ["RecognitionResult", "recognize", "recognize_neighbours", "recognize_stores"]
+__all__ = ["RecognitionResult", "recognize", "recognize_candidates", "recognize_neighbours", "recognize_stores"]
 
 
 @dataclass
@@ -126,21 +127,21 @@ def recognize_neighbours(
         candidates = rows[row]
         cosine = similarities[row].astype(np.float64)
         candidate_labels = [database_labels[c] for c in candidates]
-        candidate_nl = None if candidate_penalty is None else candidate_penalty[candidates]
-        query_nl = None if query_penalty is None else float(query_penalty[row])
         result.global_predictions[query_id] = recognize_one(candidate_labels, cosine, None, global_config)
-        inliers = None
-        if use_local:
-            inliers = cascade.verify_candidates(
-                queries.local_features(query_id),
-                lambda p: database.local_features(database_ids[candidates[p]]),  # noqa: B023 - called here
-                len(candidates),
-                config,
-            )
-            result.inliers[query_id] = inliers
-        result.predictions[query_id] = recognize_one(
-            candidate_labels, cosine, inliers, config, candidate_nl, query_nl
+        label, confidence, inliers = recognize_candidates(
+            queries.local_features(query_id) if use_local else None,
+            candidates,
+            cosine,
+            database,
+            database_labels,
+            config,
+            candidate_nonlandmark=candidate_penalty,
+            query_nonlandmark=None if query_penalty is None else float(query_penalty[row]),
+            verify=use_local,
         )
+        if inliers is not None:
+            result.inliers[query_id] = inliers
+        result.predictions[query_id] = (label, confidence)
         result.neighbours[query_id] = [database_ids[c] for c in candidates]
         result.similarities[query_id] = similarities[row]
     result.seconds["verify"] = time.perf_counter() - started
@@ -151,6 +152,49 @@ def recognize_neighbours(
         )
         result.predictions = {i: (result.predictions[i][0], float(c)) for i, c in zip(ids, adjusted, strict=True)}
     return result
+
+
+def recognize_candidates(
+    query: LocalFeatures | None,
+    candidates: np.ndarray,
+    cosine: np.ndarray,
+    database: FeatureStore,
+    labels: Sequence[str | None],
+    config: Config,
+    *,
+    candidate_nonlandmark: np.ndarray | None = None,
+    query_nonlandmark: float | None = None,
+    verify: bool = True,
+) -> tuple[str | None, float, np.ndarray | None]:
+    """One query's recognition from its search result: the per-query step of
+    :func:`recognize_neighbours` (and of :class:`.recognizer.Recognizer`).
+
+    Parameters
+    ----------
+    query : local features of the query (descriptors in the store's dtype), or None.
+    candidates : int64 [R] database rows by cosine, best first.
+    cosine : float [R] their similarities.
+    database : the train store (local features of the ``NUM_TO_RERANK`` best are read).
+    labels : landmark of every database row (None: unlabelled).
+    config : NUM_TO_RERANK, TOP_K, scoring and RANSAC settings.
+    candidate_nonlandmark : float32 [N] non-landmark similarity of every database row.
+    query_nonlandmark : the query's non-landmark similarity.
+
+    Returns
+    -------
+    label, confidence : from :func:`.rerank.recognize_one`.
+    inliers : int64 [R] (zeros past ``NUM_TO_RERANK``), or None when not verified.
+    """
+    ids = database.ids
+    candidate_labels = [labels[c] for c in candidates]
+    candidate_nl = None if candidate_nonlandmark is None else candidate_nonlandmark[candidates]
+    inliers = None
+    if verify and config.NUM_TO_RERANK > 0 and query is not None and database.local_dim:
+        inliers = cascade.verify_candidates(query, lambda p: database.local_features(ids[candidates[p]]), len(candidates), config)
+    label, confidence = recognize_one(
+        candidate_labels, np.asarray(cosine, np.float64), inliers, config, candidate_nl, query_nonlandmark
+    )
+    return label, confidence, inliers
 
 
 def recognize(

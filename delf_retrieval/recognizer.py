@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from . import aggregation
-from .cascade import cascade_active, verify_candidates
+from .cascade import cascade_active
 from .cascade import num_candidates as cascade_width
 from .config import Config, load_config
 from .extract import rescale_features
@@ -42,7 +42,8 @@ from .images import (
 )
 from .index_dir import IndexFormatError, IndexManifest, params_from_fingerprint, read_manifest
 from .models.base import Extractor
-from .rerank import nonlandmark_similarity, recognize_one, rerank
+from .recognition import recognize_candidates
+from .rerank import nonlandmark_similarity, rerank
 from .search import cosine_topk
 from .store import FeatureStore, StoreMismatchError
 
@@ -138,48 +139,6 @@ class Prediction:
             "timings": dict(self.timings),
             "image_size": list(self.image_size),
         }
-
-
-def recognize_candidates(
-    query: LocalFeatures | None,
-    candidates: np.ndarray,
-    cosine: np.ndarray,
-    database: FeatureStore,
-    labels: Sequence[str | None],
-    config: Config,
-    *,
-    candidate_nonlandmark: np.ndarray | None = None,
-    query_nonlandmark: float | None = None,
-    verify: bool = True,
-) -> tuple[str | None, float, np.ndarray | None]:
-    """One query's recognition from its search result, as :func:`.pipeline.recognize_stores` does.
-
-    Parameters
-    ----------
-    query : local features of the query (descriptors in the store's dtype), or None.
-    candidates : int64 [R] database rows by cosine, best first.
-    cosine : float [R] their similarities.
-    database : the train store (local features of the ``NUM_TO_RERANK`` best are read).
-    labels : landmark of every database row (None: unlabelled).
-    config : NUM_TO_RERANK, TOP_K, scoring and RANSAC settings.
-    candidate_nonlandmark : float32 [N] non-landmark similarity of every database row.
-    query_nonlandmark : the query's non-landmark similarity.
-
-    Returns
-    -------
-    label, confidence : from :func:`.rerank.recognize_one`.
-    inliers : int64 [R] (zeros past ``NUM_TO_RERANK``), or None when not verified.
-    """
-    ids = database.ids
-    candidate_labels = [labels[c] for c in candidates]
-    candidate_nl = None if candidate_nonlandmark is None else candidate_nonlandmark[candidates]
-    inliers = None
-    if verify and config.NUM_TO_RERANK > 0 and query is not None and database.local_dim:
-        inliers = verify_candidates(query, lambda p: database.local_features(ids[candidates[p]]), len(candidates), config)
-    label, confidence = recognize_one(
-        candidate_labels, np.asarray(cosine, np.float64), inliers, config, candidate_nl, query_nonlandmark
-    )
-    return label, confidence, inliers
 
 
 class Recognizer:
