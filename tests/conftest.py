@@ -145,3 +145,17 @@ def keras_classifier(tmp_path_factory: pytest.TempPathFactory) -> Path:
     both.export(str(folder / "saved_model"), verbose=False)
     (folder / "classes.csv").write_text("class_index,landmark_id\n" + "".join(f"{i},{1000 + i}\n" for i in range(5)))
     return folder
+
+
+@pytest.fixture
+def csv_only_data(tmp_path: Path) -> Path:
+    """A Kaggle-layout folder whose CSVs exist and no image: for runs that stop before
+    reading one (argument errors, a faked extractor)."""
+    import pandas as pd
+
+    root = tmp_path / "data"
+    root.mkdir()
+    pd.DataFrame({"id": ["abc1"], "landmark_id": ["7"]}).to_csv(root / "train.csv", index=False)
+    pd.DataFrame({"id": ["def2"], "landmarks": [""]}).to_csv(root / "sample_submission.csv", index=False)
+    pd.DataFrame({"id": ["abc1"]}).to_csv(root / "index.csv", index=False)
+    return root

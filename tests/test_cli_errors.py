@@ -13,7 +13,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import pandas as pd
 import pytest
 
 from delf_retrieval import __version__
@@ -25,14 +24,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def data(tmp_path: Path) -> Path:
-    """A Kaggle-layout folder whose CSVs exist (the errors below stop before any image)."""
-    root = tmp_path / "data"
-    root.mkdir()
-    pd.DataFrame({"id": ["abc1"], "landmark_id": ["7"]}).to_csv(root / "train.csv", index=False)
-    pd.DataFrame({"id": ["def2"], "landmarks": [""]}).to_csv(root / "sample_submission.csv", index=False)
-    pd.DataFrame({"id": ["abc1"]}).to_csv(root / "index.csv", index=False)
-    return root
+def data(csv_only_data: Path) -> Path:
+    """The CSV-only Kaggle folder (the errors below stop before any image)."""
+    return csv_only_data
 
 
 def run(args: list[str], capsys) -> tuple[int, str]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
 from delf_retrieval import cli, pipeline
@@ -43,14 +42,9 @@ def test_learned_extra_available_needs_every_module(missing, monkeypatch):
 
 
 @pytest.fixture
-def data(tmp_path: Path) -> Path:
-    """A Kaggle-layout folder whose CSVs exist (the fake run stops before any image)."""
-    root = tmp_path / "data"
-    root.mkdir()
-    pd.DataFrame({"id": ["abc1"], "landmark_id": ["7"]}).to_csv(root / "train.csv", index=False)
-    pd.DataFrame({"id": ["def2"], "landmarks": [""]}).to_csv(root / "sample_submission.csv", index=False)
-    pd.DataFrame({"id": ["abc1"]}).to_csv(root / "index.csv", index=False)
-    return root
+def data(csv_only_data: Path) -> Path:
+    """The CSV-only Kaggle folder (the fake run stops before any image)."""
+    return csv_only_data
 
 
 @pytest.mark.parametrize("installed, expected", [(True, "xfeat"), (False, "opencv-sift")])

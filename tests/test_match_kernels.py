@@ -8,7 +8,7 @@ import pytest
 from delf_retrieval import match_kernels
 from delf_retrieval.matching import match_segments, select_matches
 
-pytest.importorskip("numba")
+pytest.importorskip("numba", reason="the compiled pass needs the 'fast' extra (CI requires it)")
 
 
 def planted_block(seed: int, dtype) -> np.ndarray:
