@@ -11,6 +11,8 @@ Scores (Kaggle 2020 host baseline, extended as the 2020 winners did)::
     score_j       = inlier_term_j + cosine_j - NONLANDMARK_PENALTY * nl_j
     confidence    = sum of score_j over the winning landmark's candidates among the
                     TOP_K best, - NONLANDMARK_PENALTY * nl_query
+                    (VERIFIED_FIRST: - unverified_offset when none of those
+                    candidates is verified)
 
 where ``nl`` is :func:`nonlandmark_similarity` of the train image (``nl_j``) or of the
 query (``nl_query``). With ``NONLANDMARK_RULE="unverified"`` the penalty applies only where
@@ -331,6 +333,10 @@ def recognize_one(
         Predicted landmark; None when there is no candidate.
     confidence : float
         Summed score of that landmark minus the query penalty; 0.0 without a prediction.
+        With ``VERIFIED_FIRST`` and inlier counts, a landmark none of whose voting
+        candidates has ``max(MIN_INLIERS, 1)`` inliers loses :func:`unverified_offset`
+        more, which ranks it below every verified prediction (GAP sorts all queries by
+        confidence, so an unverified guess no longer outranks a verified answer).
     """
     names = _labels(cand_labels, "cand_labels")
     cosine = _vector(cand_cosine, "cand_cosine")
@@ -342,16 +348,35 @@ def recognize_one(
     label, confidence = aggregate_landmarks([names[i] for i in order], scores, config.TOP_K)
     if label is None:
         return None, 0.0
+    verified = _label_verified(label, names, order, cand_inliers, config)
     if query_nonlandmark is not None and config.NONLANDMARK_PENALTY > 0:
         if not np.isfinite(query_nonlandmark):
             raise ValueError("query_nonlandmark must be finite")
         penalty = float(query_nonlandmark)
-        if config.NONLANDMARK_RULE == "unverified" and _label_verified(label, names, order, cand_inliers, config):
+        if config.NONLANDMARK_RULE == "unverified" and verified:
             penalty = 0.0
         elif config.NONLANDMARK_RULE == "excess":
             penalty = max(penalty - float(cosine.max()), 0.0)
         confidence -= config.NONLANDMARK_PENALTY * penalty
+    if config.VERIFIED_FIRST and cand_inliers is not None and not verified:
+        confidence -= unverified_offset(config)
     return label, confidence
+
+
+def unverified_offset(config: Config) -> float:
+    """What ``VERIFIED_FIRST`` subtracts from the confidence of an unverified prediction.
+
+    ``S = 2 * TOP_K * (1 + 2 * P) + 2 * P`` with ``P = NONLANDMARK_PENALTY``: the smallest
+    round bound that puts every unverified prediction below every verified one. A score
+    (:func:`candidate_scores`) is at most ``1 + 1`` and at least ``-1 - 2P`` (cosine ``-1``,
+    a non-landmark term of at most 2 under any rule); an unverified prediction has no
+    inlier term, so its sum is at most ``TOP_K``, while a verified one sums at least one
+    positive inlier term and ``TOP_K`` scores of at least ``-1 - 2P``, minus a query
+    penalty of at most ``2P``. So ``TOP_K - S < -TOP_K * (1 + 2P) - 2P <`` any verified
+    confidence. (:func:`penalize_frequent_landmarks`, applied later, can still reorder.)
+    """
+    penalty = config.NONLANDMARK_PENALTY
+    return 2.0 * config.TOP_K * (1.0 + 2.0 * penalty) + 2.0 * penalty
 
 
 def _label_verified(

@@ -266,6 +266,54 @@ def test_recognize_one_nonlandmark():
     assert recognize_one(labels, cosine, inliers, config, [0.0, 1.0, 0.0, 1.0]) == ("y", 1.75)
 
 
+def test_verified_first_ranks_a_verified_answer_above_summed_unverified_votes():
+    # Query A: three unverified candidates of x (cosine 0.5 each); query B: one candidate of y
+    # with 10 of MAX_INLIER_SCORE 20 inliers (term 0.5) at cosine 0.2, and one of z.
+    a = (["x", "x", "x"], [0.5, 0.5, 0.5], [0, 3, 0])
+    b = (["y", "z"], [0.2, 0.1], [10, 0])
+    baseline = BASE.replace(MIN_INLIERS=5)
+    assert recognize_one(*a, baseline) == ("x", 1.5)
+    assert recognize_one(*b, baseline) == ("y", pytest.approx(0.7))  # below A: the baseline's order
+    first = baseline.replace(VERIFIED_FIRST=True)
+    # unverified: 1.5 - 2 * TOP_K (no non-landmark penalty) = 1.5 - 6
+    assert recognize_one(*a, first) == ("x", -4.5)
+    assert recognize_one(*b, first) == ("y", pytest.approx(0.7))
+    # Without inlier counts nothing is verified or unverified: global predictions are unchanged.
+    assert recognize_one(*a[:2], None, first) == ("x", 1.5)
+
+
+@pytest.mark.parametrize("rule", ["subtract", "unverified", "excess"])
+def test_verified_first_holds_at_the_extremes_of_every_score(rule):
+    # One landmark per query (every candidate votes), so which queries are verified is known
+    # by construction: a candidate with >= MIN_INLIERS inliers. Cosines and non-landmark
+    # similarities are drawn from {-1, 1} and uniform [-1, 1], penalties up to 3.
+    rng = np.random.default_rng(7)
+    for _ in range(200):
+        config = BASE.replace(
+            VERIFIED_FIRST=True,
+            MIN_INLIERS=int(rng.integers(0, 4)),
+            TOP_K=int(rng.integers(1, 5)),
+            NONLANDMARK_PENALTY=float(rng.choice([0.0, 0.5, 3.0])),
+            NONLANDMARK_RULE=rule,
+        )
+        gate = max(config.MIN_INLIERS, 1)
+        size = config.TOP_K
+
+        def draw(verified, size=size, gate=gate):
+            extreme = rng.random() < 0.5
+            cosine = rng.choice([-1.0, 1.0], size) if extreme else rng.uniform(-1, 1, size)
+            nonlandmark = rng.choice([-1.0, 1.0], size) if extreme else rng.uniform(-1, 1, size)
+            inliers = rng.integers(0, gate, size)
+            if verified:
+                inliers[rng.integers(size)] = gate
+            query_nl = float(rng.choice([-1.0, 1.0]))
+            return recognize_one(["l"] * size, cosine, inliers, config, nonlandmark, query_nl)[1]
+
+        verified = min(draw(True) for _ in range(20))
+        unverified = max(draw(False) for _ in range(20))
+        assert unverified < verified, config
+
+
 def test_recognize_one_length_mismatch():
     with pytest.raises(ValueError, match="cand_labels has 2 entries"):
         recognize_one(["x", "y"], [0.5], None, BASE)
