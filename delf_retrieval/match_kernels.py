@@ -24,7 +24,7 @@ import os
 
 import numpy as np
 
-__all__ = ["SegmentStats", "numba_available", "product_stats", "segment_stats"]
+__all__ = ["SegmentStats", "TiledProduct", "numba_available", "product_stats", "segment_stats"]
 
 _LOW = np.int32(np.iinfo(np.int32).min)
 # Rows of one product tile in product_stats. Each BLAS call packs the whole right-hand
@@ -76,8 +76,17 @@ def segment_stats(block: np.ndarray, bounds: np.ndarray, nonnegative: bool = Fal
     bounds = np.asarray(bounds, np.int64)
     if _kernel() is None or block.shape[0] == 0:
         return _numpy_stats(block, bounds)
-    tiles = [(0, np.ascontiguousarray(block))]
-    return _reduce_tiles(tiles, block.shape, bounds, block.dtype == np.float32 and not nonnegative, block.dtype)
+    block = np.ascontiguousarray(block)
+    rows, segments = block.shape[0], len(bounds) - 1
+    best = np.empty((rows, segments), np.int32)
+    second = np.empty((rows, segments), np.int32)
+    nearest = np.empty((rows, segments), np.int64)
+    column_max = np.full(block.shape[1], _LOW, np.int32)
+    use_keys = block.dtype == np.float32 and not nonnegative
+    _kernel()(block.view(np.int32), bounds, use_keys, best, nearest, second, column_max)
+    if block.dtype == np.int32:
+        return SegmentStats(best, nearest, second, column_max)
+    return _float_stats(best, nearest, second, column_max, bounds, use_keys)
 
 
 def product_stats(d1: np.ndarray, d2: np.ndarray, bounds: np.ndarray, nonnegative: bool = False) -> SegmentStats:
@@ -91,32 +100,64 @@ def product_stats(d1: np.ndarray, d2: np.ndarray, bounds: np.ndarray, nonnegativ
     """
     if _kernel() is None or len(d1) == 0:
         return segment_stats(d1 @ d2.T, bounds, nonnegative)
-    rows, width = len(d1), len(d2)
-    tile = _TILE_ROWS
-    buffer = np.empty((min(tile, rows), width), np.float32)
-    right = d2.T
-
-    def tiles():
-        for start in range(0, rows, tile):
-            stop = min(rows, start + tile)
-            yield start, np.matmul(d1[start:stop], right, out=buffer[: stop - start])
-
-    return _reduce_tiles(tiles(), (rows, width), np.asarray(bounds, np.int64), not nonnegative, np.float32)
+    product = TiledProduct(d1, d2, bounds, nonnegative)
+    buffer = np.empty((min(_TILE_ROWS, len(d1)), len(d2)), np.float32)
+    for tile in range(product.tiles):
+        product.run_tile(tile, 0, buffer)
+    return product.stats()
 
 
-def _reduce_tiles(tiles, shape, bounds, use_keys, dtype) -> SegmentStats:
-    """Run the kernel over ``(first row, block)`` tiles of a ``shape`` block."""
-    rows, segments = shape[0], len(bounds) - 1
-    best = np.empty((rows, segments), np.int32)
-    second = np.empty((rows, segments), np.int32)
-    nearest = np.empty((rows, segments), np.int64)
-    column_max = np.full(shape[1], _LOW, np.int32)
-    for start, block in tiles:
-        stop = start + len(block)
-        _kernel()(block.view(np.int32), bounds, use_keys, best[start:stop], nearest[start:stop],
-                  second[start:stop], column_max)
-    if dtype == np.int32:
-        return SegmentStats(best, nearest, second, column_max)
+class TiledProduct:
+    """:func:`product_stats` cut into jobs: tile ``t`` is rows ``[256 t, 256 (t + 1))`` of
+    ``d1 @ d2.T``, multiplied into a caller's buffer and reduced at once. Tiles write
+    disjoint rows of the row statistics and their own slot's column maxima, so different
+    threads (one ``slot`` each, ``0 <= slot < slots``) may run different tiles at the same
+    time; :meth:`stats` merges the slots (a maximum) once every tile has run. Needs Numba.
+    The tiles are those of :func:`product_stats`, so the values are the same.
+    """
+
+    def __init__(self, d1: np.ndarray, d2: np.ndarray, bounds: np.ndarray, nonnegative: bool = False, slots: int = 1):
+        self.d1, self.right = d1, d2.T
+        self.bounds = np.asarray(bounds, np.int64)
+        self.use_keys = not nonnegative
+        rows, segments = len(d1), len(self.bounds) - 1
+        self.tiles = self.count(rows)
+        self.buffer_elements = min(rows, _TILE_ROWS) * len(d2)
+        self.width = len(d2)
+        self.best = np.empty((rows, segments), np.int32)
+        self.second = np.empty((rows, segments), np.int32)
+        self.nearest = np.empty((rows, segments), np.int64)
+        self.column_max = np.full((slots, self.width), _LOW, np.int32)
+
+    @staticmethod
+    def count(rows: int) -> int:
+        """Tiles of a product with ``rows`` rows."""
+        return -(-rows // _TILE_ROWS)
+
+    @staticmethod
+    def buffer(width: int) -> np.ndarray:
+        """A float32 buffer for the tiles of products up to ``width`` columns."""
+        return np.empty(_TILE_ROWS * width, np.float32)
+
+    def run_tile(self, tile: int, slot: int, buffer: np.ndarray) -> None:
+        """Multiply and reduce tile ``tile``. ``buffer``: a C-contiguous float32 array of
+        at least ``256 * len(d2)`` elements, owned by the calling thread (its leading part
+        holds the tile)."""
+        start = tile * _TILE_ROWS
+        stop = min(len(self.d1), start + _TILE_ROWS)
+        out = buffer.reshape(-1)[: (stop - start) * self.width].reshape(stop - start, self.width)
+        block = np.matmul(self.d1[start:stop], self.right, out=out)
+        _kernel()(block.view(np.int32), self.bounds, self.use_keys, self.best[start:stop],
+                  self.nearest[start:stop], self.second[start:stop], self.column_max[slot])
+
+    def stats(self) -> SegmentStats:
+        """The statistics, after every tile has run."""
+        column_max = self.column_max.max(axis=0)
+        return _float_stats(self.best, self.nearest, self.second, column_max, self.bounds, self.use_keys)
+
+
+def _float_stats(best, nearest, second, column_max, bounds, use_keys) -> SegmentStats:
+    """float32 statistics from the kernel's int32 keys (bit patterns when not ``use_keys``)."""
     convert = _from_keys if use_keys else (lambda bits: bits.view(np.float32))
     second = convert(second)
     second[:, np.diff(bounds) == 1] = -np.inf

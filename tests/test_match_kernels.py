@@ -160,3 +160,73 @@ def test_matching_without_numba_gives_the_same_matches(monkeypatch):
     for a, b in zip(compiled, fallback, strict=True):
         np.testing.assert_array_equal(a, b)
     assert all(len(m) >= 15 for m in compiled)
+
+
+def threaded_case(seed: int = 8):
+    """A 600-row query (three tiles, the last short) and candidates of assorted sizes whose
+    products are exact in float32 (multiples of 1/256 with small numerators)."""
+    rng = np.random.default_rng(seed)
+    d1 = (rng.integers(-3, 4, size=(600, 24)) / 16).astype(np.float32)
+    sizes = [40, 0, 1100, 90, 5, 700, 1, 30]
+    candidates = []
+    for size in sizes:
+        rows = (rng.integers(-3, 4, size=(size, 24)) / 16).astype(np.float32)
+        rows[: size // 3] = d1[rng.choice(600, size // 3)]  # true matches and tied columns
+        candidates.append(rows)
+    kept = {3: slice(10, 80), 7: slice(0, 0)}  # prepare drops rows (non-finite ones, in verify)
+    return d1, sizes, candidates, kept
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+@pytest.mark.parametrize("rule", [dict(max_distance=float("inf"), mutual=True, ratio=0.9),
+                                  dict(max_distance=1.2, mutual=False, ratio=1.0)])
+def test_threaded_tiles_give_the_matches_of_the_whole_block(workers, rule):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from delf_retrieval.matching import match_products_threaded
+
+    d1, sizes, candidates, kept = threaded_case()
+    prepared = {p: c[kept.get(p, slice(None))] for p, c in enumerate(candidates)}
+    calls, found = [], {}
+    consumed_on = set()
+
+    def prepare(position):
+        calls.append(position)
+        return prepared[position]
+
+    def consume(position, matches):
+        assert position not in found
+        found[position] = matches
+        consumed_on.add(__import__("threading").get_ident())
+
+    with ThreadPoolExecutor(workers) as pool:
+        match_products_threaded(d1, sizes, prepare, workers=workers, consume=consume,
+                                run=lambda f, n: list(pool.map(f, range(n))), **rule)
+    assert sorted(calls) == [p for p, s in enumerate(sizes) if s > 0]  # each once, empty ones never
+    assert sorted(found) == list(range(len(sizes)))
+    for position, rows in prepared.items():
+        expected = np.zeros((0, 2), np.int64)
+        if len(rows):
+            block = (d1.astype(np.float64) @ rows.T.astype(np.float64)).astype(np.float32)  # exact
+            expected = select_matches(block, None, **rule)
+        np.testing.assert_array_equal(found[position], expected)
+    assert sum(len(m) for m in found.values()) > 100
+
+
+def test_threaded_tiles_stop_and_raise_on_an_error():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from delf_retrieval.matching import match_products_threaded
+
+    d1, sizes, candidates, _ = threaded_case()
+
+    def prepare(position):
+        if position == 5:
+            raise ValueError("bad candidate 5")
+        return candidates[position]
+
+    found = []
+    with ThreadPoolExecutor(2) as pool, pytest.raises(ValueError, match="bad candidate 5"):
+        match_products_threaded(d1, sizes, prepare, max_distance=float("inf"), mutual=True, ratio=1.0, workers=2,
+                                run=lambda f, n: list(pool.map(f, range(n))), consume=lambda p, m: found.append(p))
+    assert 5 not in found
