@@ -21,6 +21,7 @@ as with ``argmax`` and a masked ``max``.
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy as np
 
@@ -101,10 +102,14 @@ def product_stats(d1: np.ndarray, d2: np.ndarray, bounds: np.ndarray, nonnegativ
     if _kernel() is None or len(d1) == 0:
         return segment_stats(d1 @ d2.T, bounds, nonnegative)
     product = TiledProduct(d1, d2, bounds, nonnegative)
-    buffer = np.empty((min(_TILE_ROWS, len(d1)), len(d2)), np.float32)
+    buffer = product.thread_buffer()
     for tile in range(product.tiles):
         product.run_tile(tile, 0, buffer)
     return product.stats()
+
+
+# One tile buffer per thread, kept across calls (a fresh one page-faults on every query).
+_TILE_BUFFERS = threading.local()
 
 
 class TiledProduct:
@@ -134,10 +139,13 @@ class TiledProduct:
         """Tiles of a product with ``rows`` rows."""
         return -(-rows // _TILE_ROWS)
 
-    @staticmethod
-    def buffer(width: int) -> np.ndarray:
-        """A float32 buffer for the tiles of products up to ``width`` columns."""
-        return np.empty(_TILE_ROWS * width, np.float32)
+    def thread_buffer(self) -> np.ndarray:
+        """The calling thread's tile buffer, grown to fit this product (kept between calls:
+        a fresh buffer page-faults on every query)."""
+        buffer = getattr(_TILE_BUFFERS, "array", None)
+        if buffer is None or buffer.size < self.buffer_elements:
+            buffer = _TILE_BUFFERS.array = np.empty(max(self.buffer_elements, _TILE_ROWS * 1024), np.float32)
+        return buffer
 
     def run_tile(self, tile: int, slot: int, buffer: np.ndarray) -> None:
         """Multiply and reduce tile ``tile``. ``buffer``: a C-contiguous float32 array of

@@ -390,10 +390,7 @@ def match_products_threaded(
                 group, tile = job
                 product = group.product(d1, prepare, workers, consume)
                 if product is not None:
-                    buffer = getattr(_TILE_BUFFERS, "array", None)
-                    if buffer is None or buffer.size < product.buffer_elements:
-                        buffer = _TILE_BUFFERS.array = TiledProduct.buffer(max(product.width, _EXACT_GROUP_COLUMNS))
-                    product.run_tile(tile, slot, buffer)
+                    product.run_tile(tile, slot, product.thread_buffer())
                 if group.tile_done(tiles) and product is not None:
                     found = _segments_from_stats(product.stats(), product.bounds, max_distance, mutual, ratio)
                     for position, matches in zip(group.present, found, strict=True):
@@ -407,10 +404,6 @@ def match_products_threaded(
     for position, size in enumerate(sizes):
         if size <= 0:
             consume(position, np.zeros((0, 2), np.int64))
-
-
-# One tile buffer per thread, kept across calls (a fresh one page-faults on every query).
-_TILE_BUFFERS = threading.local()
 
 
 class _TileGroup:
