@@ -1,4 +1,5 @@
-"""Global re-ranking side by side: alpha-QE, DBA and the non-landmark rules, on any embedding.
+"""Global re-ranking side by side: alpha-QE, DBA, the non-landmark rules and the confidence
+order (``VERIFIED_FIRST``), on any embedding.
 
 Runs on feature stores that a ``delf-retrieval recognize`` / ``retrieve`` run with the same
 ``--work-dir`` already extracted (nothing is extracted here except a distractor set), and
@@ -18,6 +19,10 @@ Usage::
     delf-retrieval recognize DATA --model opencv-sift --work-dir W -o /dev/null
     delf-retrieval retrieve DATA --model opencv-sift --work-dir W -o /dev/null
     python benchmarks/reranking.py DATA --work-dir W [--distractors OTHER_DATA] [--preset opencv-sift]
+    python benchmarks/reranking.py DATA --work-dir W --model aliked --only verified --skip-map
+
+The ``verified first`` rows change only the order of the confidences (recognition GAP;
+retrieval is untouched, so they print no mAP).
 """
 
 from __future__ import annotations
@@ -71,6 +76,7 @@ def main() -> None:
     parser.add_argument("--distractors", type=Path, default=None, help="dataset whose nonlandmark.csv is the distractor set")
     parser.add_argument("--no-verify", action="store_true", help="global similarity only")
     parser.add_argument("--only", default="", help="run only the settings whose name contains this")
+    parser.add_argument("--skip-map", action="store_true", help="recognition GAP only (no retrieval runs)")
     args = parser.parse_args()
     cascade.count_inliers_many = cached_count_inliers_many
     retrieval.count_inliers_many = cached_count_inliers_many
@@ -111,6 +117,8 @@ def main() -> None:
         "nonlandmark subtract": {"NONLANDMARK_PENALTY": 1.0},
         "nonlandmark unverified": {"NONLANDMARK_PENALTY": 1.0, "NONLANDMARK_RULE": "unverified"},
         "nonlandmark excess": {"NONLANDMARK_PENALTY": 1.0, "NONLANDMARK_RULE": "excess"},
+        "verified first off": {"VERIFIED_FIRST": False},
+        "verified first on": {"VERIFIED_FIRST": True},
     }
     mode = "global only" if args.no_verify else f"verified ({base.MATCHER})"
     print(f"{args.data.name}, {args.model}, preset {args.preset or default_preset(extractor.family)}, {mode}; "
@@ -120,7 +128,8 @@ def main() -> None:
         if args.only not in name and name != "baseline":
             continue
         config = base.replace(**changes)
-        retrieval_score = map100(config) if not name.startswith("nonlandmark") else float("nan")
+        scores_retrieval = not (args.skip_map or name.startswith(("nonlandmark", "verified first")))
+        retrieval_score = map100(config) if scores_retrieval else float("nan")
         print(f"{name:24s} {gap(config):7.4f} {retrieval_score:8.4f}", flush=True)
 
     # Why a rule helps or hurts: distractor similarity vs the landmark evidence per query.

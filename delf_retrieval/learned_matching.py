@@ -102,7 +102,10 @@ class LearnedMatcher:
         torch = self._torch
 
         def tensor(array: np.ndarray):
-            return torch.from_numpy(np.ascontiguousarray(array))[None].to(self.device)
+            # store arrays are read-only memory maps, which torch.from_numpy warns about
+            if not array.flags.writeable or not array.flags.c_contiguous:
+                array = np.array(array, order="C")
+            return torch.from_numpy(array)[None].to(self.device)
 
         data = {
             "image0": {"keypoints": tensor(k1), "descriptors": tensor(d1), "image_size": tensor(_size(k1))},

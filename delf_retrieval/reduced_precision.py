@@ -20,9 +20,11 @@ the smallest row winning ties, distance bound) are then taken on **float64 dot p
 of the float32 descriptors (error below 1e-13, i.e. the exact similarity for every
 decision that is not an exact tie), computed only where the bounds cannot decide:
 
-1. per row and candidate: the approximate best ``j1`` and second best ``j2`` (two argmax
-   passes); rows that fail the distance or ratio test for *every* value inside the bounds
-   are dropped without any exact work;
+1. per row and candidate: the approximate best ``j1`` and second best ``j2`` (with Numba
+   one pass over the int32 block gives both values and ``j1``,
+   :func:`delf_retrieval.match_kernels.segment_stats`, and ``j2`` is looked up only for
+   the rows still live; without it two argmax passes); rows that fail the distance or
+   ratio test for *every* value inside the bounds are dropped without any exact work;
 2. the survivors' two columns are scored exactly; a third column can only matter when its
    upper bound ``y2 + slack`` reaches the smaller exact score, and then every column whose
    upper bound reaches it (the row's *shortlist*) is scored exactly, unless the bounds
@@ -45,6 +47,7 @@ import threading
 
 import numpy as np
 
+from delf_retrieval.match_kernels import numba_available, segment_stats
 from delf_retrieval.matching import _distance, tensorflow_device
 
 __all__ = ["approximate_group", "exact_dots"]
@@ -59,9 +62,15 @@ _SLACK = 1e-5
 def approximate_group(d1, stacked, bounds, max_distance, mutual, ratio, dtype, where, state):
     """Matches per candidate segment ``stacked[bounds[c]:bounds[c + 1]]`` (see module notes)."""
     approx, scale, slack = _approximate_product(d1, stacked, dtype, where, state)
+    stats = None
+    if approx.dtype == np.int32 and numba_available() and len(d1):  # one compiled pass for step 1
+        stats = segment_stats(approx, np.asarray(bounds, np.int64))
     return [
-        _decide_segment(d1, stacked[lo:hi], approx[:, lo:hi], scale, slack, max_distance, mutual, ratio)
-        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)
+        _decide_segment(
+            d1, stacked[lo:hi], approx[:, lo:hi], scale, slack, max_distance, mutual, ratio,
+            None if stats is None else (stats.best[:, s], stats.nearest[:, s], stats.second[:, s]),
+        )
+        for s, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))
     ]
 
 
@@ -100,25 +109,37 @@ class _Tests:
         return self.passes(best_lo, second_hi)
 
 
-def _decide_segment(d1, d2, block, scale, slack, max_distance, mutual, ratio) -> np.ndarray:
+def _decide_segment(d1, d2, block, scale, slack, max_distance, mutual, ratio, row_stats=None) -> np.ndarray:
     """Matches ``[M, 2]`` of ``d1`` against one candidate ``d2`` ``[N2, D]`` from its
     approximate block ``[N1, N2]`` (similarity ~ ``block * scale[:, None]`` within
-    ``slack[:, None]``)."""
+    ``slack[:, None]``). ``row_stats``: the block's row maximum, its first position and
+    the maximum without it (:func:`delf_retrieval.match_kernels.segment_stats`), or None
+    to take them here with two argmax passes."""
     n1, n2 = block.shape
     rows = np.arange(n1)
     tests = _Tests(max_distance, ratio, ratio < 1.0 and n2 > 1)
-    j1 = block.argmax(axis=1)
-    top = block[rows, j1]
-    y1 = top * scale
-    if n2 > 1:
-        block[rows, j1] = _lowest(block.dtype)
-        j2 = block.argmax(axis=1)
-        y2 = block[rows, j2] * scale
-        block[rows, j1] = top
+    if row_stats is None:
+        j1 = block.argmax(axis=1)
+        top = block[rows, j1]
+        if n2 > 1:
+            block[rows, j1] = _lowest(block.dtype)
+            j2 = block.argmax(axis=1)
+            runner_up = block[rows, j2]
+            block[rows, j1] = top
     else:
-        j2, y2 = j1, np.full(n1, -np.inf)
+        top, j1, runner_up = row_stats
+        j2 = None  # found below for the live rows only (the approximate second best's column)
+    y1 = top * scale
+    y2 = runner_up * scale if n2 > 1 else np.full(n1, -np.inf)
     # 1. rows that fail for every exact value within the bounds need no exact work
     live = np.flatnonzero(~tests.surely_fails(y1 + slack, y2 - slack))
+    if n2 == 1:
+        j2 = j1
+    elif j2 is None:
+        j2 = np.zeros(n1, np.int64)
+        masked = block[live]  # a copy
+        masked[np.arange(len(live)), j1[live]] = _lowest(block.dtype)
+        j2[live] = masked.argmax(axis=1)
     nearest, best, ok = _rows_exactly(d1, d2, block, scale, slack, live, j1, j2, y2, tests)
     keep = live[ok]
     if mutual and len(keep):

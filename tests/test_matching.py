@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from delf_retrieval import matching, reduced_precision, verify
+from delf_retrieval import match_kernels, matching, reduced_precision, verify
 from delf_retrieval.config import Config
 from delf_retrieval.features import LocalFeatures
 from delf_retrieval.matching import match_batch, quantize_int8, resolve_device
@@ -115,8 +115,13 @@ def near_ties(seed: int, nonnegative: bool):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("nonnegative", [False, True])
-def test_int8_matches_equal_exact_matches_on_near_ties(nonnegative):
+@pytest.mark.parametrize("compiled", [True, False])  # step 1 from the Numba pass or from argmax
+def test_int8_matches_equal_exact_matches_on_near_ties(nonnegative, compiled, monkeypatch):
     pytest.importorskip("onnxruntime", reason="MATCH_DTYPE=int8 needs the 'fast' extra")
+    if compiled:
+        pytest.importorskip("numba", reason="the compiled pass needs the 'fast' extra (CI requires it)")
+    else:
+        monkeypatch.setattr(match_kernels, "_KERNELS", [None])
     close_calls = 0
     for seed in range(3):
         query, candidates = near_ties(seed, nonnegative)
