@@ -299,7 +299,7 @@ def test_verified_first_holds_at_the_extremes_of_every_score(rule):
         gate = max(config.MIN_INLIERS, 1)
         size = config.TOP_K
 
-        def draw(verified, size=size, gate=gate):
+        def draw(verified, size=size, gate=gate, config=config):
             extreme = rng.random() < 0.5
             cosine = rng.choice([-1.0, 1.0], size) if extreme else rng.uniform(-1, 1, size)
             nonlandmark = rng.choice([-1.0, 1.0], size) if extreme else rng.uniform(-1, 1, size)
