@@ -284,9 +284,12 @@ def count_inliers_many(
     query's in one product per group, then nearest neighbours, mutual and ratio tests are
     taken per candidate segment (:func:`delf_retrieval.matching.match_batch`, precision
     ``config.MATCH_DTYPE`` on ``config.MATCH_DEVICE``); RANSAC follows per pair. With
-    ``config.WORKERS`` threads (0 = ``os.cpu_count()``) the candidates are split between
-    threads that each match and verify their share, and BLAS is held to one thread
-    meanwhile (``threadpoolctl``; restored on return) so the two levels do not
+    ``config.WORKERS`` threads (0 = ``os.cpu_count()``) and float32 on the CPU with Numba,
+    the threads share every candidate's product in 256-row tiles and run RANSAC on a
+    candidate as soon as its matches are known
+    (:func:`delf_retrieval.matching.match_products_threaded`); otherwise the candidates
+    are split between threads that each match and verify their share. BLAS is held to one
+    thread meanwhile (``threadpoolctl``; restored on return) so the two levels do not
     over-subscribe the cores. Every pair is seeded the same way: with float32 the result
     equals calling :func:`count_inliers` in a loop.
 
@@ -351,9 +354,9 @@ def count_inliers_many(
     if config.MATCH_DTYPE == "float32" and config.MATCH_DEVICE == "cpu" and numba_available() and d1.shape[0]:
         return _count_tiled(k1, d1, checked, config, workers)
     # Jobs are taken by whichever thread is free and the call waits for the last one, so
-    # float32 runs one candidate per job (measured: 8.8 against 9.6 ms per pair with two
-    # shares per thread on 2 cores, benchmarks/verification.py pairs); the other dtypes
-    # quantise the query once per job, so they keep about two shares per thread.
+    # float32 without Numba runs one candidate per job (measured: 8.8 against 9.6 ms per
+    # pair with two shares per thread on 2 cores, benchmarks/verification.py pairs); the
+    # other dtypes quantise the query once per job, so they keep two shares per thread.
     per_worker = len(candidates) if config.MATCH_DTYPE == "float32" else 2
     step = max(1, -(-len(candidates) // (per_worker * workers)))
     shares = [range(s, min(s + step, len(candidates))) for s in range(0, len(candidates), step)]
