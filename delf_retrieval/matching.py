@@ -377,11 +377,20 @@ def match_products_threaded(
     tiles = TiledProduct.count(len(d1))
     jobs = [(group, tile) for group in groups for tile in range(tiles)]
     lock = threading.Lock()
-    taken = iter(jobs)
+    unprepared, taken = iter(groups), iter(jobs)
     failed = threading.Event()
 
     def worker(slot: int) -> None:
         try:
+            # Stack every group first, shared between the threads: a thread that met a
+            # group still being stacked by the other would wait for it (about a tenth of
+            # a 1000 x 1000 product, once per group).
+            while not failed.is_set():
+                with lock:
+                    group = next(unprepared, None)
+                if group is None:
+                    break
+                group.product(d1, prepare, workers, consume)
             while not failed.is_set():
                 with lock:
                     job = next(taken, None)
