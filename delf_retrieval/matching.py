@@ -343,9 +343,9 @@ def match_products_threaded(
     fine jobs, with no wait between a candidate's matches and what follows them.
 
     The candidates are grouped as :func:`match_batch` groups them and each group's product
-    is cut into 256-row tiles (:class:`~delf_retrieval.match_kernels.TiledProduct`); the
-    threads take the tiles of all groups in order, so both stay busy until the last tile
-    (handing whole candidates to threads instead leaves one idle while the other finishes
+    is cut into 256-row tiles (:class:`~delf_retrieval.match_kernels.TiledProduct`). The
+    threads first stack every group between them, then take the tiles of all groups in
+    order, so both stay busy until the last tile (handing whole candidates to threads instead leaves one idle while the other finishes
     the last candidate: measured 10% of the time at 8-9 candidates per query). The thread
     that finishes a group's last tile derives its candidates' matches and calls
     ``consume`` for each (RANSAC, in :func:`delf_retrieval.verify.count_inliers_many`)
@@ -359,7 +359,7 @@ def match_products_threaded(
         are formed from them.
     prepare : position -> float32 ``[M, D]`` descriptors of that candidate, finite, unit
         rows, ``M <= sizes[position]``; called once per candidate with ``sizes > 0``, on
-        a worker thread, when its group is first needed.
+        a worker thread, before any tile is multiplied.
     max_distance, mutual, ratio : as :func:`match_batch`.
     workers : threads, >= 1.
     run : ``run(worker, workers)`` calls ``worker(slot)`` for each ``slot`` in
@@ -375,6 +375,7 @@ def match_products_threaded(
     rows = max(len(d1), _GROUP_ELEMENTS // _EXACT_GROUP_COLUMNS)
     groups = [_TileGroup([order[g] for g in group]) for group in _groups([sizes[c] for c in order], rows)]
     tiles = TiledProduct.count(len(d1))
+    query_nonnegative = bool(d1.min() >= 0)
     jobs = [(group, tile) for group in groups for tile in range(tiles)]
     lock = threading.Lock()
     unprepared, taken = iter(groups), iter(jobs)
@@ -390,14 +391,15 @@ def match_products_threaded(
                     group = next(unprepared, None)
                 if group is None:
                     break
-                group.product(d1, prepare, workers, consume)
+                group.stack(d1, query_nonnegative, prepare, workers, consume)
             while not failed.is_set():
                 with lock:
                     job = next(taken, None)
                 if job is None:
                     return
                 group, tile = job
-                product = group.product(d1, prepare, workers, consume)
+                group.stack(d1, query_nonnegative, prepare, workers, consume)  # waits if the other thread is at it
+                product = group.product
                 if product is not None:
                     product.run_tile(tile, slot, product.thread_buffer())
                 if group.tile_done(tiles) and product is not None:
@@ -416,18 +418,20 @@ def match_products_threaded(
 
 
 class _TileGroup:
-    """One group of :func:`match_products_threaded`: its candidates, stacked once (by the
-    first thread that needs it, the other waits), and how many of its tiles are done."""
+    """One group of :func:`match_products_threaded`: its candidates, stacked once, and how
+    many of its tiles are done."""
 
     def __init__(self, members: list[int]):
         self.members = members
         self.present: list[int] = []  # members left with descriptors after prepare
-        self._product: TiledProduct | None = None
+        self.product: TiledProduct | None = None  # set by stack()
         self._prepared = False
         self._lock = threading.Lock()
         self._done = 0
 
-    def product(self, d1, prepare, slots, consume) -> TiledProduct | None:
+    def stack(self, d1, query_nonnegative, prepare, slots, consume) -> None:
+        """Prepare the members and set up the group's tiled product (None when no member
+        has descriptors left); once, whichever thread calls first."""
         with self._lock:
             if not self._prepared:
                 parts = []
@@ -441,10 +445,9 @@ class _TileGroup:
                 if parts:
                     stacked = np.ascontiguousarray(parts[0] if len(parts) == 1 else np.concatenate(parts), np.float32)
                     bounds = np.cumsum([0] + [len(p) for p in parts])
-                    nonnegative = bool(d1.min() >= 0 and stacked.min() >= 0)
-                    self._product = TiledProduct(d1, stacked, bounds, nonnegative, slots)
+                    nonnegative = query_nonnegative and bool(stacked.min() >= 0)
+                    self.product = TiledProduct(d1, stacked, bounds, nonnegative, slots)
                 self._prepared = True
-            return self._product
 
     def tile_done(self, tiles: int) -> bool:
         """Count one finished tile; True for the group's last."""
@@ -453,4 +456,4 @@ class _TileGroup:
             return self._done == tiles
 
     def release(self) -> None:
-        self._product = None
+        self.product = None

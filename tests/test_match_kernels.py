@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -192,6 +194,8 @@ def test_threaded_tiles_give_the_matches_of_the_whole_block(workers, rule):
 
     def prepare(position):
         calls.append(position)
+        if position == 0:
+            time.sleep(0.05)  # the other threads reach this group's tiles while it is being stacked
         return prepared[position]
 
     def consume(position, matches):
