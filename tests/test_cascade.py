@@ -163,5 +163,6 @@ def test_learned_matcher_presets_give_the_cheap_stage_nearest_neighbour_filters(
 def test_the_cascade_is_on_where_it_was_measured_to_help():
     assert load_config("aliked-lightglue").CASCADE_CANDIDATES == 30
     assert cascade.cascade_active(load_config("aliked-lightglue"))
+    assert cascade.cascade_active(load_config("disk-lightglue"))
     assert not cascade.cascade_active(load_config("xfeat-lighterglue"))
     assert not cascade.cascade_active(load_config("aliked"))
