@@ -21,23 +21,14 @@ from __future__ import annotations
 import argparse
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import numpy as np
-
-try:
-    import delf_retrieval  # noqa: F401
-except ImportError:  # run from a checkout without installing
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from cached_stores import add_store_arguments, open_stores, true_landmarks
 
 from delf_retrieval import cascade, learned_matching, pipeline
 from delf_retrieval.config import default_preset, load_config
 from delf_retrieval.images import read_labels_csv
 from delf_retrieval.metrics import evaluate_recognition, evaluate_retrieval
-from delf_retrieval.models.loader import load_extractor
-from delf_retrieval.store import FeatureStore
 from delf_retrieval.submission import recognition_dataframe, retrieval_dataframe
 
 _seconds: dict[str, float] = defaultdict(float)
@@ -55,25 +46,19 @@ def timed_count_inliers_many(query, candidates, config):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("data", type=Path)
-    parser.add_argument("--work-dir", type=Path, required=True)
-    parser.add_argument("--model", default="aliked")
-    parser.add_argument("--preset", default=None, help="default: the model's (its learned matcher)")
+    add_store_arguments(parser, model="aliked")
     parser.add_argument("--widths", default="0,30", help="CASCADE_CANDIDATES values, comma-separated")
     parser.add_argument("--retrieval", action="store_true", help="also retrieval mAP@100 (needs the index store)")
     args = parser.parse_args()
     cascade.count_inliers_many = timed_count_inliers_many
 
-    extractor = load_extractor(args.model)
+    extractor, stores = open_stores(args.work_dir, args.model)
     preset = args.preset or default_preset(extractor.family)
     base = load_config(preset)
-    root = args.work_dir / pipeline.model_key(extractor)
-    stores = {s: FeatureStore(root / s) for s in ("train", "test", "index") if (root / s / "meta.json").is_file()}
-    pipeline.ensure_global_descriptors(stores["train"], [s for k, s in stores.items() if k != "train"])
     labels = read_labels_csv(args.data / "train.csv")
     ids = stores["test"].ids
     widths = [int(w) for w in args.widths.split(",")]
-    recall = _candidate_recall(stores, labels, args.data / "solution.csv", [base.NUM_TO_RERANK, *widths])
+    recall = _candidate_recall(stores, labels, true_landmarks(args.data), [base.NUM_TO_RERANK, *widths])
     print(f"{args.data.name}, {args.model}, preset {preset} (NUM_TO_RERANK {base.NUM_TO_RERANK}, "
           f"CASCADE_MIN_INLIERS {base.CASCADE_MIN_INLIERS}); a true train photo among the first k global "
           f"candidates: " + ", ".join(f"k={k}: {r:.0%}" for k, r in recall.items()))
@@ -96,14 +81,10 @@ def main() -> None:
         print(f"{width:18d} {gap:7.4f} {score:8.4f} {_seconds['nn']:8.1f} {learned:9.1f} {new:9d}", flush=True)
 
 
-def _candidate_recall(stores, labels, solution: Path, widths: list[int]) -> dict[int, float]:
+def _candidate_recall(stores, labels, truth: dict[str, frozenset[str]], widths: list[int]) -> dict[int, float]:
     """Fraction of landmark queries with a train photo of a true landmark among the first
     k global candidates, per k."""
-    truth = {}
-    for row in solution.read_text().splitlines()[1:]:
-        image_id, landmarks = row.split(",")[:2]
-        if landmarks.strip():
-            truth[image_id] = set(landmarks.split())
+    truth = {image_id: landmarks for image_id, landmarks in truth.items() if landmarks}
     queries, train = stores["test"], stores["train"]
     wanted = [i for i, q in enumerate(queries.ids) if q in truth]
     if not wanted:

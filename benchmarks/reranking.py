@@ -32,13 +32,7 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
-
-try:
-    import delf_retrieval  # noqa: F401
-except ImportError:  # run from a checkout without installing
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from cached_stores import add_store_arguments, open_stores, true_landmarks
 
 from delf_retrieval import cascade, pipeline, retrieval
 from delf_retrieval.config import default_preset, load_config
@@ -46,7 +40,6 @@ from delf_retrieval.images import read_labels_csv
 from delf_retrieval.metrics import evaluate_recognition, evaluate_retrieval
 from delf_retrieval.models.loader import load_extractor
 from delf_retrieval.rerank import nonlandmark_similarity
-from delf_retrieval.store import FeatureStore
 from delf_retrieval.submission import recognition_dataframe, retrieval_dataframe
 
 _inliers: dict[tuple[bytes, ...], np.ndarray] = {}
@@ -69,10 +62,7 @@ def cached_count_inliers_many(query, candidates, config):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("data", type=Path)
-    parser.add_argument("--work-dir", type=Path, required=True)
-    parser.add_argument("--model", default="opencv-sift")
-    parser.add_argument("--preset", default=None, help="default: the model's")
+    add_store_arguments(parser, model="opencv-sift")
     parser.add_argument("--distractors", type=Path, default=None, help="dataset whose nonlandmark.csv is the distractor set")
     parser.add_argument("--no-verify", action="store_true", help="global similarity only")
     parser.add_argument("--only", default="", help="run only the settings whose name contains this")
@@ -83,13 +73,11 @@ def main() -> None:
 
     extractor = load_extractor(args.model)
     base = load_config(args.preset or default_preset(extractor.family))
-    root = args.work_dir / pipeline.model_key(extractor)
-    stores = {split: FeatureStore(root / split) for split in ("train", "test", "index") if (root / split / "meta.json").is_file()}
     distractor_data = args.distractors or args.data
     nl_store, _ = pipeline.extract_split(
         extractor, distractor_data / "nonlandmark.csv", args.work_dir, f"nonlandmark-{distractor_data.name}", progress=False
     )
-    pipeline.ensure_global_descriptors(stores["train"], [s for k, s in stores.items() if k != "train"] + [nl_store])
+    _, stores = open_stores(args.work_dir, extractor, extra=[nl_store])
     labels = read_labels_csv(args.data / "train.csv")
     ids = stores["test"].ids
 
@@ -137,8 +125,8 @@ def main() -> None:
         queries = stores["test"].global_descriptors()
         nl = nonlandmark_similarity(queries, nl_store.global_descriptors(), base.NONLANDMARK_TOP_K)
         best = (np.asarray(queries, np.float32) @ np.asarray(stores["train"].global_descriptors(), np.float32).T).max(axis=1)
-        solution = {row.split(",")[0]: row.split(",")[1] for row in (args.data / "solution.csv").read_text().splitlines()[1:]}
-        landmark = np.array([bool(solution.get(i, "")) for i in ids])
+        truth = true_landmarks(args.data)
+        landmark = np.array([bool(truth.get(i)) for i in ids])
         for name, mask in (("landmark queries", landmark), ("non-landmark queries", ~landmark)):
             if mask.any():
                 print(f"{name:22s} n={mask.sum():3d}: distractor sim {nl[mask].mean():.3f} +- {nl[mask].std():.3f}, "
