@@ -134,7 +134,9 @@ def params_from_fingerprint(fingerprint: dict[str, Any]) -> ExtractorParams:
 
 def model_spec(extractor: Extractor) -> str:
     """What :func:`.models.load_extractor` needs to load ``extractor`` again: its folder or name."""
-    if extractor.family in ("opencv-sift", "aliked", "disk", "xfeat"):  # names, no folder
+    from .models.loader import list_models
+
+    if extractor.family in list_models():  # loaded by name (opencv-sift, aliked, ...), no folder
         return extractor.family
     folder = getattr(extractor, "path", None)
     if folder is None:

@@ -91,14 +91,20 @@ def test_cascade_choice(counts, count, gate, expected):
     assert cascade.cascade_choice(np.array(counts), count, gate).tolist() == expected
 
 
-def test_cascade_sends_the_best_cheap_candidates_to_the_learned_matcher(fake_learned):
-    query, candidates = _scene()
+def _recording(candidates):
+    """``candidate(p)`` for verify_candidates, and the positions it was asked for."""
     read = []
 
     def candidate(p):
         read.append(p)
         return candidates[p]
 
+    return candidate, read
+
+
+def test_cascade_sends_the_best_cheap_candidates_to_the_learned_matcher(fake_learned):
+    query, candidates = _scene()
+    candidate, read = _recording(candidates)
     inliers = cascade.verify_candidates(query, candidate, len(candidates), _config())
     # cheap counts [0, 8, 20, 0, 40, 15]: the two best with >= 12 are positions 4 and 2,
     # verified in global order (2, then 4); the others get 0.
@@ -118,12 +124,7 @@ def test_cascade_width_is_capped_by_the_candidates(fake_learned):
 
 def test_without_cascade_the_learned_matcher_sees_the_global_top(fake_learned):
     query, candidates = _scene()
-    read = []
-
-    def candidate(p):
-        read.append(p)
-        return candidates[p]
-
+    candidate, read = _recording(candidates)
     inliers = cascade.verify_candidates(query, candidate, len(candidates), _config(CASCADE_CANDIDATES=0))
     assert inliers.tolist() == [1000, 1001, 0, 0, 0, 0]
     assert read == [0, 1]

@@ -295,7 +295,7 @@ def blas_threads() -> list[int]:
 
 
 def test_count_inliers_many_bounds_blas_threads_and_restores_them(monkeypatch):
-    pytest.importorskip("threadpoolctl")
+    pytest.importorskip("threadpoolctl", reason="bounding BLAS threads needs threadpoolctl (scipy/scikit-image stacks bring it)")
     query, candidates = shifted_views()
     config = Config(MUTUAL_NEAREST_NEIGHBOR=True, RATIO_TEST=0.8, MAX_DESCRIPTOR_DISTANCE=float("inf"))
     before = blas_threads()
@@ -313,7 +313,7 @@ def test_count_inliers_many_bounds_blas_threads_and_restores_them(monkeypatch):
 
 
 def test_bounded_blas_threads_restores_after_an_error():
-    pytest.importorskip("threadpoolctl")
+    pytest.importorskip("threadpoolctl", reason="bounding BLAS threads needs threadpoolctl (scipy/scikit-image stacks bring it)")
     before = blas_threads()
     with pytest.raises(KeyError), bounded_blas_threads(1):
         assert set(blas_threads()) <= {1}
