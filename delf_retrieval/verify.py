@@ -28,7 +28,7 @@ import os
 import sys
 import threading
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -326,6 +326,11 @@ def count_inliers_many(
         (d2, k2), _ = _finite_features(checked[position][0], l2_normalize(checked[position][1]))
         return k2, d2
 
+    def inlier_count(k2: np.ndarray, matches: np.ndarray) -> int:
+        if matches.shape[0] <= config.MIN_MATCHES:
+            return 0
+        return int(_ransac_for(k1[matches[:, 0]], k2[matches[:, 1]], config).sum())
+
     def share(positions: range) -> list[int]:
         if d1.shape[0] == 0:
             return [0] * len(positions)
@@ -339,20 +344,14 @@ def count_inliers_many(
             dtype=config.MATCH_DTYPE,
             device=config.MATCH_DEVICE,
         )
-        counts = []
-        for p, matches in zip(positions, found, strict=True):
-            if matches.shape[0] <= config.MIN_MATCHES:
-                counts.append(0)
-                continue
-            k2 = features[p][0]
-            counts.append(int(_ransac_for(k1[matches[:, 0]], k2[matches[:, 1]], config).sum()))
-        return counts
+        return [inlier_count(features[p][0], matches) for p, matches in zip(positions, found, strict=True)]
 
     workers = min(config.WORKERS or os.cpu_count() or 1, len(candidates))
     if workers <= 1:
         return np.asarray(share(range(len(candidates))), dtype=np.int64)
     if config.MATCH_DTYPE == "float32" and config.MATCH_DEVICE == "cpu" and numba_available() and d1.shape[0]:
-        return _count_tiled(k1, d1, checked, config, workers)
+        sizes = [len(descriptors) for _, descriptors in checked]
+        return _count_tiled(d1, sizes, prepared, inlier_count, config, workers)
     # Jobs are taken by whichever thread is free and the call waits for the last one, so
     # float32 without Numba runs one candidate per job (measured: 8.8 against 9.6 ms per
     # pair with two shares per thread on 2 cores, benchmarks/verification.py pairs); the
@@ -365,28 +364,34 @@ def count_inliers_many(
     return np.asarray(counts, dtype=np.int64)
 
 
-def _count_tiled(k1: np.ndarray, d1: np.ndarray, checked: list, config: Config, workers: int) -> np.ndarray:
+def _count_tiled(
+    d1: np.ndarray,
+    sizes: list[int],
+    prepared: Callable[[int], tuple[np.ndarray, np.ndarray]],
+    inlier_count: Callable[[np.ndarray, np.ndarray], int],
+    config: Config,
+    workers: int,
+) -> np.ndarray:
     """count_inliers_many's float32 path on several threads: the threads share every
     candidate's product tile by tile (:func:`delf_retrieval.matching.match_products_threaded`)
-    and run RANSAC on a candidate as soon as its matches are known."""
-    counts = np.zeros(len(checked), np.int64)
-    keypoints: list = [None] * len(checked)
+    and run RANSAC on a candidate as soon as its matches are known. ``prepared(p)`` gives
+    candidate p's (keypoints, unit descriptors), ``inlier_count(keypoints, matches)`` its
+    RANSAC count."""
+    counts = np.zeros(len(sizes), np.int64)
+    keypoints: list = [None] * len(sizes)
 
     def prepare(position: int) -> np.ndarray:
-        (d2, k2), _ = _finite_features(checked[position][0], l2_normalize(checked[position][1]))
-        keypoints[position] = k2
-        return d2
+        keypoints[position], descriptors = prepared(position)
+        return descriptors
 
     def consume(position: int, matches: np.ndarray) -> None:
-        if matches.shape[0] > config.MIN_MATCHES:
-            inliers = _ransac_for(k1[matches[:, 0]], keypoints[position][matches[:, 1]], config)
-            counts[position] = int(inliers.sum())
+        counts[position] = inlier_count(keypoints[position], matches)
 
     pool = _thread_pool(workers)
     with bounded_blas_threads(1):
         match_products_threaded(
             d1,
-            [len(descriptors) for _, descriptors in checked],
+            sizes,
             prepare,
             max_distance=config.MAX_DESCRIPTOR_DISTANCE,
             mutual=config.MUTUAL_NEAREST_NEIGHBOR,
