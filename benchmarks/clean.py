@@ -4,7 +4,7 @@ Measures, in one run on real photos (RootSIFT of a Kaggle-layout ``train/``, eve
 photos, so the pair count does not depend on the labels):
 
 * the float32 matrix-product bound on 2 cores (bare ``d1 @ d2.T`` of every pair);
-* ``delf_retrieval.clean.verify_chunk`` (what ``delf-retrieval clean`` runs per chunk:
+* ``delf_retrieval.tasks.clean.verify_chunk`` (what ``delf-retrieval clean`` runs per chunk:
   ``count_inliers_many`` per query photo, ``WORKERS=2``), float32 and ``MATCH_DTYPE=int8``;
 * the host baseline (cKDTree 0.9 + pydegensac, see ``benchmarks/verification.py``) on 2
   processes, the way the cited cleaning used multiprocessing;
@@ -41,11 +41,11 @@ except ImportError:  # run from a checkout without installing
 
 from verification import baseline_on_processes, extract_features, product_bound  # noqa: E402
 
-from delf_retrieval.clean import verify_chunk  # noqa: E402
-from delf_retrieval.config import PRESETS  # noqa: E402
-from delf_retrieval.features import ImageFeatures, l2_normalize  # noqa: E402
-from delf_retrieval.images import read_labels_csv  # noqa: E402
-from delf_retrieval.store import FeatureStore  # noqa: E402
+from delf_retrieval.tasks.clean import verify_chunk
+from delf_retrieval.config import PRESETS
+from delf_retrieval.features.containers import ImageFeatures, l2_normalize
+from delf_retrieval.features.images import read_labels_csv
+from delf_retrieval.features.store import FeatureStore
 
 GLDV2_CLASSES = 81_313
 GLDV2_PHOTOS = 1_580_470

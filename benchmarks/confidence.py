@@ -5,12 +5,12 @@ right one costs precision at every rank below it. With the host baseline's score
 landmark that several unverified candidates vote for (summed cosines, up to ``TOP_K``)
 can outrank one that a single candidate verifies geometrically (its inlier term plus one
 cosine); ``VERIFIED_FIRST`` puts every verified prediction first
-(:func:`delf_retrieval.rerank.recognize_one`).
+(:func:`delf_retrieval.scoring.rerank.recognize_one`).
 
 Runs on feature stores that a ``delf-retrieval recognize`` run with the same
 ``--work-dir`` already extracted. Each ``MODEL:PRESET`` is verified once
-(:func:`delf_retrieval.recognition.recognize_stores`); both orders are then scored from
-the same candidates and inlier counts with :func:`~delf_retrieval.rerank.recognize_one`,
+(:func:`delf_retrieval.tasks.recognition.recognize_stores`); both orders are then scored from
+the same candidates and inlier counts with :func:`~delf_retrieval.scoring.rerank.recognize_one`,
 so the two columns differ only by the rule. Also prints how many predictions are
 verified and how many of those / of the others are right (landmark queries).
 
@@ -28,12 +28,12 @@ import time
 import numpy as np
 from cached_stores import add_store_arguments, open_stores, true_landmarks
 
-from delf_retrieval import pipeline
+import delf_retrieval
 from delf_retrieval.config import load_config
-from delf_retrieval.images import read_labels_csv
-from delf_retrieval.metrics import evaluate_recognition
-from delf_retrieval.rerank import recognize_one
-from delf_retrieval.submission import recognition_dataframe
+from delf_retrieval.features.images import read_labels_csv
+from delf_retrieval.kaggle.metrics import evaluate_recognition
+from delf_retrieval.scoring.rerank import recognize_one
+from delf_retrieval.kaggle.submission import recognition_dataframe
 
 
 def main() -> None:
@@ -55,7 +55,7 @@ def main() -> None:
         on = load_config(preset).replace(VERIFIED_FIRST=True)
         off = on.replace(VERIFIED_FIRST=False)
         started = time.perf_counter()
-        result = pipeline.recognize_stores(queries, train, labels, on, progress=False)
+        result = delf_retrieval.recognize_stores(queries, train, labels, on, progress=False)
         seconds = time.perf_counter() - started
         orders = {"off": {}, "on": {}}
         counts = {True: [0, 0, 0], False: [0, 0, 0]}  # verified or not: predictions, landmark queries, right

@@ -2,15 +2,15 @@
 
     python benchmarks/distributed.py ../shared/data/gldv2-mini-dev/train [--count 128]
 
-Extraction: images/s of :func:`delf_retrieval.extract.extract_to_store` (local) and of a
+Extraction: images/s of :func:`delf_retrieval.models.extract.extract_to_store` (local) and of a
 :class:`delf_retrieval.distributed.RayExtractorPool` with 1 and 2 actors on a local Ray,
 for the weights-free OpenCV extractor and the fixture DELG model
-(:func:`delf_retrieval.testing.build_delg_tf2`). The folder's photos are repeated under
+(:func:`delf_retrieval.models.fakes.build_delg_tf2`). The folder's photos are repeated under
 new ids to reach ``--count``. Actor start-up (process + model load) is timed apart;
 images/s counts from the first batch sent to the last chunk written. Every Ray store is
 checked against the local one (same ids and descriptors).
 
-Search: queries/s of :func:`delf_retrieval.search.cosine_topk` on a synthetic float32
+Search: queries/s of :func:`delf_retrieval.search.index.cosine_topk` on a synthetic float32
 ``.npy`` index (memory-mapped, page cache warm) against :class:`ShardedIndex` with 1, 2
 and 4 shards, with the default BLAS threads per shard (this process's count: results
 bit-identical to the local search) and with ``cores // shards`` threads (no
@@ -30,11 +30,11 @@ import numpy as np
 
 from delf_retrieval.distributed import RayExtractorPool, ShardedIndex, ray_session
 from delf_retrieval.distributed.sharded import _default_blas_threads
-from delf_retrieval.extract import extract_to_store
-from delf_retrieval.images import ImageSource, list_images
+from delf_retrieval.models.extract import extract_to_store
+from delf_retrieval.features.images import ImageSource, list_images
 from delf_retrieval.models.loader import load_extractor
-from delf_retrieval.search import cosine_topk
-from delf_retrieval.store import FeatureStore
+from delf_retrieval.search.index import cosine_topk
+from delf_retrieval.features.store import FeatureStore
 
 
 def repeated(sources: list[ImageSource], count: int) -> list[ImageSource]:
@@ -187,7 +187,7 @@ def main() -> None:
             )
         if "delg" not in args.skip:
             try:
-                from delf_retrieval.testing import build_delg_tf2
+                from delf_retrieval.models.fakes import build_delg_tf2
             except ImportError as error:
                 print(f"fixture DELG model unavailable: {error}")
             else:

@@ -6,7 +6,7 @@ For each model (the weights-free OpenCV extractor and the fixture DELG SavedMode
 project builds itself), it measures in one run:
 
 * bare: ``extractor.extract(image)`` on images already decoded in memory;
-* pipeline: :func:`delf_retrieval.extract.extract_to_store` from files on disk into a
+* pipeline: :func:`delf_retrieval.models.extract.extract_to_store` from files on disk into a
   fresh store (decoding in threads, downscaling, atomic chunk writes, consolidation).
 
 The goal is pipeline >= 90% of bare throughput: decoding must hide behind the model.
@@ -20,11 +20,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from delf_retrieval.extract import extract_to_store
-from delf_retrieval.images import downscale_to_max_size, list_images, load_image
+from delf_retrieval.models.extract import extract_to_store
+from delf_retrieval.features.images import downscale_to_max_size, list_images, load_image
 from delf_retrieval.models.base import Extractor
 from delf_retrieval.models.loader import load_extractor
-from delf_retrieval.store import FeatureStore
+from delf_retrieval.features.store import FeatureStore
 
 
 def bare_images_per_second(extractor: Extractor, images: list, repeat: int) -> float:
@@ -62,7 +62,7 @@ def main() -> None:
         tmp = Path(tmp)
         specs = {"opencv-sift": "opencv-sift"}
         if any(m != "opencv-sift" for m in args.models):
-            from delf_retrieval import testing
+            from delf_retrieval.models import fakes as testing
 
             builders = {"delg-tf2": testing.build_delg_tf2, "delg-tf1": testing.build_delg_tf1, "delf-hub": testing.build_delf_hub}
             for name in args.models:

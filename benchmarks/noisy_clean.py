@@ -8,10 +8,10 @@ Builds a noisy copy of a Kaggle-layout dataset (``train.csv`` + ``train/``, quer
   layout with its own CSV, e.g. ``gldv2-mini-dev`` 's ``nonlandmark.csv``) are added to
   random landmarks.
 
-Then runs ``delf_retrieval.clean.clean_dataset`` on the noisy copy and reports the
+Then runs ``delf_retrieval.tasks.clean.clean_dataset`` on the noisy copy and reports the
 precision and recall of the noise removal (a removed photo is a true positive when it
 was planted) and the recognition GAP with the noisy and with the cleaned train set
-(``pipeline.recognize``, same model and config, features cached once). Images are
+(``delf_retrieval.recognize``, same model and config, features cached once). Images are
 linked, not copied.
 
 Usage::
@@ -38,11 +38,11 @@ except ImportError:  # run from a checkout without installing
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from delf_retrieval import pipeline
-from delf_retrieval.clean import clean_dataset
+import delf_retrieval
+from delf_retrieval.tasks.clean import clean_dataset
 from delf_retrieval.config import load_config
-from delf_retrieval.images import kaggle_image_path
-from delf_retrieval.metrics import evaluate_recognition
+from delf_retrieval.features.images import kaggle_image_path
+from delf_retrieval.kaggle.metrics import evaluate_recognition
 from delf_retrieval.models.loader import load_extractor
 
 
@@ -135,13 +135,13 @@ def main() -> None:
     cleaned_copy(noisy_root, args.work / "train_clean.csv", clean_root)
     rows = []
     variants = (("original train set", args.data_dir, "original"), ("noisy train set", noisy_root, "noisy"), ("noisy, cleaned", clean_root, "cleaned"))
-    key = pipeline.model_key(load_extractor(args.model))
+    key = delf_retrieval.model_key(load_extractor(args.model))
     for name, root, cache in variants:
         shared = caches["original"] / key / "test"
         if cache != "original" and shared.is_dir() and not (caches[cache] / key / "test").exists():
             (caches[cache] / key).mkdir(parents=True, exist_ok=True)
             os.symlink(shared.resolve(), caches[cache] / key / "test")
-        run = pipeline.recognize(root, args.model, config, output=None, work_dir=caches[cache], progress=False, log=lambda _: None)
+        run = delf_retrieval.recognize(root, args.model, config, output=None, work_dir=caches[cache], progress=False, log=lambda _: None)
         rows.append((name, evaluate_recognition(run.submission, root / "solution.csv")))
     print()
     print(f"{'train set':24s} {'GAP Public':>10s} {'GAP Private':>11s} {'GAP All':>8s}")

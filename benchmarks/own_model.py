@@ -6,7 +6,7 @@ For each model, in one run:
 
 * bare: ``model.predict`` on batches already decoded, resized and preprocessed in memory
   (the bound: only the network runs);
-* pipeline: :func:`delf_retrieval.extract.extract_to_store` from the image files into a
+* pipeline: :func:`delf_retrieval.models.extract.extract_to_store` from the image files into a
   fresh store (threaded decoding, resizing, preprocessing, batched model calls, pooling,
   L2-normalisation, atomic chunk writes, consolidation).
 
@@ -60,7 +60,7 @@ def _bare(extractor, predict_model, batch: np.ndarray) -> float:
 def _decode_rate(extractor, sources) -> float:
     """Images/s of decoding + resizing + preprocessing alone, one thread (the CPU work the
     pipeline adds to the model's)."""
-    from delf_retrieval.images import decode_image
+    from delf_retrieval.features.images import decode_image
 
     started = time.perf_counter()
     for source in sources:
@@ -69,8 +69,8 @@ def _decode_rate(extractor, sources) -> float:
 
 
 def _pipeline(extractor, sources, folder: Path, threads: int) -> float:
-    from delf_retrieval.extract import extract_to_store
-    from delf_retrieval.store import FeatureStore
+    from delf_retrieval.models.extract import extract_to_store
+    from delf_retrieval.features.store import FeatureStore
 
     shutil.rmtree(folder, ignore_errors=True)
     store = FeatureStore(folder, extractor.fingerprint(), dtype="float16")
@@ -88,7 +88,7 @@ def main() -> None:
     args = parser.parse_args()
     import tensorflow as tf
 
-    from delf_retrieval.images import decode_image, list_images
+    from delf_retrieval.features.images import decode_image, list_images
     from delf_retrieval.models import load_extractor
 
     sources = list_images(args.images)[: args.limit]

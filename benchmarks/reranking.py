@@ -34,13 +34,15 @@ from pathlib import Path
 import numpy as np
 from cached_stores import add_store_arguments, open_stores, true_landmarks
 
-from delf_retrieval import cascade, pipeline, retrieval
+import delf_retrieval
+from delf_retrieval.matching import cascade
+from delf_retrieval.tasks import retrieval
 from delf_retrieval.config import default_preset, load_config
-from delf_retrieval.images import read_labels_csv
-from delf_retrieval.metrics import evaluate_recognition, evaluate_retrieval
+from delf_retrieval.features.images import read_labels_csv
+from delf_retrieval.kaggle.metrics import evaluate_recognition, evaluate_retrieval
 from delf_retrieval.models.loader import load_extractor
-from delf_retrieval.rerank import nonlandmark_similarity
-from delf_retrieval.submission import recognition_dataframe, retrieval_dataframe
+from delf_retrieval.scoring.rerank import nonlandmark_similarity
+from delf_retrieval.kaggle.submission import recognition_dataframe, retrieval_dataframe
 
 _inliers: dict[tuple[bytes, ...], np.ndarray] = {}
 _count = cascade.count_inliers_many
@@ -74,7 +76,7 @@ def main() -> None:
     extractor = load_extractor(args.model)
     base = load_config(args.preset or default_preset(extractor.family))
     distractor_data = args.distractors or args.data
-    nl_store, _ = pipeline.extract_split(
+    nl_store, _ = delf_retrieval.extract_split(
         extractor, distractor_data / "nonlandmark.csv", args.work_dir, f"nonlandmark-{distractor_data.name}", progress=False
     )
     _, stores = open_stores(args.work_dir, extractor, extra=[nl_store])
@@ -82,7 +84,7 @@ def main() -> None:
     ids = stores["test"].ids
 
     def gap(config) -> float:
-        result = pipeline.recognize_stores(
+        result = delf_retrieval.recognize_stores(
             stores["test"], stores["train"], labels, config, nonlandmark=nl_store, verify=not args.no_verify, progress=False
         )
         frame = recognition_dataframe(result.predictions, ids=ids)
@@ -91,7 +93,7 @@ def main() -> None:
     def map100(config) -> float:
         if "index" not in stores:
             return float("nan")
-        result = pipeline.retrieve_stores(
+        result = delf_retrieval.retrieve_stores(
             stores["test"], stores["index"], config, train=stores["train"], labels=labels, verify=not args.no_verify, progress=False
         )
         frame = retrieval_dataframe(result.rankings, ids=ids, top=config.RETRIEVAL_TOP)

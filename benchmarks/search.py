@@ -3,7 +3,7 @@
 Builds a synthetic index (unit rows, float32 and a float16 copy) with planted neighbours
 in a temporary directory, chunk by chunk, then prints in one table:
 
-* ``delf_retrieval.search.cosine_topk`` on the float32 and the float16 memmap;
+* ``delf_retrieval.search.index.cosine_topk`` on the float32 and the float16 memmap;
 * the same with ``backend="faiss"`` (if faiss is installed), and with ``--faiss-flat``
   faiss's own ``IndexFlatIP`` holding the whole index in RAM;
 * the Kaggle 2020 host baseline: per query ``scipy.spatial.distance.cdist(q[None], index,
@@ -35,12 +35,12 @@ import numpy as np
 from scipy.spatial.distance import cdist
 
 try:
-    from delf_retrieval.search import cosine_topk
+    from delf_retrieval.search.index import cosine_topk
 except ImportError:  # run from a checkout without installing: python benchmarks/search.py
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from delf_retrieval.search import cosine_topk
+    from delf_retrieval.search.index import cosine_topk
 
 GB = 1024**3
 

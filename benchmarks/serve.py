@@ -43,17 +43,17 @@ import numpy as np
 import pandas as pd
 
 try:
-    from delf_retrieval.store import FeatureStore
+    from delf_retrieval.features.store import FeatureStore
 except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from delf_retrieval.store import FeatureStore
+    from delf_retrieval.features.store import FeatureStore
 
-from delf_retrieval.extract import extract_to_store
-from delf_retrieval.features import ImageFeatures, LocalFeatures
-from delf_retrieval.images import kaggle_image_path, list_images, load_image
-from delf_retrieval.index_dir import build_index
+from delf_retrieval.models.extract import extract_to_store
+from delf_retrieval.features.containers import ImageFeatures, LocalFeatures
+from delf_retrieval.features.images import kaggle_image_path, list_images, load_image
+from delf_retrieval.tasks.build_index import build_index
 from delf_retrieval.models import load_extractor
-from delf_retrieval.recognizer import Recognizer
+from delf_retrieval.service.recognizer import Recognizer
 
 
 def synthetic_features(pool: np.ndarray, count: int, rng: np.random.Generator) -> ImageFeatures:
@@ -107,7 +107,7 @@ def percentile(values: list[float], q: float) -> float:
 def load_seconds(index: Path, repeats: int = 3) -> float:
     """Median ``Recognizer.load`` time in a fresh process (page cache warm)."""
     code = (
-        "import time, sys; from delf_retrieval.recognizer import Recognizer; "
+        "import time, sys; from delf_retrieval.service.recognizer import Recognizer; "
         "t = time.perf_counter(); r = Recognizer.load(sys.argv[1]); print(time.perf_counter() - t)"
     )
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -128,7 +128,7 @@ class Server:
             sock.bind(("127.0.0.1", 0))
             self.port = sock.getsockname()[1]
         env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        command = [sys.executable, "-m", "delf_retrieval.cli", "serve", str(index), "--port", str(self.port)]
+        command = [sys.executable, "-m", "delf_retrieval.cli.main", "serve", str(index), "--port", str(self.port)]
         command += ["--concurrency", str(concurrency), "--threads-per-request", str(threads)]
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
         self.url = f"http://127.0.0.1:{self.port}"
@@ -220,7 +220,7 @@ def main() -> None:
         in_process.append(time.perf_counter() - t)
     # CPU seconds per photo with every library on one thread: what one idle core would take,
     # whatever else the machine runs (wall-clock latency on a shared machine is not).
-    from delf_retrieval.threads import limit_threads
+    from delf_retrieval.core.threads import limit_threads
 
     limit_threads(1)
     single = Recognizer.load(index, WORKERS=1)

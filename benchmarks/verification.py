@@ -1,4 +1,4 @@
-"""Geometric verification on real image pairs: host baseline vs delf_retrieval.verify.
+"""Geometric verification on real image pairs: host baseline vs delf_retrieval.matching.verify.
 
 Pairs come from a Kaggle-layout dataset's ``train.csv``: every pair of photos of the same
 landmark is a true pair, pairs of different landmarks are false pairs (a seeded sample).
@@ -57,17 +57,13 @@ except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from delf_retrieval.config import PRESETS
-from delf_retrieval.features import LocalFeatures, l2_normalize
-from delf_retrieval.images import kaggle_image_path, load_image, read_labels_csv
-from delf_retrieval.match_kernels import _TILE_ROWS
-from delf_retrieval.matching import match_batch, select_matches
+from delf_retrieval.features.containers import LocalFeatures, l2_normalize
+from delf_retrieval.features.images import kaggle_image_path, load_image, read_labels_csv
+from delf_retrieval.matching.kernels import _TILE_ROWS
+from delf_retrieval.matching.nn import match_batch, select_matches
 from delf_retrieval.models.opencv_sift import OpenCVSiftExtractor
-from delf_retrieval.verify import (
-    bounded_blas_threads,
-    count_inliers,
-    count_inliers_many,
-    putative_matches,
-)
+from delf_retrieval.core.threads import bounded_blas_threads
+from delf_retrieval.matching.verify import count_inliers, count_inliers_many, putative_matches
 
 # --- the host baseline (Kaggle 2020), written from its description ------------------------
 
@@ -466,7 +462,7 @@ def hardware_limit_table(pairs, features, config=None, baseline: bool = True) ->
 def int8_products(pairs, unit) -> Callable[[], list]:
     """The bare ONNX Runtime u8 x s8 products of all pairs, inputs quantised beforehand
     (match_batch int8 quantises once per query and group)."""
-    from delf_retrieval.reduced_precision import _int8_session, quantize_rows
+    from delf_retrieval.matching.reduced_precision import _int8_session, quantize_rows
 
     session, zero = _int8_session(), np.array(0, np.uint8)
     quantised = {k: quantize_rows(v, 127)[0] for k, v in unit.items()}
@@ -479,7 +475,7 @@ def int8_products(pairs, unit) -> Callable[[], list]:
 
 def ransac_jobs(pairs, features, matches, config) -> Callable[[], list]:
     """RANSAC alone on given putative matches (as count_inliers_many runs it)."""
-    from delf_retrieval.verify import _ransac_for
+    from delf_retrieval.matching.ransac import _ransac_for
 
     jobs = [
         (features[a].keypoints[m[:, 0]], features[b].keypoints[m[:, 1]])

@@ -94,23 +94,23 @@ class Config:
         Number of queries a landmark may be predicted for without penalty.
     WHITENING_DIM : int
         Learned PCA-whitening of global descriptors, fitted on the database store
-        (:mod:`delf_retrieval.whitening`): 0 off, ``d > 0`` whiten and keep ``d``
+        (:mod:`delf_retrieval.search.whitening`): 0 off, ``d > 0`` whiten and keep ``d``
         dimensions, -1 keep all (both capped at the rank of the database).
     CLASSIFIER_MODE : str
         ``"off"`` (kNN only), ``"classifier"`` (softmax classifier(s) alone) or ``"fused"``
-        (kNN and classifier, :mod:`delf_retrieval.classifier`); needs classifiers.
+        (kNN and classifier, :mod:`delf_retrieval.scoring.classifier`); needs classifiers.
     FUSION_COSINE_POWER : float
         ``a`` in the fused score ``sum_j s_j ** a * p(l) ** b``.
     FUSION_PROB_POWER : float
         ``b`` in that score.
     LANDMARK_THRESHOLD : float
-        ``predict`` (one photo, :mod:`delf_retrieval.recognizer`) calls a photo a landmark
+        ``predict`` (one photo, :mod:`delf_retrieval.service.recognizer`) calls a photo a landmark
         when its confidence is at least this; below it the answer is "not a landmark"
         (the best guess is still reported). Submissions are not affected.
     MATCH_DTYPE : str
         Precision of the descriptor product that finds putative matches: ``"float32"``
         (exact), ``"int8"`` (8-bit product through ONNX Runtime's integer kernels, then
-        the best candidates re-scored in float32, see :mod:`delf_retrieval.matching`) or
+        the best candidates re-scored in float32, see :mod:`delf_retrieval.matching.nn`) or
         ``"float16"``/``"bfloat16"`` (TensorFlow ``tf.matmul``, for GPUs).
     MATCH_DEVICE : str
         Where matching runs: ``"cpu"`` (NumPy/ONNX Runtime), ``"gpu"`` (TensorFlow on a
@@ -124,7 +124,7 @@ class Config:
     MATCHER : str
         How putative matches are found: ``"nn"`` (nearest neighbours with the filters
         above), ``"lightglue"`` or ``"lighterglue"`` (learned matchers, extra
-        ``[learned]``; see :mod:`delf_retrieval.learned_matching`). RANSAC runs on the
+        ``[learned]``; see :mod:`delf_retrieval.matching.learned`). RANSAC runs on the
         matches either way.
     MATCHER_FEATURES : str
         Descriptor family of the learned matcher's weights: ``"aliked"`` or ``"disk"``
@@ -147,9 +147,9 @@ class Config:
         landmark evidence, i.e. for candidates with fewer than ``max(MIN_INLIERS, 1)``
         inliers and queries whose predicted landmark has no such candidate;
         ``"excess"``: only by how much the distractor similarity exceeds the global
-        cosine to the best candidate (see :mod:`delf_retrieval.rerank`).
+        cosine to the best candidate (see :mod:`delf_retrieval.scoring.rerank`).
     CASCADE_CANDIDATES : int
-        Verification cascade for a learned ``MATCHER`` (:mod:`delf_retrieval.cascade`):
+        Verification cascade for a learned ``MATCHER`` (:mod:`delf_retrieval.matching.cascade`):
         recognition first verifies this many global candidates with mutual nearest
         neighbours (``MUTUAL_NEAREST_NEIGHBOR``, ``RATIO_TEST``,
         ``MAX_DESCRIPTOR_DISTANCE``) + RANSAC, and the learned matcher verifies the
@@ -162,7 +162,7 @@ class Config:
     VERIFIED_FIRST : bool
         Recognition confidences put every prediction backed by a verified candidate
         (``max(MIN_INLIERS, 1)`` inliers or more among the predicted landmark's votes)
-        above every prediction without one (:func:`delf_retrieval.rerank.recognize_one`);
+        above every prediction without one (:func:`delf_retrieval.scoring.rerank.recognize_one`);
         within each group the order is the host baseline's. False (the baseline): a
         landmark with several unverified candidates can outscore one verified candidate.
     """
@@ -253,7 +253,7 @@ class Config:
             "MATCH_DEVICE": self.MATCH_DEVICE in MATCH_DEVICES,
         }
         if self.EXTRACTION_PRESET:
-            from .models.presets import EXTRACTION_PRESETS
+            from delf_retrieval.models.presets import EXTRACTION_PRESETS
 
             checks["EXTRACTION_PRESET"] = self.EXTRACTION_PRESET in EXTRACTION_PRESETS
         bad = [name for name, ok in checks.items() if not ok]

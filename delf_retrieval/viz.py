@@ -90,7 +90,7 @@ def plot_matches(
         ``(x, y)`` pixels in ``image2``.
     matches : int array [M, 2]
         ``(index into keypoints1, index into keypoints2)`` per match, as returned by
-        :func:`delf_retrieval.verify.putative_matches`.
+        :func:`delf_retrieval.matching.verify.putative_matches`.
     inliers : bool array [M] or None
         RANSAC verdict per match: inliers are drawn green and bold, outliers red, thin
         and faded. ``None`` draws every match blue (not verified).

@@ -24,7 +24,7 @@ IMAGE_SIZE = 128
 
 def load_training_set(data_dir: Path, size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Train photos resized to ``size * 1.25`` squares, labels as class indices, landmark per class."""
-    from delf_retrieval.images import kaggle_image_path, load_image, read_labels_csv
+    from delf_retrieval.features.images import kaggle_image_path, load_image, read_labels_csv
     from delf_retrieval.models.keras_model import resize_to
 
     labels = read_labels_csv(data_dir / "train.csv")

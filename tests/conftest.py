@@ -48,11 +48,11 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         pytest.exit(f"missing test dependencies: {', '.join(missing)}", returncode=pytest.ExitCode.USAGE_ERROR)
 
 
-# --- Fixture models (delf_retrieval.testing): each built once per session. ---------------
+# --- Fixture models (delf_retrieval.models.fakes): each built once per session. ---------------
 
 
 def _build(tmp_path_factory: pytest.TempPathFactory, name: str, **kwargs: bool) -> Path:
-    from delf_retrieval import testing
+    from delf_retrieval.models import fakes as testing
 
     builder = {
         "delg_tf2": testing.build_delg_tf2,

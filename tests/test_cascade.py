@@ -1,14 +1,14 @@
-"""Verification cascade (delf_retrieval.cascade) on generated features with known matches."""
+"""Verification cascade (delf_retrieval.matching.cascade) on generated features with known matches."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from delf_retrieval import cascade, learned_matching
+from delf_retrieval.matching import cascade, learned as learned_matching
 from delf_retrieval.config import Config, load_config
-from delf_retrieval.features import LocalFeatures
-from delf_retrieval.verify import count_inliers_many
+from delf_retrieval.features.containers import LocalFeatures
+from delf_retrieval.matching.verify import count_inliers_many
 
 SHIFT = np.array([10.0, 5.0], np.float32)  # candidate = query moved by this many pixels
 SHARED = [0, 8, 20, 0, 40, 15]  # query features copied into each candidate, global order

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from delf_retrieval.classifier import (
+from delf_retrieval.scoring.classifier import (
     Classifier,
     classifier_prediction,
     fuse_knn_classifier,

@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from delf_retrieval import clean
-from delf_retrieval.clean import (
+from delf_retrieval.tasks import clean
+from delf_retrieval.tasks.clean import (
     PairPlan,
     clean_dataset,
     decide,
@@ -20,10 +20,10 @@ from delf_retrieval.clean import (
     plan_pairs,
     verify_pairs,
 )
-from delf_retrieval.cli import main
+from delf_retrieval.cli.main import main
 from delf_retrieval.config import load_config
-from delf_retrieval.demo_data import bundled_photo, random_view
-from delf_retrieval.images import kaggle_image_path
+from delf_retrieval.demo.data import bundled_photo, random_view
+from delf_retrieval.features.images import kaggle_image_path
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from delf_retrieval import __version__
-from delf_retrieval.cli import main
-from delf_retrieval.demo_data import bundled_photo, random_view
-from delf_retrieval.errors import WorkersLostError
+from delf_retrieval.cli.main import main
+from delf_retrieval.demo.data import bundled_photo, random_view
+from delf_retrieval.core.errors import WorkersLostError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -69,7 +69,8 @@ def test_bad_set_values_are_refused_before_any_work(command, setting, fragments,
 
 def test_set_values_are_typed_like_the_config_fields(data, tmp_path, monkeypatch):
     """Accepted values reach the run as the field's type (2.0 -> 2, 1 -> True)."""
-    from delf_retrieval import cli, pipeline
+    from delf_retrieval.cli import main as cli
+    from delf_retrieval.tasks import recognition
 
     seen = {}
 
@@ -77,7 +78,7 @@ def test_set_values_are_typed_like_the_config_fields(data, tmp_path, monkeypatch
         seen["config"] = config
         raise KeyboardInterrupt  # stop here: only the parsed config matters
 
-    monkeypatch.setattr(pipeline, "recognize", fake_recognize)
+    monkeypatch.setattr(recognition, "recognize", fake_recognize)
     sets = ["NUM_TO_RERANK=2.0", "MUTUAL_NEAREST_NEIGHBOR=1", "MAX_DESCRIPTOR_DISTANCE=inf", "RATIO_TEST=0.7"]
     args = ["recognize", str(data), "-o", str(tmp_path / "s.csv"), "--work-dir", str(tmp_path / "w")]
     assert cli.main(args + [arg for item in sets for arg in ("--set", item)]) == 130
@@ -168,7 +169,8 @@ def test_bad_numbers_in_flags_are_usage_errors(data, tmp_path, capsys):
 
 
 def test_lost_ray_workers_and_internal_errors_have_their_own_codes(data, tmp_path, monkeypatch, capsys):
-    from delf_retrieval import distributed, extract
+    from delf_retrieval import distributed
+    from delf_retrieval.models import extract
 
     def workers_lost(*args, **kwargs):
         raise WorkersLostError("every Ray extraction worker died (3 batches left); rerun to resume")
@@ -201,7 +203,7 @@ def write_photos(folder: Path, count: int) -> None:
 def test_ctrl_c_prints_how_to_resume_and_the_rerun_resumes(tmp_path):
     write_photos(tmp_path / "img", 12)
     store = tmp_path / "store"
-    command = [sys.executable, "-m", "delf_retrieval.cli", "extract", "--images", str(tmp_path / "img")]
+    command = [sys.executable, "-m", "delf_retrieval.cli.main", "extract", "--images", str(tmp_path / "img")]
     command += ["--out", str(store), "--batch-size", "1", "--no-progress"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     # A shell without job control starts background jobs with SIGINT ignored, and Python

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from delf_retrieval import cli, pipeline
+from delf_retrieval.tasks import recognition, retrieval
+from delf_retrieval.cli import main as cli
 from delf_retrieval.models import loader
 from delf_retrieval.models.loader import DEFAULT_MODEL_ENV, default_model, learned_extra_available
 
@@ -62,7 +63,7 @@ def test_cli_without_model_loads_the_default(command, installed, expected, data,
 
     monkeypatch.setattr(loader, "learned_extra_available", lambda: installed)
     monkeypatch.setattr(loader, "load_extractor", load)
-    monkeypatch.setattr(pipeline, command, fake_run)
+    monkeypatch.setattr({"recognize": recognition, "retrieve": retrieval}[command], command, fake_run)
     args = [command, str(data), "-o", str(tmp_path / "s.csv"), "--work-dir", str(tmp_path / "w")]
     assert cli.main(args) == 130
     assert specs == [expected]
@@ -70,7 +71,7 @@ def test_cli_without_model_loads_the_default(command, installed, expected, data,
 
 @pytest.mark.parametrize("installed, expected", [(True, "xfeat"), (False, "opencv-sift")])
 def test_pipeline_without_model_loads_the_default(installed, expected, data, unpinned, monkeypatch):
-    from delf_retrieval import run
+    from delf_retrieval.tasks import run
 
     specs = []
 

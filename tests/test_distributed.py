@@ -17,10 +17,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from delf_retrieval import pipeline
-from delf_retrieval.cli import main
+import delf_retrieval
+from delf_retrieval.cli.main import main
 from delf_retrieval.config import load_config
-from delf_retrieval.demo_data import build_demo_dataset, bundled_photo, random_view
+from delf_retrieval.demo.data import build_demo_dataset, bundled_photo, random_view
 from delf_retrieval.distributed import (
     RayExtractorPool,
     RayRunner,
@@ -29,12 +29,12 @@ from delf_retrieval.distributed import (
     shard_bounds,
     sharded_cosine_topk,
 )
-from delf_retrieval.errors import WorkersLostError
-from delf_retrieval.extract import extract_to_store
-from delf_retrieval.images import ImageSource, kaggle_image_path, list_images
+from delf_retrieval.core.errors import WorkersLostError
+from delf_retrieval.models.extract import extract_to_store
+from delf_retrieval.features.images import ImageSource, kaggle_image_path, list_images
 from delf_retrieval.models.loader import load_extractor
-from delf_retrieval.search import cosine_topk
-from delf_retrieval.store import FeatureStore
+from delf_retrieval.search.index import cosine_topk
+from delf_retrieval.features.store import FeatureStore
 
 REPO = Path(__file__).resolve().parents[1]
 NODE_OBJECT_STORE = 100 * 2**20  # bytes; small so that a tiny /dev/shm is enough (else /tmp)
@@ -45,7 +45,7 @@ NUM_BAD = 3  # an empty file, a text file, a missing file
 # --------------------------------------------------------------------------- no Ray needed
 @pytest.mark.slow
 def test_importing_the_package_does_not_import_ray():
-    code = "import sys, delf_retrieval.distributed, delf_retrieval.cli, delf_retrieval.pipeline; print('ray' in sys.modules)"
+    code = "import sys, delf_retrieval.distributed, delf_retrieval.cli.main, delf_retrieval; print('ray' in sys.modules)"
     result = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
     )
@@ -444,9 +444,9 @@ def test_recognize_cli_with_ray_and_shards_matches_the_local_run(cluster, kaggle
 def test_retrieve_with_a_ray_runner_shards_every_search(cluster, kaggle, tmp_path):
     config = load_config("opencv-sift").replace(SEARCH_BLOCK_SIZE=4)
     kwargs = dict(output=None, verify=False, progress=False, log=lambda _: None)
-    local = pipeline.retrieve(kaggle, "opencv-sift", config, work_dir=tmp_path / "w1", **kwargs)
+    local = delf_retrieval.retrieve(kaggle, "opencv-sift", config, work_dir=tmp_path / "w1", **kwargs)
     with RayRunner("opencv-sift", None, num_workers=2, num_shards=2) as runner:
-        distributed = pipeline.retrieve(
+        distributed = delf_retrieval.retrieve(
             kaggle,
             "opencv-sift",
             config,

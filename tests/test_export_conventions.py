@@ -234,7 +234,7 @@ def test_tf2_global_only_adapter_equals_raw_signature(delg_tf2_global_model):
 
 @pytest.mark.parametrize("pool", ["average", "sum"])
 def test_tf2_pooled_global_export(tmp_path_factory, pool):
-    from delf_retrieval import testing
+    from delf_retrieval.models import fakes as testing
 
     folder = testing.build_delg_tf2(
         tmp_path_factory.mktemp("pooled") / pool,

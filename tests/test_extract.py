@@ -12,12 +12,12 @@ import cv2
 import numpy as np
 import pytest
 
-from delf_retrieval.demo_data import bundled_photo, random_view
-from delf_retrieval.extract import MIN_IMAGE_SIDE, extract_to_store, iter_decoded
-from delf_retrieval.features import ImageFeatures, LocalFeatures
-from delf_retrieval.images import ImageSource, kaggle_image_path, list_images
+from delf_retrieval.demo.data import bundled_photo, random_view
+from delf_retrieval.models.extract import MIN_IMAGE_SIDE, extract_to_store, iter_decoded
+from delf_retrieval.features.containers import ImageFeatures, LocalFeatures
+from delf_retrieval.features.images import ImageSource, kaggle_image_path, list_images
 from delf_retrieval.models.opencv_sift import OpenCVSiftExtractor
-from delf_retrieval.store import FeatureStore
+from delf_retrieval.features.store import FeatureStore
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -90,10 +90,10 @@ def test_max_image_size_keeps_keypoints_in_original_pixels(tmp_path):
 RUNNER = textwrap.dedent(
     """
     import sys
-    from delf_retrieval.extract import extract_to_store
-    from delf_retrieval.images import list_images
+    from delf_retrieval.models.extract import extract_to_store
+    from delf_retrieval.features.images import list_images
     from delf_retrieval.models.opencv_sift import OpenCVSiftExtractor
-    from delf_retrieval.store import FeatureStore
+    from delf_retrieval.features.store import FeatureStore
     extractor = OpenCVSiftExtractor()
     store = FeatureStore(sys.argv[2], extractor.fingerprint(), dtype="float16")
     extract_to_store(extractor, list_images(sys.argv[1]), store, batch_size=2, progress=False)

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from delf_retrieval.images import (
+from delf_retrieval.features.images import (
     ImageDecodeError,
     decode_image,
     decode_image_scaled,
@@ -230,7 +230,7 @@ def test_large_jpeg_decoding_memory_follows_the_requested_size(tmp_path):
     script = textwrap.dedent(
         """
         import sys
-        from delf_retrieval.images import decode_image, decode_image_scaled
+        from delf_retrieval.features.images import decode_image, decode_image_scaled
         def peak_mb():  # this process image's high-water RSS (ru_maxrss survives exec)
             line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
             return int(line.split()[1]) / 1024

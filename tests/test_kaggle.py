@@ -7,8 +7,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from delf_retrieval.images import kaggle_image_path, list_images
-from delf_retrieval.kaggle import CompetitionError, find_competition, identify
+from delf_retrieval.features.images import kaggle_image_path, list_images
+from delf_retrieval.kaggle.competition import CompetitionError, find_competition, identify
 
 
 def photo(folder: Path, image_id: str) -> None:

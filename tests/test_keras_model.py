@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from skimage import data
 
-from delf_retrieval.extract import extract_to_store
-from delf_retrieval.images import list_images
+from delf_retrieval.models.extract import extract_to_store
+from delf_retrieval.features.images import list_images
 from delf_retrieval.models import load_extractor
 from delf_retrieval.models.keras_model import KerasOptions, pool_map, preprocess, target_size
 from delf_retrieval.models.loader import detect_format
-from delf_retrieval.store import FeatureStore, StoreMismatchError
+from delf_retrieval.features.store import FeatureStore, StoreMismatchError
 
 PIXEL = np.array([[[10, 20, 30]]], np.uint8)  # one RGB pixel
 
@@ -169,7 +169,7 @@ def test_batched_store_equals_single_image_extraction(keras_classifier: Path, tm
     store = FeatureStore(tmp_path / "store", extractor.fingerprint())
     summary = extract_to_store(extractor, list_images(folder), store, batch_size=3, progress=False)
     assert (summary.extracted, summary.failed) == (5, 1)
-    from delf_retrieval.images import load_image
+    from delf_retrieval.features.images import load_image
 
     for name in photos:
         alone = extractor.extract(load_image(folder / f"{name}.png")).global_descriptor

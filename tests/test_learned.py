@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 from delf_retrieval.config import PRESETS, Config, default_preset, load_config
-from delf_retrieval.demo_data import bundled_photo
+from delf_retrieval.demo.data import bundled_photo
 from delf_retrieval.models.base import ExtractorParams
 from delf_retrieval.models.loader import list_models, load_extractor
-from delf_retrieval.verify import count_inliers_many, match_and_verify
+from delf_retrieval.matching.verify import count_inliers_many, match_and_verify
 
 # Maps pixel (x, y, 1) of the photo to the view (pixel centres at integers, as cv2).
 HOMOGRAPHY = np.array([[1.05, 0.12, 20.0], [-0.10, 1.10, 30.0], [2.0e-4, 1.0e-4, 1.0]])
@@ -116,7 +116,7 @@ def test_batched_extraction_equals_one_by_one(images):
 
 
 def test_without_the_extra_a_clear_message_says_how_to_install(monkeypatch, capsys, tmp_path):
-    from delf_retrieval import cli
+    from delf_retrieval.cli import main as cli
     from delf_retrieval.models.learned import MissingExtraError
 
     monkeypatch.setitem(sys.modules, "torch", None)  # "import torch" now raises ImportError
@@ -141,11 +141,11 @@ def test_names_presets_and_matcher_settings():
 
 
 def test_store_extraction_batches_for_extractors_that_ask_and_retries_a_failed_batch(tmp_path):
-    from delf_retrieval.extract import extract_to_store
-    from delf_retrieval.features import ImageFeatures, LocalFeatures
-    from delf_retrieval.images import list_images
+    from delf_retrieval.models.extract import extract_to_store
+    from delf_retrieval.features.containers import ImageFeatures, LocalFeatures
+    from delf_retrieval.features.images import list_images
     from delf_retrieval.models.base import Extractor
-    from delf_retrieval.store import FeatureStore
+    from delf_retrieval.features.store import FeatureStore
 
     class Batching(Extractor):
         family, has_local, local_dim, batch_size = "fake", True, 2, 3
@@ -192,7 +192,7 @@ def test_learned_features_after_tensorflow_in_one_process():
     code = (
         "import tensorflow as tf\n"
         "float(tf.reduce_sum(tf.ones((2, 2))))\n"
-        "from delf_retrieval.demo_data import bundled_photo\n"
+        "from delf_retrieval.demo.data import bundled_photo\n"
         "from delf_retrieval.models.loader import load_extractor\n"
         "from delf_retrieval.models.base import ExtractorParams\n"
         "params = ExtractorParams(image_scales=(1.0,), global_scales=(1.0,), score_threshold=0.0,\n"

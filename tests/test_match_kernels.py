@@ -7,8 +7,8 @@ import time
 import numpy as np
 import pytest
 
-from delf_retrieval import match_kernels
-from delf_retrieval.matching import match_segments, select_matches
+from delf_retrieval.matching import kernels as match_kernels
+from delf_retrieval.matching.nn import match_segments, select_matches
 
 pytest.importorskip("numba", reason="the compiled pass needs the 'fast' extra (CI requires it)")
 
@@ -144,7 +144,7 @@ def test_product_stats_in_tiles_equal_the_whole_block(nonnegative, tile_rows, mo
 
 
 def test_matching_without_numba_gives_the_same_matches(monkeypatch):
-    from delf_retrieval.matching import match_batch
+    from delf_retrieval.matching.nn import match_batch
 
     rng = np.random.default_rng(6)
     query = rng.standard_normal((150, 32)).astype(np.float32)
@@ -185,7 +185,7 @@ def threaded_case(seed: int = 8):
 def test_threaded_tiles_give_the_matches_of_the_whole_block(workers, rule):
     from concurrent.futures import ThreadPoolExecutor
 
-    from delf_retrieval.matching import match_products_threaded
+    from delf_retrieval.matching.nn import match_products_threaded
 
     d1, sizes, candidates, kept = threaded_case()
     prepared = {p: c[kept.get(p, slice(None))] for p, c in enumerate(candidates)}
@@ -220,7 +220,7 @@ def test_threaded_tiles_give_the_matches_of_the_whole_block(workers, rule):
 def test_threaded_tiles_stop_and_raise_on_an_error():
     from concurrent.futures import ThreadPoolExecutor
 
-    from delf_retrieval.matching import match_products_threaded
+    from delf_retrieval.matching.nn import match_products_threaded
 
     d1, sizes, candidates, _ = threaded_case()
 

@@ -6,17 +6,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from delf_retrieval import match_kernels, matching, reduced_precision, verify
-from delf_retrieval.config import Config
-from delf_retrieval.features import LocalFeatures
-from delf_retrieval.matching import match_batch, quantize_int8, resolve_device
-from delf_retrieval.reduced_precision import exact_dots
-from delf_retrieval.verify import (
-    bounded_blas_threads,
-    count_inliers,
-    count_inliers_many,
-    putative_matches,
+from delf_retrieval.matching import (
+    kernels as match_kernels,
+    nn as matching,
+    reduced_precision,
+    verify,
 )
+from delf_retrieval.config import Config
+from delf_retrieval.features.containers import LocalFeatures
+from delf_retrieval.matching.nn import match_batch, quantize_int8
+from delf_retrieval.matching import device
+from delf_retrieval.matching.device import resolve_device
+from delf_retrieval.matching.reduced_precision import exact_dots
+from delf_retrieval.core.threads import bounded_blas_threads
+from delf_retrieval.matching.verify import count_inliers, count_inliers_many, putative_matches
 
 RULES = {
     "baseline bound": dict(max_distance=0.9, mutual=False, ratio=1.0),
@@ -228,7 +231,7 @@ def test_quantize_int8():
 
 
 def test_device_choice_without_a_gpu(monkeypatch):
-    monkeypatch.setattr(matching, "_tensorflow_gpus", lambda: 0)
+    monkeypatch.setattr(device, "_tensorflow_gpus", lambda: 0)
     assert resolve_device("cpu") == "cpu"
     assert resolve_device("auto") == "cpu"
     with pytest.raises(RuntimeError, match="no GPU"):
@@ -247,7 +250,7 @@ def test_gpu_path_places_the_product_on_the_gpu(monkeypatch):
     /GPU:0 (on this CPU-only machine TensorFlow's soft placement runs it on the CPU, so
     the results can still be checked)."""
     import tensorflow as tf
-    monkeypatch.setattr(matching, "_tensorflow_gpus", lambda: 1)
+    monkeypatch.setattr(device, "_tensorflow_gpus", lambda: 1)
     requested = []
     real_device = tf.device
     monkeypatch.setattr(tf, "device", lambda name: requested.append(name) or real_device(name))

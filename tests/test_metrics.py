@@ -11,13 +11,13 @@ from fractions import Fraction
 import pandas as pd
 import pytest
 
-from delf_retrieval.metrics import (
+from delf_retrieval.kaggle.metrics import (
     evaluate_recognition,
     evaluate_retrieval,
     global_average_precision,
     mean_average_precision_at_k,
 )
-from delf_retrieval.submission import Solution
+from delf_retrieval.kaggle.submission import Solution
 
 Q1, Q2, Q3, Q4, Q5 = (f"000000000000000{i}" for i in range(1, 6))
 
@@ -380,7 +380,7 @@ def test_random_files_equal_the_reference_definitions(tmp_path, task):
 def test_cli_evaluate_prints_the_reference_numbers(tmp_path, capsys):
     import numpy as np
 
-    from delf_retrieval.cli import main
+    from delf_retrieval.cli.main import main
 
     rng = np.random.default_rng(11)
     for task, make in (

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from skimage import data
 
-from delf_retrieval.features import ImageFeatures, LocalFeatures
+from delf_retrieval.features.containers import ImageFeatures, LocalFeatures
 from delf_retrieval.models import Extractor, ExtractorParams, list_models, load_extractor
 from delf_retrieval.models.delf_hub import HubModuleNotCachedError, hub_cache_folder
 from delf_retrieval.models.delg import (
@@ -456,7 +456,7 @@ def test_sift_names(name: str) -> None:
 @pytest.mark.slow
 def test_importing_models_does_not_import_tensorflow() -> None:
     code = (
-        "import sys, delf_retrieval.models, delf_retrieval.testing, delf_retrieval.models.delg, "
+        "import sys, delf_retrieval.models, delf_retrieval.models.fakes, delf_retrieval.models.delg, "
         "delf_retrieval.models.delf_hub; print('tensorflow' in sys.modules)"
     )
     root = Path(__file__).resolve().parents[1]

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from delf_retrieval.demo_data import build_demo_dataset
-from delf_retrieval.submission import validate_submission
+from delf_retrieval.demo.data import build_demo_dataset
+from delf_retrieval.kaggle.submission import validate_submission
 
 pytestmark = pytest.mark.notebooks
 

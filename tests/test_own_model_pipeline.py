@@ -9,14 +9,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from delf_retrieval import pipeline
-from delf_retrieval.classifier import load_classifier
-from delf_retrieval.cli import main
+import delf_retrieval
+from delf_retrieval.scoring.classifier import load_classifier
+from delf_retrieval.cli.main import main
 from delf_retrieval.config import load_config
-from delf_retrieval.demo_data import build_demo_dataset
-from delf_retrieval.images import kaggle_image_path, load_image
+from delf_retrieval.demo.data import build_demo_dataset
+from delf_retrieval.features.images import kaggle_image_path, load_image
 from delf_retrieval.models import load_extractor
-from delf_retrieval.submission import validate_submission
+from delf_retrieval.kaggle.submission import validate_submission
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def test_classifier_mode_predicts_the_head_argmax(dataset: Path, keras_classifie
     extractor = load_extractor(keras_classifier / "model.keras", **options)
     classifier = load_classifier(keras_classifier / "model.keras", keras_classifier / "classes.csv", **options)
     kwargs = dict(output=None, work_dir=tmp_path / "w", progress=False, log=lambda _: None, classifiers=[classifier])
-    run = pipeline.recognize(dataset, extractor, load_config("classifier"), **kwargs)
+    run = delf_retrieval.recognize(dataset, extractor, load_config("classifier"), **kwargs)
     assert run.problems == []
     queries = pd.read_csv(dataset / "sample_submission.csv", dtype=str).id.tolist()
     for query in queries[:4]:
@@ -78,7 +78,7 @@ def test_classifier_mode_predicts_the_head_argmax(dataset: Path, keras_classifie
         assert label == str(1000 + int(np.argmax(probabilities)))
         assert confidence == pytest.approx(float(probabilities.max()), abs=1e-5)
     # Fused: the classifier probability of each neighbour's landmark weighs its cosine.
-    fused = pipeline.recognize(dataset, extractor, load_config("knn-classifier"), **kwargs)
+    fused = delf_retrieval.recognize(dataset, extractor, load_config("knn-classifier"), **kwargs)
     query = queries[0]
     probabilities = _probabilities(keras_classifier / "model.keras", load_image(kaggle_image_path(dataset / "test", query)))
     labels = pd.read_csv(dataset / "train.csv", dtype=str).set_index("id").landmark_id
@@ -97,7 +97,7 @@ def test_classifier_mode_predicts_the_head_argmax(dataset: Path, keras_classifie
 def test_whitening_runs_on_vlad_and_caches_the_fit(dataset: Path, tmp_path: Path) -> None:
     logged: list[str] = []
     config = load_config("opencv-sift").replace(WHITENING_DIM=4)
-    run = pipeline.recognize(dataset, "opencv-sift", config, output=None, work_dir=tmp_path / "w", progress=False, log=logged.append)
+    run = delf_retrieval.recognize(dataset, "opencv-sift", config, output=None, work_dir=tmp_path / "w", progress=False, log=logged.append)
     assert run.problems == []
     assert any("whitening: 8192 -> 4 dims" in line for line in logged)
     assert (run.stores["train"].path / "derived" / "whitening.npz").is_file()

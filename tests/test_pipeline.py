@@ -6,12 +6,12 @@ import sys
 import pandas as pd
 import pytest
 
-from delf_retrieval import pipeline
-from delf_retrieval.cli import main
+import delf_retrieval
+from delf_retrieval.cli.main import main
 from delf_retrieval.config import load_config
-from delf_retrieval.demo_data import build_demo_dataset
-from delf_retrieval.metrics import evaluate_recognition, evaluate_retrieval
-from delf_retrieval.submission import validate_submission
+from delf_retrieval.demo.data import build_demo_dataset
+from delf_retrieval.kaggle.metrics import evaluate_recognition, evaluate_retrieval
+from delf_retrieval.kaggle.submission import validate_submission
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +50,9 @@ def test_recognize_cli_writes_a_valid_submission_and_reuses_features(dataset, tm
 def test_verification_and_nonlandmark_handling_do_not_hurt(dataset, tmp_path):
     config = load_config("opencv-sift")
     kwargs = dict(output=None, work_dir=tmp_path / "w", progress=False, log=lambda _: None)
-    plain = pipeline.recognize(dataset, "opencv-sift", config, verify=False, **kwargs)
-    verified = pipeline.recognize(dataset, "opencv-sift", config, **kwargs)
-    penalised = pipeline.recognize(
+    plain = delf_retrieval.recognize(dataset, "opencv-sift", config, verify=False, **kwargs)
+    verified = delf_retrieval.recognize(dataset, "opencv-sift", config, **kwargs)
+    penalised = delf_retrieval.recognize(
         dataset, "opencv-sift", config.replace(NONLANDMARK_PENALTY=1.0), use_nonlandmark=True, **kwargs
     )
     scores = [evaluate_recognition(run.submission, dataset / "solution.csv")["All"] for run in (plain, verified, penalised)]
@@ -102,7 +102,7 @@ def test_extract_cli_summary(dataset, tmp_path, capsys):
 
 
 def test_module_entry_point_help():
-    result = subprocess.run([sys.executable, "-m", "delf_retrieval.cli", "--help"], capture_output=True, text=True, check=True)
+    result = subprocess.run([sys.executable, "-m", "delf_retrieval.cli.main", "--help"], capture_output=True, text=True, check=True)
     for command in ("extract", "recognize", "retrieve", "evaluate", "validate", "demo"):
         assert command in result.stdout
 

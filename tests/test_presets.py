@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from delf_retrieval.cli import build_extractor, make_parser
+from delf_retrieval.cli.main import build_extractor, make_parser
 from delf_retrieval.config import PRESETS, Config, load_config
-from delf_retrieval.extract import iter_decoded
-from delf_retrieval.images import ImageSource, decode_image
+from delf_retrieval.models.extract import iter_decoded
+from delf_retrieval.features.images import ImageSource, decode_image
 from delf_retrieval.models import ExtractorParams
 from delf_retrieval.models.presets import EXTRACTION_PRESETS, extraction_params
 

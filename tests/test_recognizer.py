@@ -7,14 +7,14 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from delf_retrieval import pipeline
-from delf_retrieval.cli import main
+import delf_retrieval
+from delf_retrieval.cli.main import main
 from delf_retrieval.config import Config
-from delf_retrieval.demo_data import build_demo_dataset
-from delf_retrieval.images import ImageDecodeError, kaggle_image_path, load_image
-from delf_retrieval.index_dir import IndexFormatError, read_manifest
-from delf_retrieval.recognizer import Recognizer
-from delf_retrieval.store import FeatureStore
+from delf_retrieval.demo.data import build_demo_dataset
+from delf_retrieval.features.images import ImageDecodeError, kaggle_image_path, load_image
+from delf_retrieval.tasks.manifest import IndexFormatError, read_manifest
+from delf_retrieval.service.recognizer import Recognizer
+from delf_retrieval.features.store import FeatureStore
 
 pytestmark = pytest.mark.slow  # builds a dataset and an index, runs the batch pipeline
 
@@ -98,7 +98,7 @@ def test_rebuilding_resumes_from_the_index(dataset, index, capsys):
 @pytest.mark.parametrize("penalty", [1.0, 0.0])
 def test_predict_gives_the_batch_pipelines_answer(dataset, index, tmp_path, penalty):
     recognizer = Recognizer.load(index, NONLANDMARK_PENALTY=penalty)
-    batch = pipeline.recognize(
+    batch = delf_retrieval.recognize(
         dataset,
         "opencv-sift",
         recognizer.config,
@@ -210,7 +210,7 @@ def test_index_of_a_delg_savedmodel_predicts_like_recognize(dataset, delg_tf2_mo
     assert manifest.model == str(delg_tf2_model.resolve()) and manifest.query_steps == []
     assert manifest.config["NUM_TO_RERANK"] == 3 and manifest.config["LANDMARK_THRESHOLD"] == 0.0  # kaggle2020
     recognizer = Recognizer.load(out)
-    batch = pipeline.recognize(
+    batch = delf_retrieval.recognize(
         dataset, delg_tf2_model, recognizer.config, output=None, work_dir=tmp_path / "w",
         use_nonlandmark=True, progress=False, log=lambda _: None,
     ).result

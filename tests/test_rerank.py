@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from delf_retrieval.config import Config
-from delf_retrieval.rerank import (
+from delf_retrieval.scoring.rerank import (
     aggregate_landmarks,
     candidate_scores,
     nonlandmark_similarity,

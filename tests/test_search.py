@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from delf_retrieval.search import CosineIndex, cosine_topk, merge_topk
+from delf_retrieval.search.index import CosineIndex, cosine_topk, merge_topk
 
 
 def brute_force(queries: np.ndarray, index: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -21,11 +21,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from delf_retrieval.demo_data import build_demo_dataset
-from delf_retrieval.images import kaggle_image_path
-from delf_retrieval.index_dir import build_index
-from delf_retrieval.recognizer import Recognizer
-from delf_retrieval.serve import ServeSettings, create_app
+from delf_retrieval.demo.data import build_demo_dataset
+from delf_retrieval.features.images import kaggle_image_path
+from delf_retrieval.tasks.build_index import build_index
+from delf_retrieval.service.recognizer import Recognizer
+from delf_retrieval.service.http import ServeSettings, create_app
 
 pytest.importorskip("fastapi", reason="the serve extra: pip install '.[serve]'")  # CI requires it
 from fastapi.testclient import TestClient  # noqa: E402
@@ -148,7 +148,7 @@ def _free_port() -> int:
 def server(index):
     """`delf-retrieval serve` in a subprocess on a free loopback port; yields its base URL."""
     port = _free_port()
-    command = [sys.executable, "-m", "delf_retrieval.cli", "serve", str(index), "--port", str(port), "--concurrency", "2"]
+    command = [sys.executable, "-m", "delf_retrieval.cli.main", "serve", str(index), "--port", str(port), "--concurrency", "2"]
     command += ["--max-upload-mb", "1"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ))
     url = f"http://127.0.0.1:{port}"

@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from delf_retrieval.features import ImageFeatures, LocalFeatures, l2_normalize
-from delf_retrieval.store import FeatureStore, StoreMismatchError
+from delf_retrieval.features.containers import ImageFeatures, LocalFeatures, l2_normalize
+from delf_retrieval.features.store import FeatureStore, StoreMismatchError
 
 
 def fingerprint(family="fixture", local_dim=4, global_dim=3, **params):

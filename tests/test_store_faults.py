@@ -18,15 +18,15 @@ import cv2
 import numpy as np
 import pytest
 
-from delf_retrieval import store as store_module
-from delf_retrieval.cli import main
-from delf_retrieval.demo_data import bundled_photo, random_view
-from delf_retrieval.extract import extract_to_store
-from delf_retrieval.features import ImageFeatures, LocalFeatures, l2_normalize
-from delf_retrieval.images import list_images, load_image
-from delf_retrieval.locks import LockedError
+from delf_retrieval.features import store as store_module
+from delf_retrieval.cli.main import main
+from delf_retrieval.demo.data import bundled_photo, random_view
+from delf_retrieval.models.extract import extract_to_store
+from delf_retrieval.features.containers import ImageFeatures, LocalFeatures, l2_normalize
+from delf_retrieval.features.images import list_images, load_image
+from delf_retrieval.core.locks import LockedError
 from delf_retrieval.models.opencv_sift import OpenCVSiftExtractor
-from delf_retrieval.store import DiskSpaceError, FeatureStore, ids_hash
+from delf_retrieval.features.store import DiskSpaceError, FeatureStore, ids_hash
 
 REPO = Path(__file__).resolve().parents[1]
 # File names a folder run meets in the wild; each used to shift the ids read back.
@@ -153,10 +153,10 @@ def test_second_writer_refuses_or_waits_with_a_message(tmp_path, capsys):
 RUN_EXTRACT = textwrap.dedent(
     """
     import sys
-    from delf_retrieval.extract import extract_to_store
-    from delf_retrieval.images import list_images
+    from delf_retrieval.models.extract import extract_to_store
+    from delf_retrieval.features.images import list_images
     from delf_retrieval.models.opencv_sift import OpenCVSiftExtractor
-    from delf_retrieval.store import FeatureStore
+    from delf_retrieval.features.store import FeatureStore
     extractor = OpenCVSiftExtractor()
     store = FeatureStore(sys.argv[2], extractor.fingerprint())
     summary = extract_to_store(extractor, list_images(sys.argv[1]), store, batch_size=1, progress=False)
@@ -206,7 +206,7 @@ def test_a_generation_in_use_is_not_deleted(tmp_path):
 READ_LOOP = textwrap.dedent(
     """
     import sys, time
-    from delf_retrieval.store import FeatureStore
+    from delf_retrieval.features.store import FeatureStore
     deadline = time.time() + float(sys.argv[2])
     reads = 0
     while time.time() < deadline:
@@ -321,8 +321,8 @@ FILL_TMPFS = textwrap.dedent(
     """
     import sys
     import numpy as np
-    from delf_retrieval.features import ImageFeatures, LocalFeatures
-    from delf_retrieval.store import DiskSpaceError, FeatureStore
+    from delf_retrieval.features.containers import ImageFeatures, LocalFeatures
+    from delf_retrieval.features.store import DiskSpaceError, FeatureStore
     fingerprint = {"family": "fixture", "model_id": "m", "params": {}, "local_dim": 128, "global_dim": 0}
     store = FeatureStore(sys.argv[1], fingerprint)
     rng = np.random.default_rng(0)

@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from delf_retrieval import pipeline
-from delf_retrieval.atomic import atomic_write, atomic_write_bytes
+import delf_retrieval
+from delf_retrieval.core.atomic import atomic_write, atomic_write_bytes
 from delf_retrieval.config import Config
 from delf_retrieval.distributed.sharded import index_file
-from delf_retrieval.features import ImageFeatures, l2_normalize, to_original_pixels
-from delf_retrieval.search import CosineIndex
-from delf_retrieval.store import FeatureStore, StoreMismatchError, same_fingerprint
+from delf_retrieval.features.containers import ImageFeatures, l2_normalize, to_original_pixels
+from delf_retrieval.search.index import CosineIndex
+from delf_retrieval.features.store import FeatureStore, StoreMismatchError, same_fingerprint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,7 +36,7 @@ def brute_topk(queries: np.ndarray, database: np.ndarray, k: int) -> np.ndarray:
 
 # --------------------------------------------------------------------------- layering
 def test_the_store_sits_below_the_models():
-    code = "import sys, delf_retrieval.store; print(any(m.startswith('delf_retrieval.models') for m in sys.modules))"
+    code = "import sys, delf_retrieval.features.store; print(any(m.startswith('delf_retrieval.models') for m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
 
@@ -96,9 +96,9 @@ def test_every_backend_answers_search_queries_k_the_same(tmp_path):
     store = global_store(tmp_path / "db", database, [f"id{i:03d}" for i in range(90)])
     expected = brute_topk(queries, database, 6)
     indexes = {
-        "exact": pipeline.exact_index(store, 16),
-        "local runner": pipeline.LocalRunner().index(store, 16),
-        "faiss runner": pipeline.LocalRunner("faiss").index(store, 16),
+        "exact": delf_retrieval.exact_index(store, 16),
+        "local runner": delf_retrieval.LocalRunner().index(store, 16),
+        "faiss runner": delf_retrieval.LocalRunner("faiss").index(store, 16),
     }
     for name, index in indexes.items():
         sims, ids = index.search(queries, 6)
@@ -113,7 +113,7 @@ def test_every_backend_answers_search_queries_k_the_same(tmp_path):
     assert (shape, dtype) == ((90, 8), "float32")
     np.testing.assert_array_equal(np.load(path), store.global_descriptors())
     with pytest.raises(ValueError, match="backend"):
-        pipeline.LocalRunner("annoy")
+        delf_retrieval.LocalRunner("annoy")
 
 
 # --------------------------------------------------------------------------- one train search
@@ -141,9 +141,9 @@ def test_retrieval_labels_come_from_one_search_of_the_train_set(tmp_path):
 
     def counting_factory(store, block_size):
         searched.append(store.path.name)
-        return pipeline.exact_index(store, block_size)
+        return delf_retrieval.exact_index(store, block_size)
 
-    query_labels, index_labels = pipeline.predicted_landmarks(
+    query_labels, index_labels = delf_retrieval.predicted_landmarks(
         queries, index, train, labels, config, index_factory=counting_factory
     )
     assert searched == ["train"]
@@ -162,7 +162,7 @@ def test_retrieval_labels_come_from_one_search_of_the_train_set(tmp_path):
 
     assert index_labels == votes(index_vectors)
     assert query_labels == votes(query_vectors)
-    result = pipeline.retrieve_stores(
+    result = delf_retrieval.retrieve_stores(
         queries, index, config, train=train, labels=labels, progress=False, index_factory=counting_factory
     )
     assert searched == ["train", "index", "train"]

@@ -3,7 +3,7 @@
 import pandas as pd
 import pytest
 
-from delf_retrieval.submission import (
+from delf_retrieval.kaggle.submission import (
     check_submission,
     format_confidence,
     read_recognition_solution,

@@ -10,7 +10,7 @@ import skimage.data as skimage_data
 from matplotlib.collections import LineCollection
 from PIL import Image
 
-from delf_retrieval.images import load_image
+from delf_retrieval.features.images import load_image
 from delf_retrieval.viz import (
     CORRECT_COLOR,
     OUTLIER_COLOR,

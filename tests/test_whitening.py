@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from delf_retrieval.features import ImageFeatures
-from delf_retrieval.store import FeatureStore
-from delf_retrieval.whitening import fit_whitening, whiten_for_run, whiten_stores
+from delf_retrieval.features.containers import ImageFeatures
+from delf_retrieval.features.store import FeatureStore
+from delf_retrieval.search.whitening import fit_whitening, whiten_for_run, whiten_stores
 
 
 def _direct(train: np.ndarray, queries: np.ndarray, dim: int) -> np.ndarray:

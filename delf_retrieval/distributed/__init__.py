@@ -13,16 +13,16 @@ import Ray; every function imports it when called. One module per job:
     Exact search split over actors that each memory-map a row range of the index file;
     same ``search(queries, k) -> (similarities, ids)`` as the local index.
 :mod:`.runner` (:class:`RayRunner`)
-    The :class:`~delf_retrieval.run.Runner` that :func:`delf_retrieval.pipeline.recognize`
-    and :func:`~delf_retrieval.pipeline.retrieve` take (``--ray`` on the command line).
+    The :class:`~delf_retrieval.tasks.run.Runner` that :func:`delf_retrieval.recognize`
+    and :func:`~delf_retrieval.retrieve` take (``--ray`` on the command line).
 """
 
 from __future__ import annotations
 
-from .cluster import ray_session
-from .extraction import RayExtractorPool, extract_to_store_ray
-from .runner import RayRunner
-from .sharded import ShardedIndex, shard_bounds, sharded_cosine_topk
+from delf_retrieval.distributed.cluster import ray_session
+from delf_retrieval.distributed.extraction import RayExtractorPool, extract_to_store_ray
+from delf_retrieval.distributed.runner import RayRunner
+from delf_retrieval.distributed.sharded import ShardedIndex, shard_bounds, sharded_cosine_topk
 
 __all__ = [
     "RayExtractorPool",

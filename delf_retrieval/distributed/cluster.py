@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import RayClusterError
+from delf_retrieval.core.errors import RayClusterError
 
 __all__ = ["ray_session"]
 

@@ -2,9 +2,9 @@
 
 One actor per GPU (or per CPU slot when the cluster has no GPU). Each actor loads the
 extractor once with :func:`~delf_retrieval.models.loader.load_extractor` and turns
-batches of :class:`~delf_retrieval.images.ImageSource` into features with the same code
-as the local runner (:func:`~delf_retrieval.extract.iter_decoded` +
-:func:`~delf_retrieval.extract.extract_decoded`). Features travel back to the driver,
+batches of :class:`~delf_retrieval.features.images.ImageSource` into features with the same code
+as the local runner (:func:`~delf_retrieval.models.extract.iter_decoded` +
+:func:`~delf_retrieval.models.extract.extract_decoded`). Features travel back to the driver,
 which writes each batch as one atomic store chunk, so workers need no shared filesystem
 (only the images, readable at the same path on every node). The driver takes results
 **as they complete** (``ray.wait``), not in submission order: a slow batch never holds
@@ -28,20 +28,8 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..errors import WorkersLostError
-from ..extract import (
-    DEFAULT_BATCH_SIZE,
-    ExtractionSummary,
-    extract_decoded,
-    finish_extraction,
-    iter_decoded,
-    pending_sources,
-)
-from ..features import ImageFeatures
-from ..images import ImageSource
-from ..models.base import Extractor, ExtractorParams
-from ..store import FeatureStore, fingerprint_key, same_fingerprint
-from .cluster import (
+from delf_retrieval.core.errors import WorkersLostError
+from delf_retrieval.distributed.cluster import (
     capacity,
     cluster_resources,
     import_ray,
@@ -51,6 +39,18 @@ from .cluster import (
     ray_session,
     wait_started,
     where,
+)
+from delf_retrieval.features.containers import ImageFeatures
+from delf_retrieval.features.images import ImageSource
+from delf_retrieval.features.store import FeatureStore, fingerprint_key, same_fingerprint
+from delf_retrieval.models.base import Extractor, ExtractorParams
+from delf_retrieval.models.extract import (
+    DEFAULT_BATCH_SIZE,
+    ExtractionSummary,
+    extract_decoded,
+    finish_extraction,
+    iter_decoded,
+    pending_sources,
 )
 
 __all__ = ["RayExtractorPool", "extract_to_store_ray"]
@@ -74,7 +74,7 @@ class _ExtractionWorker:
     """Body of one extraction actor: holds one extractor, loaded once."""
 
     def __init__(self, model_spec: str | os.PathLike, params: ExtractorParams | None) -> None:
-        from ..models.loader import load_extractor
+        from delf_retrieval.models.loader import load_extractor
 
         self._extractor = load_extractor(model_spec, params)
 
@@ -264,7 +264,7 @@ class RayExtractorPool:
         description: str = "extract",
         on_progress: Callable[[int, int], None] | None = None,
     ) -> ExtractionSummary:
-        """Drop-in for :func:`delf_retrieval.extract.extract_to_store`, run by the actors.
+        """Drop-in for :func:`delf_retrieval.models.extract.extract_to_store`, run by the actors.
 
         Parameters
         ----------
@@ -308,7 +308,7 @@ class RayExtractorPool:
         description: str = "extract",
         on_progress: Callable[[int, int], None] | None = None,
     ) -> tuple[int, list[tuple[str, str]]]:
-        """Extract exactly ``todo`` (what :func:`~delf_retrieval.extract.pending_sources`
+        """Extract exactly ``todo`` (what :func:`~delf_retrieval.models.extract.pending_sources`
         found missing) into ``store``, writing batches as they complete.
 
         Returns ``(images extracted, [(id, reason), ...] failures in input order)``; the
@@ -410,7 +410,7 @@ def extract_to_store_ray(
 ) -> ExtractionSummary:
     """Extract features of ``sources`` into ``store`` on a Ray cluster, skipping ids done.
 
-    Same result as :func:`delf_retrieval.extract.extract_to_store` with
+    Same result as :func:`delf_retrieval.models.extract.extract_to_store` with
     ``load_extractor(model_spec, params)`` (same ids, failures and arrays, bit for bit):
     make ``store`` with that extractor's ``fingerprint()`` so that local and Ray runs
     resume each other. See :class:`RayExtractorPool` for the worker options and

@@ -1,4 +1,4 @@
-"""A whole recognition or retrieval run on Ray: the :class:`~delf_retrieval.run.Runner`
+"""A whole recognition or retrieval run on Ray: the :class:`~delf_retrieval.tasks.run.Runner`
 that extracts with a :class:`~.extraction.RayExtractorPool` and searches with
 :class:`~.sharded.ShardedIndex`."""
 
@@ -9,22 +9,22 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from ..extract import ExtractionSummary
-from ..images import ImageSource
-from ..models.base import Extractor, ExtractorParams
-from ..run import exact_index
-from ..search import SearchIndex
-from ..store import FeatureStore
-from .cluster import local_cpus, ray_session
-from .extraction import RayExtractorPool
-from .sharded import ShardedIndex, index_file
+from delf_retrieval.distributed.cluster import local_cpus, ray_session
+from delf_retrieval.distributed.extraction import RayExtractorPool
+from delf_retrieval.distributed.sharded import ShardedIndex, index_file
+from delf_retrieval.features.images import ImageSource
+from delf_retrieval.features.store import FeatureStore
+from delf_retrieval.models.base import Extractor, ExtractorParams
+from delf_retrieval.models.extract import ExtractionSummary
+from delf_retrieval.search.index import SearchIndex
+from delf_retrieval.search.stores import exact_index
 
 __all__ = ["RayRunner"]
 
 
 class RayRunner:
-    """Extraction and search of :func:`delf_retrieval.pipeline.recognize` /
-    :func:`~delf_retrieval.pipeline.retrieve` on Ray (``--ray`` on the command line).
+    """Extraction and search of :func:`delf_retrieval.recognize` /
+    :func:`~delf_retrieval.retrieve` on Ray (``--ray`` on the command line).
 
     :meth:`extract_to_store` runs on the pool's actors (one pool for every image set).
     :meth:`index` builds the search index of a store: with ``num_shards > 1`` a

@@ -2,8 +2,8 @@
 
 Each shard actor memory-maps its own row range of an ``.npy`` index file (nothing is
 shipped through the object store but the queries and the partial results), runs
-:func:`~delf_retrieval.search.cosine_topk` on it and returns the top-k with global row
-ids; the driver merges them with :func:`~delf_retrieval.search.merge_topk`.
+:func:`~delf_retrieval.search.index.cosine_topk` on it and returns the top-k with global row
+ids; the driver merges them with :func:`~delf_retrieval.search.index.merge_topk`.
 """
 
 from __future__ import annotations
@@ -16,9 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ..search import check_queries, cosine_topk, merge_topk
-from ..store import FeatureStore
-from .cluster import (
+from delf_retrieval.distributed.cluster import (
     capacity,
     import_ray,
     kill_all,
@@ -27,6 +25,8 @@ from .cluster import (
     wait_started,
     where,
 )
+from delf_retrieval.features.store import FeatureStore
+from delf_retrieval.search.index import check_queries, cosine_topk, merge_topk
 
 __all__ = ["ShardedIndex", "shard_bounds", "sharded_cosine_topk"]
 
@@ -39,7 +39,7 @@ def shard_bounds(num_rows: int, num_shards: int, block_size: int) -> list[tuple[
     """Row ranges ``[(start, stop), ...]`` of the shards of an index.
 
     Shards start on multiples of ``block_size`` so that each one multiplies exactly the
-    blocks :func:`~delf_retrieval.search.cosine_topk` multiplies on the whole index (the
+    blocks :func:`~delf_retrieval.search.index.cosine_topk` multiplies on the whole index (the
     float32 sums of a matrix product depend on its shape). The ``ceil(num_rows /
     block_size)`` blocks are dealt out as evenly as possible; there are fewer shards than
     ``num_shards`` when there are fewer blocks, none for an empty index.
@@ -146,7 +146,7 @@ class _SearchShard:
 class ShardedIndex:
     """Exact cosine top-k over an ``.npy`` index split between Ray actors, reused per search.
 
-    Results equal :func:`~delf_retrieval.search.cosine_topk` on the whole index with the
+    Results equal :func:`~delf_retrieval.search.index.cosine_topk` on the whole index with the
     same ``block_size``, ``query_block_size`` and ``normalize``, bit for bit and with the
     same tie order, when the shards run on the same kind of CPU with the same BLAS and
     ``blas_threads`` as the local run: shards start on block boundaries

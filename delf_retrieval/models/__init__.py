@@ -5,7 +5,7 @@
 not import TensorFlow; the adapters do when a model is loaded.
 """
 
-from .base import Extractor, ExtractorParams
-from .loader import default_model, list_models, load_extractor
+from delf_retrieval.models.base import Extractor, ExtractorParams
+from delf_retrieval.models.loader import default_model, list_models, load_extractor
 
 __all__ = ["Extractor", "ExtractorParams", "default_model", "list_models", "load_extractor"]

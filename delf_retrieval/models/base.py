@@ -11,8 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from ..features import ImageFeatures
-from ..store import fingerprint_key  # noqa: F401  (re-exported: it lived here)
+from delf_retrieval.features.containers import ImageFeatures
 
 # Kaggle 2020 host baseline (DELG): scales, attention threshold, feature cap.
 BASELINE_SCALES = (0.7071, 1.0, 1.4142)

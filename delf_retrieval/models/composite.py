@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from ..features import ImageFeatures
-from .base import Extractor, ExtractorParams
+from delf_retrieval.features.containers import ImageFeatures
+from delf_retrieval.models.base import Extractor, ExtractorParams
 
 
 def _combined_cap(first: int | None, second: int | None) -> int | None:

@@ -18,9 +18,14 @@ from typing import Any
 
 import numpy as np
 
-from ..features import ImageFeatures, LocalFeatures, l2_normalize, to_original_pixels
-from .base import Extractor, ExtractorParams, hash_model_dir
-from .delg import prepare_image
+from delf_retrieval.features.containers import (
+    ImageFeatures,
+    LocalFeatures,
+    l2_normalize,
+    to_original_pixels,
+)
+from delf_retrieval.models.base import Extractor, ExtractorParams, hash_model_dir
+from delf_retrieval.models.delg import prepare_image
 
 DELF_LOCAL_DIM = 40
 DELF_SCALES = (0.25, 0.3536, 0.5, 0.7071, 1.0, 1.4142, 2.0)

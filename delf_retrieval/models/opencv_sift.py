@@ -2,7 +2,7 @@
 
 It needs no model file, so every command works on a machine without DELF/DELG weights.
 It has no native global descriptor: a VLAD aggregator fitted on the database
-(:mod:`delf_retrieval.aggregation`) supplies one.
+(:mod:`delf_retrieval.search.vlad`) supplies one.
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from ..features import ImageFeatures, LocalFeatures, to_original_pixels
-from ..images import downscale_to_max_size
-from .base import Extractor, ExtractorParams
+from delf_retrieval.features.containers import ImageFeatures, LocalFeatures, to_original_pixels
+from delf_retrieval.features.images import downscale_to_max_size
+from delf_retrieval.models.base import Extractor, ExtractorParams
 
 DEFAULT_MAX_FEATURES = 2000
 DEFAULT_MAX_IMAGE_SIZE = 1024

@@ -21,7 +21,7 @@ reference's on rotated files.
 
 from __future__ import annotations
 
-from .base import ExtractorParams
+from delf_retrieval.models.base import ExtractorParams
 
 KAGGLE2020_SCALES = (0.70710677, 1.0, 1.4142135)
 # r50delg_gldv2clean_config.pbtxt / r101delg_gldv2clean_config.pbtxt: image_scales.

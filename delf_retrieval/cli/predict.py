@@ -1,0 +1,61 @@
+"""``delf-retrieval predict INDEX photo.jpg [...] [--json] [--show out.png]``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from delf_retrieval.features.images import ImageDecodeError, load_image
+from delf_retrieval.service.recognizer import Prediction, Recognizer
+
+
+def format_prediction(photo: str, prediction: Prediction, neighbours: int = 3) -> str:
+    """Two lines for one photo: the answer, then the best neighbours."""
+    verdict = "landmark" if prediction.is_landmark else f"not a landmark (below {prediction.threshold:g})"
+    answer = f"{prediction.name} (landmark {prediction.landmark_id})" if prediction.name else f"landmark {prediction.landmark_id}"
+    best = ", ".join(
+        f"{n.image_id} {n.name or n.landmark_id} cos {n.cosine:.3f}" + ("" if n.inliers is None else f" inl {n.inliers}")
+        for n in prediction.neighbours[:neighbours]
+    )
+    return (
+        f"{photo}: {answer}, confidence {prediction.confidence:.3f}, {verdict}, {prediction.timings['total'] * 1000:.0f} ms\n"
+        f"  neighbours: {best}"
+    )
+
+
+def _show_path(show: Path, photo: Path, many: bool) -> Path:
+    return show.with_name(f"{show.stem}-{photo.stem}{show.suffix or '.png'}") if many else show
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    """Predict every photo; unreadable ones are reported and give exit code 2 at the end."""
+    from delf_retrieval.config import parse_override
+
+    overrides = dict(parse_override(item) for item in args.set or ())
+    recognizer = Recognizer.load(args.index_dir, model=args.model, **overrides)
+    results: list[dict] = []
+    failed = 0
+    for photo in args.photos:
+        try:
+            image = load_image(photo)
+            prediction = recognizer.predict(image, verify=not args.no_verify)
+        except ImageDecodeError as error:
+            failed += 1
+            print(f"{photo}: error: {error}", file=sys.stderr)
+            results.append({"photo": str(photo), "error": str(error)})
+            continue
+        results.append({"photo": str(photo), **prediction.to_dict()})
+        if not args.json:
+            print(format_prediction(str(photo), prediction))
+        if args.show is not None:
+            from delf_retrieval.service.plot import draw_prediction
+
+            target = _show_path(args.show, photo, len(args.photos) > 1)
+            draw_prediction(recognizer, prediction, image, target)
+            if not args.json:
+                print(f"  picture: {target}")
+    if args.json:
+        print(json.dumps(results, indent=2))
+    return 2 if failed else 0

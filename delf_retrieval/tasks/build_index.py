@@ -1,0 +1,335 @@
+"""A recognition index: one self-describing folder holding everything ``predict`` needs.
+
+Layout (``INDEX/`` is what ``delf-retrieval index DATA_DIR --out INDEX`` writes)::
+
+    INDEX/index.json            manifest (written last: a folder without it is incomplete)
+    INDEX/train/                feature store of the labelled train photos (memory-mapped)
+    INDEX/labels.csv            id,landmark_id of every train photo in the store
+    INDEX/landmarks.csv         landmark_id,name (names from the data's labels.csv, else empty)
+    INDEX/images.csv            id,path,width,height: source file and original size (pixels,
+                                after EXIF rotation) of each train photo; size empty if unreadable
+    INDEX/thumbnails/a/b/c/<id>.jpg   JPEG thumbnails of the train photos (optional)
+    INDEX/nonlandmark/          feature store of the distractor set (optional)
+    INDEX/derived/<name>.npy    derived arrays, each listed in the manifest's ``derived``: the
+                                VLAD codebook, a float32 copy of the searched train vectors,
+                                the train photos' non-landmark similarity
+
+Derived data is generic: the manifest's ``derived`` maps a name to its file, its ``kind``
+and any facts about it; ``query_steps`` is the ordered list of steps that turn a query's
+extractor output into the vector compared with the train vectors (today ``vlad`` for
+local-only models; a whitening step plugs in as one more entry, see
+:data:`delf_retrieval.service.recognizer.QUERY_STEPS`); ``search_vectors`` names the derived array
+searched instead of the train store's global descriptors (None: the store's own, which
+for local-only models is its VLAD array). ``train_nonlandmark`` names the per-train-image
+non-landmark similarity used by the penalty.
+
+The build reuses the batch pipeline's pieces: :func:`.extract.extract_to_store` (so it
+resumes after a kill: rerun the same command), :func:`.pipeline.ensure_global_descriptors`
+(VLAD codebook) and :func:`.rerank.nonlandmark_similarity`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from delf_retrieval.config import Config, default_preset, load_config
+from delf_retrieval.features.images import kaggle_image_path, list_images, read_labels_csv
+from delf_retrieval.features.store import FeatureStore, atomic_write_bytes
+from delf_retrieval.kaggle.dataset import KaggleData
+from delf_retrieval.models.base import Extractor, ExtractorParams
+from delf_retrieval.models.extract import extract_to_store
+from delf_retrieval.scoring.rerank import nonlandmark_similarity
+from delf_retrieval.search.vlad import CODEBOOK_FILE, ensure_global_descriptors
+from delf_retrieval.tasks.manifest import (
+    MANIFEST,
+    IndexManifest,
+)
+
+DEFAULT_THUMBNAIL_SIZE = 256
+Log = Callable[[str], None]
+
+
+
+
+
+
+
+
+
+
+def model_spec(extractor: Extractor) -> str:
+    """What :func:`.models.load_extractor` needs to load ``extractor`` again: its folder or name."""
+    from delf_retrieval.models.loader import list_models
+
+    if extractor.family in list_models():  # loaded by name (opencv-sift, aliked, ...), no folder
+        return extractor.family
+    folder = getattr(extractor, "path", None)
+    if folder is None:
+        raise ValueError(f"cannot tell where {extractor!r} was loaded from; pass the model spec instead")
+    return str(Path(folder).resolve())
+
+
+def default_config(extractor: Extractor) -> Config:
+    """The preset suiting the model, as ``recognize`` picks it (:func:`.config.default_preset`)."""
+    return load_config(default_preset(extractor.family))
+
+
+def build_index(
+    data_dir: str | Path,
+    model: str | Extractor | None = None,
+    out: str | Path = "index",
+    *,
+    config: Config | str | Path | None = None,
+    params: ExtractorParams | None = None,
+    use_nonlandmark: bool | None = None,
+    thumbnail_size: int = DEFAULT_THUMBNAIL_SIZE,
+    dtype: str = "float16",
+    search_dtype: str = "float32",
+    batch_size: int = 64,
+    decode_threads: int = 2,
+    progress: bool = True,
+    log: Log = print,
+) -> IndexManifest:
+    """Build (or finish building) a recognition index from a Kaggle-layout folder.
+
+    Parameters
+    ----------
+    data_dir : folder with ``train.csv`` + ``train/`` (and optionally ``labels.csv``,
+        ``nonlandmark.csv`` + ``nonlandmark/``), as :func:`.pipeline.recognize` takes it.
+    model : model spec or extractor (see :func:`.models.load_extractor`); default
+        :func:`.models.default_model` (xfeat with the [learned] extra, else opencv-sift).
+    out : index folder; an interrupted build resumes when rerun with the same arguments.
+    config : preset, file or Config stored in the index (default: the model's preset).
+    use_nonlandmark : keep the distractor set (default: when ``nonlandmark.csv`` exists);
+        a config without a penalty then gets ``NONLANDMARK_PENALTY = 1.0``, as in
+        ``recognize --nonlandmark``.
+    thumbnail_size : longer side of the thumbnails served by the web page (0: none).
+    dtype : descriptor dtype of the stores.
+    search_dtype : ``"float32"`` also writes the train vectors as float32
+        (``derived/search_vectors.npy``, the same values: float16 -> float32 is exact), so a
+        query's search reads them as they are instead of converting every block (about 10x
+        faster per photo, twice the disk of the float16 vectors); ``"float16"``: search the
+        store's own vectors.
+
+    Returns
+    -------
+    IndexManifest
+        What was written to ``out/index.json``.
+    """
+    started = time.perf_counter()
+    data = KaggleData(Path(data_dir))
+    data.require("train.csv")
+    if thumbnail_size < 0:
+        raise ValueError(f"thumbnail_size must be >= 0, got {thumbnail_size}")
+    if search_dtype not in ("float32", "float16"):
+        raise ValueError(f"search_dtype must be float32 or float16, got {search_dtype!r}")
+    if isinstance(model, Extractor):
+        extractor, spec = model, model_spec(model)
+    else:
+        from delf_retrieval.models.loader import default_model, load_extractor
+
+        model = default_model() if model is None else model
+        extractor = load_extractor(model, params)
+        spec = str(Path(model).resolve()) if Path(model).exists() else str(model)
+    config = default_config(extractor) if config is None else load_config(config)
+    if use_nonlandmark is None:
+        use_nonlandmark = data.has("nonlandmark.csv")
+    if use_nonlandmark:
+        data.require("nonlandmark.csv")
+        if config.NONLANDMARK_PENALTY == 0:
+            config = config.replace(NONLANDMARK_PENALTY=1.0)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    log(f"model: {extractor!r}\nindex: {out}")
+
+    stores: dict[str, FeatureStore] = {}
+    failed = 0
+    for split in ("train", "nonlandmark") if use_nonlandmark else ("train",):
+        store = FeatureStore(out / split, extractor.fingerprint(), dtype=dtype)
+        summary = extract_to_store(
+            extractor,
+            list_images(data.csv(f"{split}.csv")),
+            store,
+            batch_size=batch_size,
+            decode_threads=decode_threads,
+            progress=progress,
+            description=f"extract {split}",
+        )
+        log(f"[{split}] " + summary.report().replace("\n", f"\n[{split}] "))
+        failed += len(store.failures()) if split == "train" else 0
+        stores[split] = store
+    train = stores["train"]
+    if not train.ids:
+        raise ValueError(f"no train photo of {data.csv('train.csv')} could be read; the index would be empty")
+    ensure_global_descriptors(train, [s for s in stores.values() if s is not train], log=log)
+
+    manifest = IndexManifest(
+        model=spec,
+        fingerprint=extractor.fingerprint(),
+        config=config.to_dict(),
+        dtype=dtype,
+        counts={},
+        thumbnail_size=thumbnail_size,
+        source=str(data.root.resolve()),
+    )
+    derived = out / "derived"
+    derived.mkdir(exist_ok=True)
+    if not extractor.global_dim:
+        codebook = np.load(train.path / "derived" / CODEBOOK_FILE)
+        _save_derived(manifest, out, "vlad_codebook", codebook, kind="vlad-codebook", clusters=int(codebook.shape[0]))
+        manifest.query_steps.append({"step": "vlad", "codebook": "vlad_codebook"})
+    if search_dtype == "float32" and np.dtype(dtype) != np.float32:
+        _save_float32_copy(manifest, out, "search_vectors", train.global_descriptors())
+        manifest.search_vectors = "search_vectors"
+    if "nonlandmark" in stores:
+        similarity = train_nonlandmark_similarity(train, stores["nonlandmark"], config.NONLANDMARK_TOP_K)
+        _save_derived(
+            manifest, out, "train_nonlandmark", similarity, kind="nonlandmark-similarity", top_k=config.NONLANDMARK_TOP_K
+        )
+        manifest.train_nonlandmark = "train_nonlandmark"
+
+    labels = read_labels_csv(data.csv("train.csv"))
+    ids = train.ids
+    label_frame = pd.DataFrame({"id": ids, "landmark_id": [labels.get(i, "") for i in ids]})
+    _write_csv(out / "labels.csv", label_frame)
+    landmarks = sorted({label for label in label_frame["landmark_id"] if label})
+    names = _landmark_names(data.csv("labels.csv")) if data.has("labels.csv") else {}
+    _write_csv(out / "landmarks.csv", pd.DataFrame({"landmark_id": landmarks, "name": [names.get(x, "") for x in landmarks]}))
+    sizes = write_thumbnails(
+        {source.id: source.path for source in list_images(data.csv("train.csv")) if source.id in set(ids)},
+        out / "thumbnails",
+        thumbnail_size,
+        exif_transpose=extractor.params.exif_transpose,
+        progress=progress,
+    )
+    _write_csv(
+        out / "images.csv",
+        pd.DataFrame(
+            {
+                "id": ids,
+                "path": [sizes[i][0] for i in ids],
+                "width": [sizes[i][1] for i in ids],
+                "height": [sizes[i][2] for i in ids],
+            }
+        ),
+    )
+    manifest.counts = {
+        "train": len(ids),
+        "landmarks": len(landmarks),
+        "nonlandmark": len(stores["nonlandmark"].ids) if "nonlandmark" in stores else 0,
+        "failed": failed,
+    }
+    manifest.created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    atomic_write_bytes(out / MANIFEST, manifest.to_json().encode())
+    log(
+        f"index: {len(ids)} train photos of {len(landmarks)} landmarks"
+        + (f", {manifest.counts['nonlandmark']} distractors" if use_nonlandmark else "")
+        + f" in {out} ({time.perf_counter() - started:.1f} s)"
+    )
+    return manifest
+
+
+def train_nonlandmark_similarity(train: FeatureStore, nonlandmark: FeatureStore, top_k: int) -> np.ndarray:
+    """Each train photo's mean top-k cosine to the distractor set: float32 [N].
+
+    The same call :func:`.pipeline.recognize_stores` makes for its candidate penalty.
+    """
+    distractors = np.asarray(nonlandmark.global_descriptors(), np.float32)
+    return nonlandmark_similarity(train.global_descriptors(), distractors, top_k)
+
+
+def _save_derived(manifest: IndexManifest, out: Path, name: str, array: np.ndarray, **info: Any) -> None:
+    relative = f"derived/{name}.npy"
+    tmp = out / f"derived/.{name}.npy.tmp"
+    with open(tmp, "wb") as handle:
+        np.save(handle, array)
+    tmp.replace(out / relative)
+    manifest.derived[name] = {"file": relative, "shape": list(array.shape), "dtype": str(array.dtype), **info}
+
+
+def _save_float32_copy(manifest: IndexManifest, out: Path, name: str, array: np.ndarray, block: int = 65536) -> None:
+    """``array`` [N, D] as a float32 derived array, copied block by block (bounded memory)."""
+    relative = f"derived/{name}.npy"
+    tmp = out / f"derived/.{name}.npy.tmp"
+    copy = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=array.shape)
+    for start in range(0, array.shape[0], block):
+        copy[start : start + block] = array[start : start + block]
+    copy.flush()
+    del copy
+    tmp.replace(out / relative)
+    manifest.derived[name] = {"file": relative, "shape": list(array.shape), "dtype": "float32", "kind": "search-vectors"}
+
+
+def _write_csv(path: Path, frame: pd.DataFrame) -> None:
+    atomic_write_bytes(path, frame.to_csv(index=False).encode())
+
+
+def _landmark_names(path: Path) -> dict[str, str]:
+    """``landmark_id -> name`` from a ``labels.csv`` (``landmark_id`` + a name column)."""
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    if "landmark_id" not in frame.columns or len(frame.columns) < 2:
+        raise ValueError(f"{path} needs a landmark_id column and a name column, has {list(frame.columns)}")
+    name_column = "name" if "name" in frame.columns else [c for c in frame.columns if c != "landmark_id"][0]
+    return dict(zip(frame["landmark_id"], frame[name_column], strict=True))
+
+
+def write_thumbnails(
+    paths: dict[str, str],
+    folder: Path,
+    size: int,
+    *,
+    exif_transpose: bool = True,
+    threads: int = 2,
+    progress: bool = True,
+) -> dict[str, tuple[str, str, str]]:
+    """JPEG thumbnails (longer side ``size`` px) at ``folder/a/b/c/<id>.jpg``, skipping existing ones.
+
+    Returns ``id -> (path, width, height)`` with the original size in the pixels the
+    features use (after EXIF rotation when ``exif_transpose``, as the extraction decoded;
+    empty strings when the file cannot be read). ``size = 0`` writes nothing but still
+    reads the sizes.
+    """
+
+    def one(item: tuple[str, str]) -> tuple[str, tuple[str, str, str]]:
+        image_id, path = item
+        target = kaggle_image_path(folder, image_id) if len(image_id) >= 3 else folder / f"{image_id}.jpg"
+        try:
+            width, height = _thumbnail(Path(path), target, size, exif_transpose)
+        except Exception:  # an unreadable source has no thumbnail; the index still works
+            return image_id, (path, "", "")
+        return image_id, (path, str(width), str(height))
+
+    result: dict[str, tuple[str, str, str]] = {}
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        items = pool.map(one, paths.items())
+        for image_id, row in tqdm(items, total=len(paths), desc="thumbnails", unit="img", disable=not progress):
+            result[image_id] = row
+    return result
+
+
+def _thumbnail(source: Path, target: Path, size: int, exif_transpose: bool) -> tuple[int, int]:
+    """Write one thumbnail (unless present); returns the original ``(width, height)``."""
+    from PIL import Image, ImageOps
+
+    with Image.open(source) as image:
+        width, height = image.size
+        if exif_transpose and image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # orientations that swap axes
+            width, height = height, width
+        if size and not target.is_file():
+            image.draft("RGB", (size, size))
+            picture = (ImageOps.exif_transpose(image) if exif_transpose else image).convert("RGB")
+            picture.thumbnail((size, size))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.tmp")
+            picture.save(tmp, format="JPEG", quality=85)
+            tmp.replace(target)
+    return width, height

@@ -1,0 +1,210 @@
+"""What recognition and retrieval runs share: the feature cache and the backends.
+
+* :func:`model_key` names the cache folder of a model: ``work_dir/<model>/<split>/``;
+* :func:`extract_split` / :func:`extract_splits` turn image sets into (cached) stores;
+* :func:`ensure_global_descriptors` gives local-only stores VLAD globals (the codebook is
+  cached in the database store);
+* :class:`Runner` is where the work runs: :class:`LocalRunner` here, or
+  ``delf_retrieval.distributed.RayRunner`` on a Ray cluster. A runner extracts into a
+  store and builds the search index (:class:`~delf_retrieval.search.index.SearchIndex`) of
+  a store;
+* :func:`open_run`, :class:`KaggleData`, :class:`RunOutput` and :func:`finish_run`
+  frame a whole run on a Kaggle-layout folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import pandas as pd
+
+from delf_retrieval.config import Config, default_preset, load_config
+from delf_retrieval.core.log import Log
+from delf_retrieval.features.images import ImageSource, list_images
+from delf_retrieval.features.store import FeatureStore, fingerprint_key
+from delf_retrieval.kaggle.dataset import KaggleData
+from delf_retrieval.kaggle.submission import validate_submission, write_submission
+from delf_retrieval.models.base import Extractor, ExtractorParams
+from delf_retrieval.models.extract import ExtractionSummary, extract_to_store
+from delf_retrieval.search.index import BACKENDS, SearchIndex
+from delf_retrieval.search.stores import exact_index
+from delf_retrieval.search.vlad import ensure_global_descriptors
+
+if TYPE_CHECKING:
+    from delf_retrieval.tasks.recognition import RecognitionResult
+    from delf_retrieval.tasks.retrieval import RetrievalResult
+
+
+
+
+
+class Runner(Protocol):
+    """Where a run's heavy work happens: extraction into stores and search indexes."""
+
+    def extract_to_store(
+        self, extractor: Extractor, sources: Sequence[ImageSource], store: FeatureStore, **options: Any
+    ) -> ExtractionSummary:
+        """Extract ``sources`` into ``store`` as :func:`~delf_retrieval.models.extract.extract_to_store`."""
+        ...
+
+    def index(self, store: FeatureStore, block_size: int) -> SearchIndex:
+        """Search index over ``store``'s global descriptors (exact cosine top-k)."""
+        ...
+
+
+@dataclass(frozen=True)
+class LocalRunner:
+    """Extraction and exact search in this process; ``backend``: ``"numpy"`` or ``"faiss"``."""
+
+    backend: str = "numpy"
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown search backend {self.backend!r}; choose one of {BACKENDS}")
+
+    def extract_to_store(
+        self, extractor: Extractor, sources: Sequence[ImageSource], store: FeatureStore, **options: Any
+    ) -> ExtractionSummary:
+        return extract_to_store(extractor, sources, store, **options)
+
+    def index(self, store: FeatureStore, block_size: int) -> SearchIndex:
+        return exact_index(store, block_size, backend=self.backend)
+
+
+# --------------------------------------------------------------------------- features
+def model_key(extractor: Extractor) -> str:
+    """Folder name for an extractor's features: family + short hash of its fingerprint."""
+    digest = hashlib.sha1(fingerprint_key(extractor.fingerprint()).encode()).hexdigest()[:10]
+    return f"{extractor.family}-{digest}"
+
+
+def extract_split(
+    extractor: Extractor,
+    images: str | Path | Sequence[str | Path],
+    work_dir: str | Path,
+    split: str,
+    *,
+    dtype: str = "float16",
+    batch_size: int = 64,
+    decode_threads: int = 2,
+    progress: bool = True,
+    log: Log = print,
+    runner: Runner | None = None,
+) -> tuple[FeatureStore, ExtractionSummary]:
+    """Extract (or reuse) features of one image set into ``work_dir/<model>/<split>``.
+
+    ``runner`` runs the extraction (default: :class:`LocalRunner`; e.g.
+    ``delf_retrieval.distributed.RayRunner`` runs it on Ray).
+    """
+    runner = runner or LocalRunner()
+    store = FeatureStore(Path(work_dir) / model_key(extractor) / split, extractor.fingerprint(), dtype=dtype)
+    summary = runner.extract_to_store(
+        extractor,
+        list_images(images),
+        store,
+        batch_size=batch_size,
+        decode_threads=decode_threads,
+        progress=progress,
+        description=f"extract {split}",
+    )
+    log(f"[{split}] " + summary.report().replace("\n", f"\n[{split}] "))
+    return store, summary
+
+
+def extract_splits(
+    extractor: Extractor,
+    splits: dict[str, Path],
+    database: str,
+    work_dir: Path,
+    *,
+    dtype: str = "float16",
+    progress: bool = True,
+    log: Log = print,
+    runner: Runner | None = None,
+) -> tuple[dict[str, FeatureStore], dict[str, ExtractionSummary]]:
+    """:func:`extract_split` of every ``{split: csv}``, then global descriptors for all
+    (VLAD fitted on the ``database`` split for local-only models).
+
+    Returns stores and extraction summaries by split.
+    """
+    stores, summaries = {}, {}
+    for split, csv_path in splits.items():
+        stores[split], summaries[split] = extract_split(
+            extractor, csv_path, work_dir, split, dtype=dtype, progress=progress, log=log, runner=runner
+        )
+    ensure_global_descriptors(stores[database], [s for k, s in stores.items() if k != database], log=log)
+    return stores, summaries
+
+
+
+
+
+
+
+
+
+
+@dataclass
+class RunOutput:
+    """What :func:`~delf_retrieval.tasks.recognition.recognize` /
+    :func:`~delf_retrieval.tasks.retrieval.retrieve` produced."""
+
+    submission: pd.DataFrame
+    submission_path: Path | None
+    problems: list[str]
+    result: RecognitionResult | RetrievalResult
+    stores: dict[str, FeatureStore]
+    extraction: dict[str, ExtractionSummary]
+
+
+def open_run(
+    data_dir: str | Path,
+    model: str | Extractor | None,
+    config: Config | str | Path | None,
+    work_dir: str | Path | None,
+    params: ExtractorParams | None,
+    log: Log,
+) -> tuple[KaggleData, Extractor, Config, Path]:
+    """Dataset, extractor (loaded from a spec unless given; None: the default model,
+    :func:`.models.default_model`), config (the preset suiting the model by default) and
+    cache folder of a whole run."""
+    data = KaggleData(Path(data_dir))
+    if isinstance(model, Extractor):
+        extractor = model
+    else:
+        from delf_retrieval.models.loader import default_model, load_extractor
+
+        extractor = load_extractor(default_model() if model is None else model, params)
+    if config is None:  # a composite (e.g. keras+opencv-sift) follows its local model
+        config = default_preset(extractor.family)
+    config = load_config(config)
+    work = Path(work_dir) if work_dir is not None else Path.cwd() / "delf_work"
+    log(f"model: {extractor!r}\nfeatures cached in: {work / model_key(extractor)}")
+    return data, extractor, config, work
+
+
+def finish_run(
+    data: KaggleData,
+    frame: pd.DataFrame,
+    output: str | Path | None,
+    kind: str,
+    seconds: dict[str, float],
+    log: Log,
+) -> tuple[Path | None, list[str]]:
+    """Write the submission ``frame`` to ``output`` (None: nowhere), validate it against
+    ``sample_submission.csv`` and log times, file and problems.
+
+    Returns ``(path written or None, problems)``; ``kind``: recognition or retrieval.
+    """
+    path = write_submission(output, frame) if output else None
+    problems = validate_submission(frame, data.sample(), kind=kind)
+    log("time: " + ", ".join(f"{name} {value:.2f} s" for name, value in seconds.items()))
+    if path:
+        log(f"wrote {path}")
+    for problem in problems:
+        log(f"submission problem: {problem}")
+    return path, problems
