@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from delf_retrieval.models.presets import EXTRACTION_PRESETS
+
 
 class UnknownFieldError(TypeError, ValueError):
     """A config field name that does not exist; the message names the closest valid ones.
@@ -253,7 +255,6 @@ class Config:
             "MATCH_DEVICE": self.MATCH_DEVICE in MATCH_DEVICES,
         }
         if self.EXTRACTION_PRESET:
-            from delf_retrieval.models.presets import EXTRACTION_PRESETS
 
             checks["EXTRACTION_PRESET"] = self.EXTRACTION_PRESET in EXTRACTION_PRESETS
         bad = [name for name, ok in checks.items() if not ok]

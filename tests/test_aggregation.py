@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from delf_retrieval.search.vlad import fit_codebook, vlad, vlad_many
 from delf_retrieval.features.containers import l2_normalize
+from delf_retrieval.search.vlad import fit_codebook, vlad, vlad_many
 
 
 def clustered(seed=0, per_cluster=50):

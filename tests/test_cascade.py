@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from delf_retrieval.matching import cascade, learned as learned_matching
 from delf_retrieval.config import Config, load_config
 from delf_retrieval.features.containers import LocalFeatures
+from delf_retrieval.matching import cascade
+from delf_retrieval.matching import learned as learned_matching
 from delf_retrieval.matching.verify import count_inliers_many
 
 SHIFT = np.array([10.0, 5.0], np.float32)  # candidate = query moved by this many pixels

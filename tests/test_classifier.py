@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from delf_retrieval.config import load_config
 from delf_retrieval.scoring.classifier import (
     Classifier,
     classifier_prediction,
@@ -16,7 +17,6 @@ from delf_retrieval.scoring.classifier import (
     read_class_mapping,
     top_classes,
 )
-from delf_retrieval.config import load_config
 
 
 def test_read_class_mapping_with_and_without_header(tmp_path: Path) -> None:

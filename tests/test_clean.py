@@ -11,6 +11,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from delf_retrieval.cli.main import main
+from delf_retrieval.config import load_config
+from delf_retrieval.demo.data import bundled_photo, random_view
+from delf_retrieval.features.images import kaggle_image_path
 from delf_retrieval.tasks import clean
 from delf_retrieval.tasks.clean import (
     PairPlan,
@@ -20,10 +24,6 @@ from delf_retrieval.tasks.clean import (
     plan_pairs,
     verify_pairs,
 )
-from delf_retrieval.cli.main import main
-from delf_retrieval.config import load_config
-from delf_retrieval.demo.data import bundled_photo, random_view
-from delf_retrieval.features.images import kaggle_image_path
 
 REPO = Path(__file__).resolve().parents[1]
 

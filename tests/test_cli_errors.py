@@ -17,8 +17,8 @@ import pytest
 
 from delf_retrieval import __version__
 from delf_retrieval.cli.main import main
-from delf_retrieval.demo.data import bundled_photo, random_view
 from delf_retrieval.core.errors import WorkersLostError
+from delf_retrieval.demo.data import bundled_photo, random_view
 
 REPO = Path(__file__).resolve().parents[1]
 

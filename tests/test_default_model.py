@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from delf_retrieval.tasks import recognition, retrieval
 from delf_retrieval.cli import main as cli
 from delf_retrieval.models import loader
 from delf_retrieval.models.loader import DEFAULT_MODEL_ENV, default_model, learned_extra_available
+from delf_retrieval.tasks import recognition, retrieval
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ import pytest
 import delf_retrieval
 from delf_retrieval.cli.main import main
 from delf_retrieval.config import load_config
+from delf_retrieval.core.errors import WorkersLostError
 from delf_retrieval.demo.data import build_demo_dataset, bundled_photo, random_view
 from delf_retrieval.distributed import (
     RayExtractorPool,
@@ -29,12 +30,11 @@ from delf_retrieval.distributed import (
     shard_bounds,
     sharded_cosine_topk,
 )
-from delf_retrieval.core.errors import WorkersLostError
-from delf_retrieval.models.extract import extract_to_store
 from delf_retrieval.features.images import ImageSource, kaggle_image_path, list_images
+from delf_retrieval.features.store import FeatureStore
+from delf_retrieval.models.extract import extract_to_store
 from delf_retrieval.models.loader import load_extractor
 from delf_retrieval.search.index import cosine_topk
-from delf_retrieval.features.store import FeatureStore
 
 REPO = Path(__file__).resolve().parents[1]
 NODE_OBJECT_STORE = 100 * 2**20  # bytes; small so that a tiny /dev/shm is enough (else /tmp)

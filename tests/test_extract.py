@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 from delf_retrieval.demo.data import bundled_photo, random_view
-from delf_retrieval.models.extract import MIN_IMAGE_SIDE, extract_to_store, iter_decoded
 from delf_retrieval.features.containers import ImageFeatures, LocalFeatures
 from delf_retrieval.features.images import ImageSource, kaggle_image_path, list_images
-from delf_retrieval.models.opencv_sift import OpenCVSiftExtractor
 from delf_retrieval.features.store import FeatureStore
+from delf_retrieval.models.extract import MIN_IMAGE_SIDE, extract_to_store, iter_decoded
+from delf_retrieval.models.opencv_sift import OpenCVSiftExtractor
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from skimage import data
 
-from delf_retrieval.models.extract import extract_to_store
 from delf_retrieval.features.images import list_images
+from delf_retrieval.features.store import FeatureStore, StoreMismatchError
 from delf_retrieval.models import load_extractor
+from delf_retrieval.models.extract import extract_to_store
 from delf_retrieval.models.keras_model import KerasOptions, pool_map, preprocess, target_size
 from delf_retrieval.models.loader import detect_format
-from delf_retrieval.features.store import FeatureStore, StoreMismatchError
 
 PIXEL = np.array([[[10, 20, 30]]], np.uint8)  # one RGB pixel
 

@@ -16,9 +16,9 @@ import pytest
 
 from delf_retrieval.config import PRESETS, Config, default_preset, load_config
 from delf_retrieval.demo.data import bundled_photo
+from delf_retrieval.matching.verify import count_inliers_many, match_and_verify
 from delf_retrieval.models.base import ExtractorParams
 from delf_retrieval.models.loader import list_models, load_extractor
-from delf_retrieval.matching.verify import count_inliers_many, match_and_verify
 
 # Maps pixel (x, y, 1) of the photo to the view (pixel centres at integers, as cv2).
 HOMOGRAPHY = np.array([[1.05, 0.12, 20.0], [-0.10, 1.10, 30.0], [2.0e-4, 1.0e-4, 1.0]])
@@ -141,11 +141,11 @@ def test_names_presets_and_matcher_settings():
 
 
 def test_store_extraction_batches_for_extractors_that_ask_and_retries_a_failed_batch(tmp_path):
-    from delf_retrieval.models.extract import extract_to_store
     from delf_retrieval.features.containers import ImageFeatures, LocalFeatures
     from delf_retrieval.features.images import list_images
-    from delf_retrieval.models.base import Extractor
     from delf_retrieval.features.store import FeatureStore
+    from delf_retrieval.models.base import Extractor
+    from delf_retrieval.models.extract import extract_to_store
 
     class Batching(Extractor):
         family, has_local, local_dim, batch_size = "fake", True, 2, 3

@@ -6,19 +6,23 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from delf_retrieval.config import Config
+from delf_retrieval.core.threads import bounded_blas_threads
+from delf_retrieval.features.containers import LocalFeatures
 from delf_retrieval.matching import (
-    kernels as match_kernels,
-    nn as matching,
+    device,
     reduced_precision,
     verify,
 )
-from delf_retrieval.config import Config
-from delf_retrieval.features.containers import LocalFeatures
-from delf_retrieval.matching.nn import match_batch, quantize_int8
-from delf_retrieval.matching import device
+from delf_retrieval.matching import (
+    kernels as match_kernels,
+)
+from delf_retrieval.matching import (
+    nn as matching,
+)
 from delf_retrieval.matching.device import resolve_device
+from delf_retrieval.matching.nn import match_batch, quantize_int8
 from delf_retrieval.matching.reduced_precision import exact_dots
-from delf_retrieval.core.threads import bounded_blas_threads
 from delf_retrieval.matching.verify import count_inliers, count_inliers_many, putative_matches
 
 RULES = {

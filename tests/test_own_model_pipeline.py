@@ -10,13 +10,13 @@ import pandas as pd
 import pytest
 
 import delf_retrieval
-from delf_retrieval.scoring.classifier import load_classifier
 from delf_retrieval.cli.main import main
 from delf_retrieval.config import load_config
 from delf_retrieval.demo.data import build_demo_dataset
 from delf_retrieval.features.images import kaggle_image_path, load_image
-from delf_retrieval.models import load_extractor
 from delf_retrieval.kaggle.submission import validate_submission
+from delf_retrieval.models import load_extractor
+from delf_retrieval.scoring.classifier import load_classifier
 
 
 @pytest.fixture(scope="module")

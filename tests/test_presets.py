@@ -10,9 +10,9 @@ from PIL import Image
 
 from delf_retrieval.cli.main import build_extractor, make_parser
 from delf_retrieval.config import PRESETS, Config, load_config
-from delf_retrieval.models.extract import iter_decoded
 from delf_retrieval.features.images import ImageSource, decode_image
 from delf_retrieval.models import ExtractorParams
+from delf_retrieval.models.extract import iter_decoded
 from delf_retrieval.models.presets import EXTRACTION_PRESETS, extraction_params
 
 

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 
 from delf_retrieval.config import Config
+from delf_retrieval.scoring.rerank import candidate_scores, recognize_one
 from delf_retrieval.search.expansion import (
     alpha_query_expansion,
     database_augmentation,
     expand_globals,
 )
-from delf_retrieval.scoring.rerank import candidate_scores, recognize_one
 
 
 def _unit(*values: float) -> np.ndarray:

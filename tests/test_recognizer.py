@@ -12,9 +12,9 @@ from delf_retrieval.cli.main import main
 from delf_retrieval.config import Config
 from delf_retrieval.demo.data import build_demo_dataset
 from delf_retrieval.features.images import ImageDecodeError, kaggle_image_path, load_image
-from delf_retrieval.tasks.manifest import IndexFormatError, read_manifest
-from delf_retrieval.service.recognizer import Recognizer
 from delf_retrieval.features.store import FeatureStore
+from delf_retrieval.service.recognizer import Recognizer
+from delf_retrieval.tasks.manifest import IndexFormatError, read_manifest
 
 pytestmark = pytest.mark.slow  # builds a dataset and an index, runs the batch pipeline
 

@@ -20,8 +20,8 @@ from scipy import spatial
 from skimage import data, measure, transform
 
 from delf_retrieval.config import load_config
-from delf_retrieval.matching.verify import count_inliers
 from delf_retrieval.matching.ransac import ransac_inliers
+from delf_retrieval.matching.verify import count_inliers
 
 PRESET = load_config("delf-matchfeatures")
 

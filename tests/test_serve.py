@@ -23,9 +23,9 @@ from PIL import Image
 
 from delf_retrieval.demo.data import build_demo_dataset
 from delf_retrieval.features.images import kaggle_image_path
-from delf_retrieval.tasks.build_index import build_index
-from delf_retrieval.service.recognizer import Recognizer
 from delf_retrieval.service.http import ServeSettings, create_app
+from delf_retrieval.service.recognizer import Recognizer
+from delf_retrieval.tasks.build_index import build_index
 
 pytest.importorskip("fastapi", reason="the serve extra: pip install '.[serve]'")  # CI requires it
 from fastapi.testclient import TestClient  # noqa: E402

@@ -18,15 +18,15 @@ import cv2
 import numpy as np
 import pytest
 
-from delf_retrieval.features import store as store_module
 from delf_retrieval.cli.main import main
+from delf_retrieval.core.locks import LockedError
 from delf_retrieval.demo.data import bundled_photo, random_view
-from delf_retrieval.models.extract import extract_to_store
+from delf_retrieval.features import store as store_module
 from delf_retrieval.features.containers import ImageFeatures, LocalFeatures, l2_normalize
 from delf_retrieval.features.images import list_images, load_image
-from delf_retrieval.core.locks import LockedError
-from delf_retrieval.models.opencv_sift import OpenCVSiftExtractor
 from delf_retrieval.features.store import DiskSpaceError, FeatureStore, ids_hash
+from delf_retrieval.models.extract import extract_to_store
+from delf_retrieval.models.opencv_sift import OpenCVSiftExtractor
 
 REPO = Path(__file__).resolve().parents[1]
 # File names a folder run meets in the wild; each used to shift the ids read back.

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 import delf_retrieval
-from delf_retrieval.core.atomic import atomic_write, atomic_write_bytes
 from delf_retrieval.config import Config
+from delf_retrieval.core.atomic import atomic_write, atomic_write_bytes
 from delf_retrieval.distributed.sharded import index_file
 from delf_retrieval.features.containers import ImageFeatures, l2_normalize, to_original_pixels
-from delf_retrieval.search.index import CosineIndex
 from delf_retrieval.features.store import FeatureStore, StoreMismatchError, same_fingerprint
+from delf_retrieval.search.index import CosineIndex
 
 REPO = Path(__file__).resolve().parents[1]
 

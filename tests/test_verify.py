@@ -9,13 +9,13 @@ import pytest
 
 from delf_retrieval.config import Config
 from delf_retrieval.features.containers import LocalFeatures
+from delf_retrieval.matching.ransac import ransac_inliers
 from delf_retrieval.matching.verify import (
     count_inliers,
     count_inliers_many,
     match_and_verify,
     putative_matches,
 )
-from delf_retrieval.matching.ransac import ransac_inliers
 
 # Image 1 holds [1,0], [0,1], [-1,0]; image 2 holds [0.6,0.8], [1,0].
 # Nearest neighbours 1->2: 0->1 (distance 0), 1->0 (sqrt(0.4)=0.632), 2->0 (sqrt(3.2)=1.789).

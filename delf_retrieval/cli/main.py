@@ -18,7 +18,26 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from delf_retrieval import __version__
+from delf_retrieval.cli.predict import run_predict
+from delf_retrieval.config import default_preset, load_config, parse_override
 from delf_retrieval.core.errors import DelfError
+from delf_retrieval.demo.run import run_demo
+from delf_retrieval.distributed import RayRunner, extract_to_store_ray
+from delf_retrieval.distributed.clean import RayChunkRunner
+from delf_retrieval.features.images import list_images
+from delf_retrieval.features.store import FeatureStore
+from delf_retrieval.kaggle.metrics import evaluate_recognition, evaluate_retrieval
+from delf_retrieval.kaggle.submission import validate_submission
+from delf_retrieval.models.composite import CompositeExtractor
+from delf_retrieval.models.extract import extract_to_store
+from delf_retrieval.models.keras_model import is_keras_file
+from delf_retrieval.models.loader import default_model, detect_format, load_extractor
+from delf_retrieval.models.presets import extraction_params
+from delf_retrieval.scoring.classifier import Classifier, load_classifier, read_class_mapping
+from delf_retrieval.service.http import ServeSettings, serve
+from delf_retrieval.tasks import recognition, retrieval
+from delf_retrieval.tasks.build_index import build_index
+from delf_retrieval.tasks.clean import clean_dataset
 
 EXIT_OK = 0
 EXIT_INVALID_SUBMISSION = 1
@@ -73,7 +92,6 @@ def check_output_folder(path: Path, what: str) -> None:
 
 
 def _default_model() -> str:
-    from delf_retrieval.models.loader import default_model
 
     return default_model()
 
@@ -157,7 +175,6 @@ def _ray_hooks(args: argparse.Namespace, extractor):
     if not args.ray:
         return contextlib.nullcontext({})
     _check_ray_model(args)
-    from delf_retrieval.distributed import RayRunner
 
     runner = RayRunner(args.model or _default_model(), extractor.params, address=args.ray, num_workers=args.ray_workers, num_shards=args.shards)
 
@@ -174,7 +191,6 @@ def _extraction_preset(args: argparse.Namespace) -> str:
     if args.extraction_preset:
         return args.extraction_preset
     if getattr(args, "config", None):
-        from delf_retrieval.config import load_config
 
         return load_config(args.config).EXTRACTION_PRESET
     return ""
@@ -200,8 +216,6 @@ def _model_options(args: argparse.Namespace) -> dict:
 
 
 def _is_keras_spec(spec: str | None) -> bool:
-    from delf_retrieval.models.keras_model import is_keras_file
-    from delf_retrieval.models.loader import detect_format
 
     if spec is None:
         return False
@@ -217,8 +231,6 @@ def _is_keras_spec(spec: str | None) -> bool:
 def _load_one(spec: str, args: argparse.Namespace, options: dict, *, for_global: bool, for_local: bool):
     """One model with the command line's overrides: Keras options for Keras models, local
     parameters when it supplies local features, global scales when it supplies the global one."""
-    from delf_retrieval.models.loader import load_extractor
-    from delf_retrieval.models.presets import extraction_params
 
     keras = _is_keras_spec(spec)
     if keras and for_global and args.global_scales is not None:
@@ -247,7 +259,6 @@ def _load_one(spec: str, args: argparse.Namespace, options: dict, *, for_global:
 def build_extractor(args: argparse.Namespace):
     """The extractor named by ``--model`` (or ``--global-model`` + ``--local-model``) with
     the command line's parameter overrides and Keras/TF model options."""
-    from delf_retrieval.models.composite import CompositeExtractor
 
     options = _model_options(args)
     if args.global_model or args.local_model:
@@ -272,7 +283,6 @@ def _check_ray_model(args: argparse.Namespace) -> None:
 
 def _classifiers(args: argparse.Namespace, extractor) -> list:
     """Classifiers of --classes (the global model's head) and --classifier MODEL CSV."""
-    from delf_retrieval.scoring.classifier import Classifier, load_classifier, read_class_mapping
 
     found = []
     if args.classes:
@@ -285,9 +295,6 @@ def _classifiers(args: argparse.Namespace, extractor) -> list:
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
-    from delf_retrieval.features.images import list_images
-    from delf_retrieval.features.store import FeatureStore
-    from delf_retrieval.models.extract import extract_to_store
 
     check_output_folder(args.out, "the feature store")
     sources = list_images(args.images if len(args.images) > 1 else args.images[0], args.image_root)
@@ -298,7 +305,6 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     store = FeatureStore(args.out, extractor.fingerprint(), dtype=args.dtype, wait=not args.no_wait)
     print(f"model: {extractor!r}\nstore: {store.path}")
     if args.ray:
-        from delf_retrieval.distributed import extract_to_store_ray
 
         _check_ray_model(args)
         summary = extract_to_store_ray(
@@ -330,7 +336,6 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 def _check_run(args: argparse.Namespace, required: Sequence[str], output: str = "the submission") -> None:
     """Everything a recognize/retrieve run can check before loading a model or extracting:
     the data folder, the --config/--set values, the submission file and the work dir."""
-    from delf_retrieval.config import load_config, parse_override
 
     args.overrides = dict(parse_override(item) for item in args.set or ())
     load_config(args.config, **args.overrides)  # values are valid whatever the preset
@@ -344,7 +349,6 @@ def _check_run(args: argparse.Namespace, required: Sequence[str], output: str = 
 
 
 def _cmd_recognize(args: argparse.Namespace) -> int:
-    from delf_retrieval.tasks import recognition
 
     _check_run(args, ("train.csv", "sample_submission.csv"))
     extractor = build_extractor(args)
@@ -374,7 +378,6 @@ def _cmd_recognize(args: argparse.Namespace) -> int:
 
 
 def _cmd_retrieve(args: argparse.Namespace) -> int:
-    from delf_retrieval.tasks import retrieval
 
     _check_run(args, ("index.csv", "sample_submission.csv"))
     extractor = build_extractor(args)
@@ -397,7 +400,6 @@ def _cmd_retrieve(args: argparse.Namespace) -> int:
 
 def _report_scores(args: argparse.Namespace, submission, kind: str) -> None:
     """Print the metric when the dataset ships its solution file."""
-    from delf_retrieval.kaggle.metrics import evaluate_recognition, evaluate_retrieval
 
     name = "solution.csv" if kind == "recognition" else "retrieval_solution.csv"
     solution = Path(args.data_dir) / name
@@ -413,7 +415,6 @@ def _format_scores(scores: dict, metric: str, against: str) -> str:
 
 def _config(args: argparse.Namespace, extractor):
     """--config (default: the preset suiting the model) with --set overrides applied."""
-    from delf_retrieval.config import default_preset, load_config
 
     base = args.config or default_preset(extractor.family)  # a composite's local model decides
     return load_config(base, **getattr(args, "overrides", {}))
@@ -422,7 +423,6 @@ def _config(args: argparse.Namespace, extractor):
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from delf_retrieval.kaggle.metrics import evaluate_recognition, evaluate_retrieval
 
     _require_files(args.submission, args.solution)
     header = pd.read_csv(args.submission, nrows=0).columns.tolist()
@@ -433,7 +433,6 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from delf_retrieval.kaggle.submission import validate_submission
 
     _require_files(args.submission, args.sample)
     problems = validate_submission(args.submission, args.sample, kind=args.kind)
@@ -452,15 +451,12 @@ def _require_files(*paths: Path) -> None:
 def _cmd_clean(args: argparse.Namespace) -> int:
     import contextlib
 
-    from delf_retrieval.tasks.clean import clean_dataset
 
     _check_run(args, ("train.csv",), "the cleaned train.csv")
     extractor = build_extractor(args)
     hooks: dict = {}
     with contextlib.ExitStack() as stack:
         if args.ray:
-            from delf_retrieval.distributed import RayRunner
-            from delf_retrieval.distributed.clean import RayChunkRunner
 
             _check_ray_model(args)
             runner = stack.enter_context(
@@ -491,7 +487,6 @@ def _cmd_clean(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from delf_retrieval.demo.run import run_demo
 
     check_output_folder(args.out, "the demo output")
     run_demo(args.out, seed=args.seed, progress=not args.no_progress)
@@ -499,8 +494,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
-    from delf_retrieval.config import parse_override
-    from delf_retrieval.tasks.build_index import build_index
 
     args.overrides = dict(parse_override(item) for item in args.set or ())
     extractor = build_extractor(args)
@@ -522,13 +515,11 @@ def _cmd_index(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from delf_retrieval.cli.predict import run_predict
 
     return run_predict(args)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from delf_retrieval.service.http import ServeSettings, serve
 
     changes = {"max_upload_bytes": int(args.max_upload_mb * 2**20)}
     if args.concurrency is not None:

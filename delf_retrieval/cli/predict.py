@@ -7,7 +7,9 @@ import json
 import sys
 from pathlib import Path
 
+from delf_retrieval.config import parse_override
 from delf_retrieval.features.images import ImageDecodeError, load_image
+from delf_retrieval.service.plot import draw_prediction
 from delf_retrieval.service.recognizer import Prediction, Recognizer
 
 
@@ -31,7 +33,6 @@ def _show_path(show: Path, photo: Path, many: bool) -> Path:
 
 def run_predict(args: argparse.Namespace) -> int:
     """Predict every photo; unreadable ones are reported and give exit code 2 at the end."""
-    from delf_retrieval.config import parse_override
 
     overrides = dict(parse_override(item) for item in args.set or ())
     recognizer = Recognizer.load(args.index_dir, model=args.model, **overrides)
@@ -50,7 +51,6 @@ def run_predict(args: argparse.Namespace) -> int:
         if not args.json:
             print(format_prediction(str(photo), prediction))
         if args.show is not None:
-            from delf_retrieval.service.plot import draw_prediction
 
             target = _show_path(args.show, photo, len(args.photos) > 1)
             draw_prediction(recognizer, prediction, image, target)

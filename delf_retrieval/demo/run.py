@@ -10,8 +10,10 @@ from delf_retrieval.config import load_config
 from delf_retrieval.demo.data import build_demo_dataset
 from delf_retrieval.features.images import kaggle_image_path, load_image
 from delf_retrieval.kaggle.metrics import evaluate_recognition
+from delf_retrieval.matching.verify import match_and_verify
 from delf_retrieval.tasks.recognition import recognize
 from delf_retrieval.tasks.run import RunOutput
+from delf_retrieval.viz import plot_matches
 
 
 def run_demo(out_dir: str | Path = "demo_output", *, seed: int = 0, progress: bool = True) -> dict[str, float]:
@@ -75,8 +77,6 @@ def _quiet(message: str) -> None:
 
 def _draw_best_match(output: RunOutput, data_dir: Path, path: Path) -> Path | None:
     """Draw the inlier matches of the query with the most inliers and its best candidate."""
-    from delf_retrieval.matching.verify import match_and_verify
-    from delf_retrieval.viz import plot_matches
 
     result = output.result
     if not result.inliers:

@@ -21,6 +21,7 @@ import numpy as np
 
 from delf_retrieval.config import Config
 from delf_retrieval.core.threads import bounded_blas_threads
+from delf_retrieval.distributed import ray_session
 from delf_retrieval.features.store import FeatureStore
 from delf_retrieval.tasks.clean import verify_chunk
 
@@ -85,7 +86,6 @@ class RayChunkRunner:
         config: Config,
         on_done: Callable[[int, np.ndarray], None],
     ) -> None:
-        from delf_retrieval.distributed import ray_session
 
         if not chunks:
             return

@@ -52,6 +52,7 @@ from delf_retrieval.models.extract import (
     iter_decoded,
     pending_sources,
 )
+from delf_retrieval.models.loader import load_extractor
 
 __all__ = ["RayExtractorPool", "extract_to_store_ray"]
 
@@ -74,7 +75,6 @@ class _ExtractionWorker:
     """Body of one extraction actor: holds one extractor, loaded once."""
 
     def __init__(self, model_spec: str | os.PathLike, params: ExtractorParams | None) -> None:
-        from delf_retrieval.models.loader import load_extractor
 
         self._extractor = load_extractor(model_spec, params)
 

@@ -4,15 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pandas as pd
 
-if TYPE_CHECKING:
-    pass
 
-
-# --------------------------------------------------------------------------- whole runs
 @dataclass
 class KaggleData:
     """Paths of a dataset in the Kaggle GLDv2 layout (any of them may be absent)."""

@@ -30,6 +30,7 @@ import numpy as np
 
 from delf_retrieval.config import Config
 from delf_retrieval.features.containers import LocalFeatures
+from delf_retrieval.matching.ransac import ransac_inliers
 from delf_retrieval.models.learned import require_torch, torch_device
 
 __all__ = ["LearnedMatcher", "count_inliers_learned", "get_matcher", "learned_matches", "verify_learned"]
@@ -214,7 +215,6 @@ def verify_learned(
         ``(index into query, index into candidate)``.
     inliers : bool [M]
     """
-    from delf_retrieval.matching.ransac import ransac_inliers
 
     matches, confidence = learned_matches(query, candidate, config)
     matches = matches[confidence >= config.MATCH_CONFIDENCE]

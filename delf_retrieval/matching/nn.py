@@ -50,6 +50,7 @@ from delf_retrieval.matching.kernels import (
     segment_stats,
     unit_distance,
 )
+from delf_retrieval.matching.reduced_precision import approximate_group
 
 __all__ = [
     "match_batch",
@@ -122,7 +123,6 @@ def match_batch(
         if exact:
             found = _exact_group(d1, stacked, bounds, max_distance, mutual, ratio)
         else:
-            from delf_retrieval.matching.reduced_precision import approximate_group
 
             found = approximate_group(d1, stacked, bounds, max_distance, mutual, ratio, dtype, where, state)
         for c, matches in zip(members, found, strict=True):

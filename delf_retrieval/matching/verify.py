@@ -34,6 +34,7 @@ from delf_retrieval.config import Config
 from delf_retrieval.core.threads import bounded_blas_threads
 from delf_retrieval.features.containers import LocalFeatures, l2_normalize
 from delf_retrieval.matching.kernels import numba_available
+from delf_retrieval.matching.learned import count_inliers_learned, verify_learned
 from delf_retrieval.matching.nn import match_batch, match_products, match_products_threaded
 from delf_retrieval.matching.ransac import (
     _as_points,
@@ -141,7 +142,6 @@ def match_and_verify(
     k1, d1 = _as_features(keypoints1, descriptors1, "1")
     k2, d2 = _as_features(keypoints2, descriptors2, "2")
     if config.MATCHER != "nn":  # a learned matcher (extra [learned])
-        from delf_retrieval.matching.learned import verify_learned
 
         return verify_learned(_local(k1, d1), _local(k2, d2), config)
     if d1.shape[1] != d2.shape[1]:
@@ -207,7 +207,6 @@ def count_inliers_many(
     if len(candidates) == 0:
         return np.zeros(0, np.int64)
     if config.MATCHER != "nn":  # a learned matcher (extra [learned])
-        from delf_retrieval.matching.learned import count_inliers_learned
 
         return count_inliers_learned(query, candidates, config)
     k1, d1 = _as_features(query.keypoints, query.descriptors, "of the query")

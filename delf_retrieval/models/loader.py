@@ -12,6 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from delf_retrieval.models.base import Extractor, ExtractorParams
+from delf_retrieval.models.composite import CompositeExtractor
+from delf_retrieval.models.delf_hub import DelfHubExtractor, is_hub_handle, resolve_hub_handle
+from delf_retrieval.models.delg import DelgTF1Extractor, DelgTF2Extractor
+from delf_retrieval.models.keras_model import KerasExtractor, KerasOptions, is_keras_file
+from delf_retrieval.models.learned import LearnedExtractor, learned_name
+from delf_retrieval.models.opencv_sift import OpenCVSiftExtractor
 
 SIFT_NAMES = ("opencv-sift", "sift", "opencv")
 SUPPORTED = (
@@ -144,14 +150,11 @@ def _is_image_batch_signature(signature: Any) -> bool:
 
 def _extractor_class(family: str) -> type[Extractor]:
     if family == "delg-tf2":
-        from delf_retrieval.models.delg import DelgTF2Extractor
 
         return DelgTF2Extractor
     if family == "delg-tf1":
-        from delf_retrieval.models.delg import DelgTF1Extractor
 
         return DelgTF1Extractor
-    from delf_retrieval.models.delf_hub import DelfHubExtractor
 
     return DelfHubExtractor
 
@@ -197,7 +200,6 @@ def load_extractor(
     if global_model is not None or local_model is not None:
         if spec is not None or global_model is None or local_model is None:
             raise ValueError("give either spec, or both global_model and local_model")
-        from delf_retrieval.models.composite import CompositeExtractor
 
         if isinstance(global_model, Extractor):
             if options:
@@ -211,14 +213,11 @@ def load_extractor(
         raise ValueError(f"no model given. Supported: {SUPPORTED}")
     if isinstance(spec, str) and spec.strip().lower() in SIFT_NAMES:
         _no_options(spec, options)
-        from delf_retrieval.models.opencv_sift import OpenCVSiftExtractor
 
         return OpenCVSiftExtractor(params)
-    from delf_retrieval.models.learned import learned_name
 
     if learned_name(spec) is not None:
         _no_options(spec, options)
-        from delf_retrieval.models.learned import LearnedExtractor
 
         return LearnedExtractor(learned_name(spec), params)
     if not isinstance(spec, (str, os.PathLike)):
@@ -226,16 +225,13 @@ def load_extractor(
     if not os.fspath(spec).strip():
         raise ValueError(f"empty model name. Supported: {SUPPORTED}")
     path = Path(spec).expanduser()
-    from delf_retrieval.models.keras_model import is_keras_file
 
     if path.is_file() and is_keras_file(path):
-        from delf_retrieval.models.keras_model import KerasExtractor, KerasOptions
 
         return KerasExtractor(path, KerasOptions.from_mapping(options), params, custom_objects)
     if path.exists():
         folder = path
     else:
-        from delf_retrieval.models.delf_hub import is_hub_handle, resolve_hub_handle
 
         if not is_hub_handle(spec):
             raise ValueError(
@@ -244,7 +240,6 @@ def load_extractor(
         folder = resolve_hub_handle(spec)
     family = detect_format(folder)
     if family == "keras":
-        from delf_retrieval.models.keras_model import KerasExtractor, KerasOptions
 
         return KerasExtractor(folder, KerasOptions.from_mapping(options), params)
     _no_options(spec, options)

@@ -36,8 +36,11 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from delf_retrieval.config import Config
-from delf_retrieval.features.images import ImageSource
+from delf_retrieval.features.images import ImageSource, list_images
 from delf_retrieval.features.store import fingerprint_key
+from delf_retrieval.models.extract import iter_decoded
+from delf_retrieval.models.loader import load_extractor
+from delf_retrieval.scoring.rerank import rerank
 
 CLASSIFIER_TOP = 100  # best classes kept per query (probabilities of the others count as 0)
 MODES = ("off", "classifier", "fused")
@@ -106,7 +109,6 @@ class Classifier:
 
 def load_classifier(model: str | os.PathLike, classes_csv: str | os.PathLike, **options: Any) -> Classifier:
     """:class:`Classifier` from a Keras/TF model and its mapping CSV (options as :func:`load_extractor`)."""
-    from delf_retrieval.models.loader import load_extractor
 
     return Classifier(load_extractor(model, **options), read_class_mapping(classes_csv))
 
@@ -134,7 +136,6 @@ def query_class_predictions(
     Returns ``(indices int32 [N, t], probabilities float32 [N, t])``. Images are decoded
     again from ``sources`` (the ones in the store) and run through the classifier.
     """
-    from delf_retrieval.models.extract import iter_decoded
 
     name = f"classifier-{classifier.key()}"
     cached_indices, cached_probs = store.read_derived(f"{name}-indices"), store.read_derived(f"{name}-probs")
@@ -261,14 +262,12 @@ def apply_classifiers(
     ``config.CLASSIFIER_MODE`` is ``"off"``. Non-landmark and frequent-landmark penalties
     are not applied on top of these predictions.
     """
-    from delf_retrieval.scoring.rerank import rerank
 
     mode = config.CLASSIFIER_MODE
     if mode == "off":
         return result
     if not classifiers:
         raise ValueError(f"CLASSIFIER_MODE={mode!r} needs at least one classifier (model + class mapping CSV)")
-    from delf_retrieval.features.images import list_images
 
     query_sources = list_images(query_images) if isinstance(query_images, (str, os.PathLike)) else query_images
     per_classifier = []

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -11,10 +10,6 @@ from delf_retrieval.config import Config
 from delf_retrieval.features.store import FeatureStore
 from delf_retrieval.search.expansion import expand_globals
 from delf_retrieval.search.index import CosineIndex, SearchIndex
-
-if TYPE_CHECKING:
-    pass
-
 
 # Builds the search index over a store's global descriptors: (store, block_size) -> index.
 IndexFactory = Callable[[FeatureStore, int], SearchIndex]

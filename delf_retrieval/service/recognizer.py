@@ -40,6 +40,7 @@ from delf_retrieval.features.store import FeatureStore, StoreMismatchError
 from delf_retrieval.matching.cascade import cascade_active
 from delf_retrieval.matching.cascade import num_candidates as cascade_width
 from delf_retrieval.models.base import Extractor
+from delf_retrieval.models.loader import load_extractor
 from delf_retrieval.scoring.candidates import recognize_candidates
 from delf_retrieval.scoring.rerank import nonlandmark_similarity, rerank
 from delf_retrieval.search import vlad as aggregation
@@ -417,7 +418,6 @@ def as_rgb(image: ImageInput, *, exif_transpose: bool = True) -> np.ndarray:
 def _load_model(model: str | os.PathLike | Extractor, manifest: IndexManifest) -> Extractor:
     if isinstance(model, Extractor):
         return model
-    from delf_retrieval.models.loader import load_extractor
 
     try:
         return load_extractor(model, params_from_fingerprint(manifest.fingerprint))

@@ -47,6 +47,7 @@ from delf_retrieval.features.store import FeatureStore, atomic_write_bytes
 from delf_retrieval.kaggle.dataset import KaggleData
 from delf_retrieval.models.base import Extractor, ExtractorParams
 from delf_retrieval.models.extract import extract_to_store
+from delf_retrieval.models.loader import default_model, list_models, load_extractor
 from delf_retrieval.scoring.rerank import nonlandmark_similarity
 from delf_retrieval.search.vlad import CODEBOOK_FILE, ensure_global_descriptors
 from delf_retrieval.tasks.manifest import (
@@ -68,7 +69,6 @@ Log = Callable[[str], None]
 
 def model_spec(extractor: Extractor) -> str:
     """What :func:`.models.load_extractor` needs to load ``extractor`` again: its folder or name."""
-    from delf_retrieval.models.loader import list_models
 
     if extractor.family in list_models():  # loaded by name (opencv-sift, aliked, ...), no folder
         return extractor.family
@@ -135,7 +135,6 @@ def build_index(
     if isinstance(model, Extractor):
         extractor, spec = model, model_spec(model)
     else:
-        from delf_retrieval.models.loader import default_model, load_extractor
 
         model = default_model() if model is None else model
         extractor = load_extractor(model, params)

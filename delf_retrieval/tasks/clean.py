@@ -38,8 +38,20 @@ from tqdm.auto import tqdm
 
 from delf_retrieval.config import Config, default_preset, load_config
 from delf_retrieval.core.atomic import atomic_write, atomic_write_bytes
+from delf_retrieval.features.images import (
+    ImageDecodeError,
+    kaggle_image_path,
+    load_image,
+    read_labels_csv,
+)
 from delf_retrieval.features.store import FeatureStore
+from delf_retrieval.kaggle.dataset import KaggleData
 from delf_retrieval.matching.verify import count_inliers_many
+from delf_retrieval.models.base import Extractor
+from delf_retrieval.models.loader import default_model, load_extractor
+from delf_retrieval.search.vlad import ensure_global_descriptors
+from delf_retrieval.tasks.run import extract_split, model_key
+from delf_retrieval.viz import plot_neighbours
 
 __all__ = [
     "SMALL_CLASS_POLICIES",
@@ -435,11 +447,9 @@ def clean_dataset(
         the removed ones with their best inlier counts (default
         ``<output stem>_removed/``; ``""`` writes none).
     """
-    import delf_retrieval
-    from delf_retrieval.features.images import read_labels_csv
 
     started = time.perf_counter()
-    data = delf_retrieval.KaggleData(Path(data_dir))
+    data = KaggleData(Path(data_dir))
     data.require("train.csv")
     mode, _ = parse_pairs(pairs)
     if small_classes not in SMALL_CLASS_POLICIES:
@@ -449,9 +459,9 @@ def clean_dataset(
         config = default_preset(extractor.family)
     config = load_config(config)
     work = Path(work_dir) if work_dir is not None else Path.cwd() / "delf_work"
-    log(f"model: {extractor!r}\nfeatures cached in: {work / delf_retrieval.model_key(extractor)}")
+    log(f"model: {extractor!r}\nfeatures cached in: {work / model_key(extractor)}")
     log(f"config:\n{config.describe()}")
-    store, _ = delf_retrieval.extract_split(
+    store, _ = extract_split(
         extractor, data.csv("train.csv"), work, "train", dtype=dtype, progress=progress, log=log,
         runner=runner,
     )
@@ -460,7 +470,7 @@ def clean_dataset(
     labels = read_labels_csv(data.csv("train.csv"))
     globals_ = None
     if mode == "knn":
-        delf_retrieval.ensure_global_descriptors(store, log=log)
+        ensure_global_descriptors(store, log=log)
         globals_ = store.global_descriptors()
     seconds = {"extract": time.perf_counter() - started}
     plan = plan_pairs(labels, store.ids, pairs=pairs, max_per_class=max_per_class, global_descriptors=globals_, seed=seed)
@@ -496,8 +506,6 @@ def clean_dataset(
 
 
 def _load_model(model: Any) -> Any:
-    from delf_retrieval.models.base import Extractor
-    from delf_retrieval.models.loader import default_model, load_extractor
 
     if isinstance(model, Extractor):
         return model
@@ -518,8 +526,6 @@ def write_removal_pictures(
     lost all of them) and up to ``max_removed`` removed photos framed red, titled with
     their best inlier count and partner. Unreadable photos show as grey panels.
     """
-    from delf_retrieval.features.images import ImageDecodeError, kaggle_image_path, load_image
-    from delf_retrieval.viz import plot_neighbours
 
     def read(image_id: str) -> np.ndarray | None:
         try:

@@ -170,7 +170,7 @@ def recognize(
     log: Log = print,
     runner: Runner | None = None,
     classifiers: Sequence[classifier.Classifier] = (),
-) -> RunOutput:
+) -> RunOutput[RecognitionResult]:
     """Recognition submission for a Kaggle-layout dataset.
 
     Reads ``train.csv`` + ``train/`` (database) and ``sample_submission.csv`` + ``test/``

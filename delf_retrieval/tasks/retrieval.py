@@ -164,7 +164,7 @@ def retrieve(
     progress: bool = True,
     log: Log = print,
     runner: Runner | None = None,
-) -> RunOutput:
+) -> RunOutput[RetrievalResult]:
     """Retrieval submission (``id,images``) for a Kaggle-layout dataset.
 
     Reads ``index.csv`` + ``index/`` (database) and ``sample_submission.csv`` + ``test/``;

@@ -18,7 +18,7 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 import pandas as pd
 
@@ -30,16 +30,13 @@ from delf_retrieval.kaggle.dataset import KaggleData
 from delf_retrieval.kaggle.submission import validate_submission, write_submission
 from delf_retrieval.models.base import Extractor, ExtractorParams
 from delf_retrieval.models.extract import ExtractionSummary, extract_to_store
+from delf_retrieval.models.loader import default_model, load_extractor
 from delf_retrieval.search.index import BACKENDS, SearchIndex
 from delf_retrieval.search.stores import exact_index
 from delf_retrieval.search.vlad import ensure_global_descriptors
 
-if TYPE_CHECKING:
-    from delf_retrieval.tasks.recognition import RecognitionResult
-    from delf_retrieval.tasks.retrieval import RetrievalResult
-
-
-
+# The result a task's run produced (RecognitionResult, RetrievalResult, ...).
+ResultT = TypeVar("ResultT")
 
 
 class Runner(Protocol):
@@ -140,23 +137,16 @@ def extract_splits(
     return stores, summaries
 
 
-
-
-
-
-
-
-
-
 @dataclass
-class RunOutput:
-    """What :func:`~delf_retrieval.tasks.recognition.recognize` /
-    :func:`~delf_retrieval.tasks.retrieval.retrieve` produced."""
+class RunOutput(Generic[ResultT]):
+    """What a whole run produced: ``RunOutput[RecognitionResult]`` from
+    :func:`~delf_retrieval.tasks.recognition.recognize`, ``RunOutput[RetrievalResult]`` from
+    :func:`~delf_retrieval.tasks.retrieval.retrieve`."""
 
     submission: pd.DataFrame
     submission_path: Path | None
     problems: list[str]
-    result: RecognitionResult | RetrievalResult
+    result: ResultT
     stores: dict[str, FeatureStore]
     extraction: dict[str, ExtractionSummary]
 
@@ -176,7 +166,6 @@ def open_run(
     if isinstance(model, Extractor):
         extractor = model
     else:
-        from delf_retrieval.models.loader import default_model, load_extractor
 
         extractor = load_extractor(default_model() if model is None else model, params)
     if config is None:  # a composite (e.g. keras+opencv-sift) follows its local model
