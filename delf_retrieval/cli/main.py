@@ -17,21 +17,20 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-from delf_retrieval import __version__
+from delf_retrieval import __version__, distributed
 from delf_retrieval.cli.predict import run_predict
 from delf_retrieval.config import default_preset, load_config, parse_override
 from delf_retrieval.core.errors import DelfError
 from delf_retrieval.demo.run import run_demo
-from delf_retrieval.distributed import RayRunner, extract_to_store_ray
+from delf_retrieval.distributed import RayRunner
 from delf_retrieval.distributed.clean import RayChunkRunner
 from delf_retrieval.features.images import list_images
 from delf_retrieval.features.store import FeatureStore
 from delf_retrieval.kaggle.metrics import evaluate_recognition, evaluate_retrieval
 from delf_retrieval.kaggle.submission import validate_submission
+from delf_retrieval.models import extract, loader
 from delf_retrieval.models.composite import CompositeExtractor
-from delf_retrieval.models.extract import extract_to_store
 from delf_retrieval.models.keras_model import is_keras_file
-from delf_retrieval.models.loader import default_model, detect_format, load_extractor
 from delf_retrieval.models.presets import extraction_params
 from delf_retrieval.scoring.classifier import Classifier, load_classifier, read_class_mapping
 from delf_retrieval.service.http import ServeSettings, serve
@@ -93,7 +92,7 @@ def check_output_folder(path: Path, what: str) -> None:
 
 def _default_model() -> str:
 
-    return default_model()
+    return loader.default_model()
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -223,7 +222,7 @@ def _is_keras_spec(spec: str | None) -> bool:
     if path.is_file():
         return is_keras_file(path)
     try:
-        return path.is_dir() and detect_format(path) == "keras"
+        return path.is_dir() and loader.detect_format(path) == "keras"
     except ValueError:
         return False
 
@@ -237,7 +236,7 @@ def _load_one(spec: str, args: argparse.Namespace, options: dict, *, for_global:
         options = {**options, "scales": tuple(args.global_scales)}
     preset = "" if keras else _extraction_preset(args)  # extraction presets are DELG/DELF settings
     # Options given to a non-Keras model raise a clear error.
-    extractor = load_extractor(spec, extraction_params(preset) if preset else None, **options)
+    extractor = loader.load_extractor(spec, extraction_params(preset) if preset else None, **options)
     changes = {}
     if args.exif_transpose is not None:
         changes["exif_transpose"] = args.exif_transpose
@@ -252,7 +251,7 @@ def _load_one(spec: str, args: argparse.Namespace, options: dict, *, for_global:
     if for_global and not keras and args.global_scales is not None:
         changes["global_scales"] = tuple(args.global_scales)
     if changes:
-        extractor = load_extractor(spec, dataclasses.replace(extractor.params, **changes), **options)
+        extractor = loader.load_extractor(spec, dataclasses.replace(extractor.params, **changes), **options)
     return extractor
 
 
@@ -307,7 +306,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     if args.ray:
 
         _check_ray_model(args)
-        summary = extract_to_store_ray(
+        summary = distributed.extract_to_store_ray(
             args.model or _default_model(),
             extractor.params,
             sources,
@@ -320,7 +319,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
         )
     else:
-        summary = extract_to_store(
+        summary = extract.extract_to_store(
             extractor,
             sources,
             store,

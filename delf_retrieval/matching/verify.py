@@ -33,8 +33,8 @@ import numpy as np
 from delf_retrieval.config import Config
 from delf_retrieval.core.threads import bounded_blas_threads
 from delf_retrieval.features.containers import LocalFeatures, l2_normalize
+from delf_retrieval.matching import learned as learned_matching
 from delf_retrieval.matching.kernels import numba_available
-from delf_retrieval.matching.learned import count_inliers_learned, verify_learned
 from delf_retrieval.matching.nn import match_batch, match_products, match_products_threaded
 from delf_retrieval.matching.ransac import (
     _as_points,
@@ -143,7 +143,7 @@ def match_and_verify(
     k2, d2 = _as_features(keypoints2, descriptors2, "2")
     if config.MATCHER != "nn":  # a learned matcher (extra [learned])
 
-        return verify_learned(_local(k1, d1), _local(k2, d2), config)
+        return learned_matching.verify_learned(_local(k1, d1), _local(k2, d2), config)
     if d1.shape[1] != d2.shape[1]:
         raise ValueError(f"descriptor widths differ: {d1.shape[1]} and {d2.shape[1]}")
     (d1, k1), rows1 = _finite_features(k1, l2_normalize(d1))
@@ -208,7 +208,7 @@ def count_inliers_many(
         return np.zeros(0, np.int64)
     if config.MATCHER != "nn":  # a learned matcher (extra [learned])
 
-        return count_inliers_learned(query, candidates, config)
+        return learned_matching.count_inliers_learned(query, candidates, config)
     k1, d1 = _as_features(query.keypoints, query.descriptors, "of the query")
     (d1, k1), _ = _finite_features(k1, l2_normalize(d1))
     checked = []

@@ -28,9 +28,9 @@ from delf_retrieval.features.images import ImageSource, list_images
 from delf_retrieval.features.store import FeatureStore, fingerprint_key
 from delf_retrieval.kaggle.dataset import KaggleData
 from delf_retrieval.kaggle.submission import validate_submission, write_submission
+from delf_retrieval.models import loader
 from delf_retrieval.models.base import Extractor, ExtractorParams
 from delf_retrieval.models.extract import ExtractionSummary, extract_to_store
-from delf_retrieval.models.loader import default_model, load_extractor
 from delf_retrieval.search.index import BACKENDS, SearchIndex
 from delf_retrieval.search.stores import exact_index
 from delf_retrieval.search.vlad import ensure_global_descriptors
@@ -167,7 +167,7 @@ def open_run(
         extractor = model
     else:
 
-        extractor = load_extractor(default_model() if model is None else model, params)
+        extractor = loader.load_extractor(loader.default_model() if model is None else model, params)
     if config is None:  # a composite (e.g. keras+opencv-sift) follows its local model
         config = default_preset(extractor.family)
     config = load_config(config)
