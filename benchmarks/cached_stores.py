@@ -16,10 +16,10 @@ except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import delf_retrieval
-from delf_retrieval.models.base import Extractor
-from delf_retrieval.models.loader import load_extractor
 from delf_retrieval.features.store import FeatureStore
 from delf_retrieval.kaggle.submission import read_recognition_solution
+from delf_retrieval.models.base import Extractor
+from delf_retrieval.models.loader import load_extractor
 
 SPLITS = ("train", "test", "index")
 

@@ -26,11 +26,12 @@ import numpy as np
 from cached_stores import add_store_arguments, open_stores, true_landmarks
 
 import delf_retrieval
-from delf_retrieval.matching import cascade, learned as learned_matching
 from delf_retrieval.config import default_preset, load_config
 from delf_retrieval.features.images import read_labels_csv
 from delf_retrieval.kaggle.metrics import evaluate_recognition, evaluate_retrieval
 from delf_retrieval.kaggle.submission import recognition_dataframe, retrieval_dataframe
+from delf_retrieval.matching import cascade
+from delf_retrieval.matching import learned as learned_matching
 
 _seconds: dict[str, float] = defaultdict(float)
 _count = cascade.count_inliers_many

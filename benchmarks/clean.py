@@ -41,11 +41,11 @@ except ImportError:  # run from a checkout without installing
 
 from verification import baseline_on_processes, extract_features, product_bound  # noqa: E402
 
-from delf_retrieval.tasks.clean import verify_chunk
 from delf_retrieval.config import PRESETS
 from delf_retrieval.features.containers import ImageFeatures, l2_normalize
 from delf_retrieval.features.images import read_labels_csv
 from delf_retrieval.features.store import FeatureStore
+from delf_retrieval.tasks.clean import verify_chunk
 
 GLDV2_CLASSES = 81_313
 GLDV2_PHOTOS = 1_580_470

@@ -32,8 +32,8 @@ import delf_retrieval
 from delf_retrieval.config import load_config
 from delf_retrieval.features.images import read_labels_csv
 from delf_retrieval.kaggle.metrics import evaluate_recognition
-from delf_retrieval.scoring.rerank import recognize_one
 from delf_retrieval.kaggle.submission import recognition_dataframe
+from delf_retrieval.scoring.rerank import recognize_one
 
 
 def main() -> None:

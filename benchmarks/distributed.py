@@ -30,11 +30,11 @@ import numpy as np
 
 from delf_retrieval.distributed import RayExtractorPool, ShardedIndex, ray_session
 from delf_retrieval.distributed.sharded import _default_blas_threads
-from delf_retrieval.models.extract import extract_to_store
 from delf_retrieval.features.images import ImageSource, list_images
+from delf_retrieval.features.store import FeatureStore
+from delf_retrieval.models.extract import extract_to_store
 from delf_retrieval.models.loader import load_extractor
 from delf_retrieval.search.index import cosine_topk
-from delf_retrieval.features.store import FeatureStore
 
 
 def repeated(sources: list[ImageSource], count: int) -> list[ImageSource]:

@@ -20,11 +20,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from delf_retrieval.models.extract import extract_to_store
 from delf_retrieval.features.images import downscale_to_max_size, list_images, load_image
-from delf_retrieval.models.base import Extractor
-from delf_retrieval.models.loader import load_extractor
 from delf_retrieval.features.store import FeatureStore
+from delf_retrieval.models.base import Extractor
+from delf_retrieval.models.extract import extract_to_store
+from delf_retrieval.models.loader import load_extractor
 
 
 def bare_images_per_second(extractor: Extractor, images: list, repeat: int) -> float:

@@ -29,8 +29,8 @@ except ImportError:  # run from a checkout without installing
 
 from delf_retrieval.config import load_config
 from delf_retrieval.features.images import kaggle_image_path, load_image, read_labels_csv
-from delf_retrieval.models.loader import load_extractor
 from delf_retrieval.matching.verify import count_inliers_many
+from delf_retrieval.models.loader import load_extractor
 
 MODELS = {
     "opencv-sift": ("opencv-sift",),

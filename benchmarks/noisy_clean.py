@@ -39,11 +39,11 @@ except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import delf_retrieval
-from delf_retrieval.tasks.clean import clean_dataset
 from delf_retrieval.config import load_config
 from delf_retrieval.features.images import kaggle_image_path
 from delf_retrieval.kaggle.metrics import evaluate_recognition
 from delf_retrieval.models.loader import load_extractor
+from delf_retrieval.tasks.clean import clean_dataset
 
 
 def link(source: Path, target: Path) -> None:

@@ -69,8 +69,8 @@ def _decode_rate(extractor, sources) -> float:
 
 
 def _pipeline(extractor, sources, folder: Path, threads: int) -> float:
-    from delf_retrieval.models.extract import extract_to_store
     from delf_retrieval.features.store import FeatureStore
+    from delf_retrieval.models.extract import extract_to_store
 
     shutil.rmtree(folder, ignore_errors=True)
     store = FeatureStore(folder, extractor.fingerprint(), dtype="float16")

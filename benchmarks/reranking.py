@@ -35,14 +35,14 @@ import numpy as np
 from cached_stores import add_store_arguments, open_stores, true_landmarks
 
 import delf_retrieval
-from delf_retrieval.matching import cascade
-from delf_retrieval.tasks import retrieval
 from delf_retrieval.config import default_preset, load_config
 from delf_retrieval.features.images import read_labels_csv
 from delf_retrieval.kaggle.metrics import evaluate_recognition, evaluate_retrieval
+from delf_retrieval.kaggle.submission import recognition_dataframe, retrieval_dataframe
+from delf_retrieval.matching import cascade
 from delf_retrieval.models.loader import load_extractor
 from delf_retrieval.scoring.rerank import nonlandmark_similarity
-from delf_retrieval.kaggle.submission import recognition_dataframe, retrieval_dataframe
+from delf_retrieval.tasks import retrieval
 
 _inliers: dict[tuple[bytes, ...], np.ndarray] = {}
 _count = cascade.count_inliers_many

@@ -48,12 +48,12 @@ except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from delf_retrieval.features.store import FeatureStore
 
-from delf_retrieval.models.extract import extract_to_store
 from delf_retrieval.features.containers import ImageFeatures, LocalFeatures
 from delf_retrieval.features.images import kaggle_image_path, list_images, load_image
-from delf_retrieval.tasks.build_index import build_index
 from delf_retrieval.models import load_extractor
+from delf_retrieval.models.extract import extract_to_store
 from delf_retrieval.service.recognizer import Recognizer
+from delf_retrieval.tasks.build_index import build_index
 
 
 def synthetic_features(pool: np.ndarray, count: int, rng: np.random.Generator) -> ImageFeatures:

@@ -57,13 +57,13 @@ except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from delf_retrieval.config import PRESETS
+from delf_retrieval.core.threads import bounded_blas_threads
 from delf_retrieval.features.containers import LocalFeatures, l2_normalize
 from delf_retrieval.features.images import kaggle_image_path, load_image, read_labels_csv
 from delf_retrieval.matching.kernels import _TILE_ROWS
 from delf_retrieval.matching.nn import match_batch, select_matches
-from delf_retrieval.models.opencv_sift import OpenCVSiftExtractor
-from delf_retrieval.core.threads import bounded_blas_threads
 from delf_retrieval.matching.verify import count_inliers, count_inliers_many, putative_matches
+from delf_retrieval.models.opencv_sift import OpenCVSiftExtractor
 
 # --- the host baseline (Kaggle 2020), written from its description ------------------------
 

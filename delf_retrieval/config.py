@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from delf_retrieval.models import registry
 from delf_retrieval.models.presets import EXTRACTION_PRESETS
 
 
@@ -255,7 +256,6 @@ class Config:
             "MATCH_DEVICE": self.MATCH_DEVICE in MATCH_DEVICES,
         }
         if self.EXTRACTION_PRESET:
-
             checks["EXTRACTION_PRESET"] = self.EXTRACTION_PRESET in EXTRACTION_PRESETS
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -462,19 +462,11 @@ PRESETS: dict[str, Config] = {
     "knn-classifier": Config(CLASSIFIER_MODE="fused", TOP_K=5),
 }
 
-# The preset a run uses when none is given, by extractor family.
-DEFAULT_PRESETS = {
-    "opencv-sift": "opencv-sift",
-    "aliked": "aliked-lightglue",
-    "disk": "disk-lightglue",
-    "xfeat": "xfeat-lighterglue",
-}
-
-
 def default_preset(family: str) -> str:
-    """Name of the preset suiting an extractor family (``kaggle2020`` for DELF/DELG); a
+    """Name of the preset suiting an extractor family, from the model registry
+    (:func:`delf_retrieval.models.registry.default_preset`: ``kaggle2020`` for DELF/DELG); a
     composite family (``"keras+opencv-sift"``) gets its local model's."""
-    return DEFAULT_PRESETS.get(family.split("+")[-1], "kaggle2020")
+    return registry.default_preset(family)
 
 
 def load_config(source: str | Path | Config | None = None, **overrides: Any) -> Config:

@@ -49,10 +49,10 @@ def imports_of(path: Path) -> list[tuple[str, bool, int]]:
         for child in ast.iter_child_nodes(node):
             inner = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef))
             if isinstance(child, ast.ImportFrom) and child.module and child.level == 0:
-                if child.module == "delf_retrieval" and [a.name for a in child.names] == ["__version__"]:
-                    pass  # the root defines only the version eagerly; its API is lazy
-                elif child.module.startswith("delf_retrieval"):
+                if child.module.startswith("delf_retrieval"):
                     for alias in child.names:  # "from pkg import module" imports the module
+                        if child.module == "delf_retrieval" and alias.name == "__version__":
+                            continue  # the root defines only the version eagerly; its API is lazy
                         candidate = f"{child.module}.{alias.name}"
                         target = candidate if _is_module(candidate) else child.module
                         found.append((target, in_function, child.lineno))

@@ -169,7 +169,7 @@ def test_bad_input_and_bad_index_give_clear_errors(recognizer, tmp_path):
 
 
 def test_index_is_memory_mapped(recognizer):
-    assert isinstance(recognizer.vectors, np.memmap)
+    assert isinstance(recognizer.index.database.global_descriptors(), np.memmap)
     assert all(isinstance(array, np.memmap) for array in recognizer.derived.values())
     assert recognizer.info()["train_images"] == 12 and recognizer.load_seconds < 5
     assert Config(**read_manifest(recognizer.path).config) == recognizer.config

@@ -91,7 +91,6 @@ def check_output_folder(path: Path, what: str) -> None:
 
 
 def _default_model() -> str:
-
     return loader.default_model()
 
 
@@ -190,7 +189,6 @@ def _extraction_preset(args: argparse.Namespace) -> str:
     if args.extraction_preset:
         return args.extraction_preset
     if getattr(args, "config", None):
-
         return load_config(args.config).EXTRACTION_PRESET
     return ""
 
@@ -215,7 +213,6 @@ def _model_options(args: argparse.Namespace) -> dict:
 
 
 def _is_keras_spec(spec: str | None) -> bool:
-
     if spec is None:
         return False
     path = Path(spec).expanduser()
@@ -228,15 +225,13 @@ def _is_keras_spec(spec: str | None) -> bool:
 
 
 def _load_one(spec: str, args: argparse.Namespace, options: dict, *, for_global: bool, for_local: bool):
-    """One model with the command line's overrides: Keras options for Keras models, local
-    parameters when it supplies local features, global scales when it supplies the global one."""
-
+    """One model with the command line's overrides, loaded once: Keras options for Keras
+    models, local parameters when it supplies local features, global scales when it
+    supplies the global one (applied to the family's defaults or the extraction preset)."""
     keras = _is_keras_spec(spec)
     if keras and for_global and args.global_scales is not None:
         options = {**options, "scales": tuple(args.global_scales)}
     preset = "" if keras else _extraction_preset(args)  # extraction presets are DELG/DELF settings
-    # Options given to a non-Keras model raise a clear error.
-    extractor = loader.load_extractor(spec, extraction_params(preset) if preset else None, **options)
     changes = {}
     if args.exif_transpose is not None:
         changes["exif_transpose"] = args.exif_transpose
@@ -250,9 +245,11 @@ def _load_one(spec: str, args: argparse.Namespace, options: dict, *, for_global:
         changes["score_threshold"] = args.score_threshold
     if for_global and not keras and args.global_scales is not None:
         changes["global_scales"] = tuple(args.global_scales)
+    params = extraction_params(preset) if preset else None
     if changes:
-        extractor = loader.load_extractor(spec, dataclasses.replace(extractor.params, **changes), **options)
-    return extractor
+        params = dataclasses.replace(params or loader.default_params(spec), **changes)
+    # Options given to a non-Keras model raise a clear error.
+    return loader.load_extractor(spec, params, **options)
 
 
 def build_extractor(args: argparse.Namespace):
@@ -294,7 +291,6 @@ def _classifiers(args: argparse.Namespace, extractor) -> list:
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
-
     check_output_folder(args.out, "the feature store")
     sources = list_images(args.images if len(args.images) > 1 else args.images[0], args.image_root)
     if not sources:
@@ -304,7 +300,6 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     store = FeatureStore(args.out, extractor.fingerprint(), dtype=args.dtype, wait=not args.no_wait)
     print(f"model: {extractor!r}\nstore: {store.path}")
     if args.ray:
-
         _check_ray_model(args)
         summary = distributed.extract_to_store_ray(
             args.model or _default_model(),
@@ -348,7 +343,6 @@ def _check_run(args: argparse.Namespace, required: Sequence[str], output: str = 
 
 
 def _cmd_recognize(args: argparse.Namespace) -> int:
-
     _check_run(args, ("train.csv", "sample_submission.csv"))
     extractor = build_extractor(args)
     config = _config(args, extractor)
@@ -377,7 +371,6 @@ def _cmd_recognize(args: argparse.Namespace) -> int:
 
 
 def _cmd_retrieve(args: argparse.Namespace) -> int:
-
     _check_run(args, ("index.csv", "sample_submission.csv"))
     extractor = build_extractor(args)
     with _ray_hooks(args, extractor) as hooks:
@@ -432,7 +425,6 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-
     _require_files(args.submission, args.sample)
     problems = validate_submission(args.submission, args.sample, kind=args.kind)
     for problem in problems:
@@ -456,7 +448,6 @@ def _cmd_clean(args: argparse.Namespace) -> int:
     hooks: dict = {}
     with contextlib.ExitStack() as stack:
         if args.ray:
-
             _check_ray_model(args)
             runner = stack.enter_context(
                 RayRunner(args.model or _default_model(), extractor.params, address=args.ray, num_workers=args.ray_workers)
@@ -486,14 +477,12 @@ def _cmd_clean(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-
     check_output_folder(args.out, "the demo output")
     run_demo(args.out, seed=args.seed, progress=not args.no_progress)
     return 0
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
-
     args.overrides = dict(parse_override(item) for item in args.set or ())
     extractor = build_extractor(args)
     config = _config(args, extractor) if args.config or args.set else None
@@ -509,17 +498,16 @@ def _cmd_index(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         decode_threads=args.threads,
         progress=not args.no_progress,
+        classifiers=_classifiers(args, extractor),
     )
     return 0
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-
     return run_predict(args)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-
     changes = {"max_upload_bytes": int(args.max_upload_mb * 2**20)}
     if args.concurrency is not None:
         changes["concurrency"] = args.concurrency
@@ -544,6 +532,14 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-verify", action="store_true", help="global similarity only, no RANSAC")
     _add_model_arguments(parser)
     _add_ray_arguments(parser, shards=True)
+
+
+def _add_classifier_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--classes", default=None, metavar="CSV", help="class_index,landmark_id of the (global) model's softmax head")
+    parser.add_argument(
+        "--classifier", nargs=2, action="append", metavar=("MODEL", "CSV"),
+        help="another softmax classifier and its class mapping (repeatable; the most confident wins)",
+    )
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -575,11 +571,7 @@ def make_parser() -> argparse.ArgumentParser:
 
     recognize = commands.add_parser("recognize", help="recognition submission for a Kaggle-layout dataset")
     _add_run_arguments(recognize)
-    recognize.add_argument("--classes", default=None, metavar="CSV", help="class_index,landmark_id of the (global) model's softmax head")
-    recognize.add_argument(
-        "--classifier", nargs=2, action="append", metavar=("MODEL", "CSV"),
-        help="another softmax classifier and its class mapping (repeatable; the most confident wins)",
-    )
+    _add_classifier_arguments(recognize)
     recognize.add_argument(
         "--nonlandmark",
         action="store_true",
@@ -636,6 +628,7 @@ def make_parser() -> argparse.ArgumentParser:
     index.add_argument("--config", default=None, help="preset or YAML/JSON file stored in the index (default: the model's preset)")
     index.add_argument("--set", action="append", metavar="NAME=VALUE", help="override one config field, e.g. --set LANDMARK_THRESHOLD=1.5")
     index.add_argument("--no-nonlandmark", action="store_true", help="leave nonlandmark.csv's distractor set out")
+    _add_classifier_arguments(index)
     index.add_argument("--thumbnail-size", type=int, default=256, help="longer side of the thumbnails the web page shows (0: none)")
     index.add_argument(
         "--search-dtype",

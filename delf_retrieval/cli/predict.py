@@ -51,7 +51,6 @@ def run_predict(args: argparse.Namespace) -> int:
         if not args.json:
             print(format_prediction(str(photo), prediction))
         if args.show is not None:
-
             target = _show_path(args.show, photo, len(args.photos) > 1)
             draw_prediction(recognizer, prediction, image, target)
             if not args.json:

@@ -86,7 +86,6 @@ class RayChunkRunner:
         config: Config,
         on_done: Callable[[int, np.ndarray], None],
     ) -> None:
-
         if not chunks:
             return
         if self.release is not None:

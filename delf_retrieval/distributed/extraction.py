@@ -75,7 +75,6 @@ class _ExtractionWorker:
     """Body of one extraction actor: holds one extractor, loaded once."""
 
     def __init__(self, model_spec: str | os.PathLike, params: ExtractorParams | None) -> None:
-
         self._extractor = load_extractor(model_spec, params)
 
     def describe(self) -> dict[str, Any]:

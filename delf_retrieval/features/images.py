@@ -143,6 +143,28 @@ def decode_image_scaled(
     return small, factor * draft_scale
 
 
+def oriented_size(image: Image.Image, exif_transpose: bool = True) -> tuple[int, int]:
+    """``(width, height)`` of an opened image as decoded: swapped for the EXIF orientations
+    that turn it by 90 degrees when ``exif_transpose`` (read from the header only)."""
+    width, height = image.size
+    if exif_transpose and image.getexif().get(0x0112, 1) in (5, 6, 7, 8):
+        width, height = height, width
+    return width, height
+
+
+def original_size(data: bytes, exif_transpose: bool = True) -> tuple[int, int] | None:
+    """``(height, width)`` in pixels of encoded image ``data`` as decoded at full size, read
+    from the header without decoding the pixels; None when the header cannot be read."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                width, height = oriented_size(image, exif_transpose)
+    except Exception:  # the decoder reports unreadable data with its own reason
+        return None
+    return height, width
+
+
 def _to_rgb_uint8(image: Image.Image) -> np.ndarray:
     mode = image.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):

@@ -621,6 +621,24 @@ class FeatureStore:
         return f"FeatureStore({str(self.path)!r}, family={self.fingerprint.get('family')!r})"
 
 
+def as_stored(features: ImageFeatures, dtype: str) -> ImageFeatures:
+    """``features`` as a store of ``dtype`` holds them: descriptors and the global vector in
+    ``dtype`` (``float16`` rounds), keypoints, scores and scales in float32 (the arrays
+    :meth:`FeatureStore.write_chunk` writes). A photo recognised alone is rounded like
+    this so that it is compared exactly as a stored query would be."""
+    data_type = np.dtype(dtype)
+    local = features.local
+    if local is not None:
+        local = LocalFeatures(
+            keypoints=np.asarray(local.keypoints, np.float32),
+            descriptors=np.asarray(local.descriptors, data_type),
+            scores=np.asarray(local.scores, np.float32),
+            scales=np.asarray(local.scales, np.float32),
+        )
+    vector = None if features.global_descriptor is None else np.asarray(features.global_descriptor, data_type)
+    return ImageFeatures(local=local, global_descriptor=vector)
+
+
 def _stack(parts: list[np.ndarray], empty_shape: tuple[int, ...], dtype: Any) -> np.ndarray:
     if not parts or sum(len(p) for p in parts) == 0:
         return np.zeros(empty_shape, dtype=dtype)

@@ -123,13 +123,10 @@ def match_batch(
         if exact:
             found = _exact_group(d1, stacked, bounds, max_distance, mutual, ratio)
         else:
-
             found = approximate_group(d1, stacked, bounds, max_distance, mutual, ratio, dtype, where, state)
         for c, matches in zip(members, found, strict=True):
             results[c] = matches
     return [r if r is not None else np.zeros((0, 2), np.int64) for r in results]
-
-
 
 
 def quantize_int8(descriptors: np.ndarray, levels: int = 127) -> tuple[np.ndarray, float]:
@@ -298,12 +295,6 @@ def _winners_by_column_max(column_max, nearest, best, eligible) -> np.ndarray:
     _, first = np.unique(nearest[candidates], return_index=True)
     winners[candidates[first]] = True
     return winners
-
-
-
-
-
-
 
 
 # --------------------------------------------------------------------------- threaded float32

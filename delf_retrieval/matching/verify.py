@@ -52,7 +52,6 @@ __all__ = [
 ]
 
 
-
 def putative_matches(
     descriptors1: np.ndarray,
     descriptors2: np.ndarray,
@@ -103,8 +102,6 @@ def putative_matches(
     if d1.shape[0] == 0 or d2.shape[0] == 0:
         return np.zeros((0, 2), np.int64)
     return _original_rows(_match_normalized(d1, d2, max_distance, mutual, ratio), rows1, rows2)
-
-
 
 
 def match_and_verify(
@@ -299,12 +296,6 @@ def _count_tiled(
     return counts
 
 
-
-
-
-
-
-
 _POOLS: dict[int, ThreadPoolExecutor] = {}
 _POOLS_LOCK = threading.Lock()
 
@@ -379,34 +370,10 @@ def _matches_for(d1: np.ndarray, d2: np.ndarray, config: Config) -> np.ndarray:
     )
 
 
-
-
 # --- RANSAC back ends ----------------------------------------------------------------------
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 # --- input checks --------------------------------------------------------------------------
-
-
-
-
 
 
 def _as_descriptors(array: np.ndarray, name: str) -> np.ndarray:
@@ -414,8 +381,6 @@ def _as_descriptors(array: np.ndarray, name: str) -> np.ndarray:
     if array.ndim != 2:
         raise ValueError(f"{name} must be a 2-D array [N, D], got shape {array.shape}")
     return array.astype(np.float32, copy=False)
-
-
 
 
 def _as_features(keypoints: np.ndarray, descriptors: np.ndarray, which: str):

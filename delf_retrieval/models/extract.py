@@ -22,7 +22,12 @@ from delf_retrieval.features.containers import (
     non_finite_problem,
     rescale_features,
 )
-from delf_retrieval.features.images import ImageDecodeError, ImageSource, decode_image_scaled
+from delf_retrieval.features.images import (
+    ImageDecodeError,
+    ImageSource,
+    decode_image_scaled,
+    downscale_to_max_size,
+)
 from delf_retrieval.features.store import FeatureStore
 from delf_retrieval.models.base import Extractor
 
@@ -68,11 +73,57 @@ class ExtractionSummary:
 
 
 @dataclass(frozen=True)
-class _Decoded:
+class Decoded:
+    """One image ready for the model, or the reason it is not.
+
+    ``image`` is RGB uint8 [H, W, 3] (or what the extractor's ``prepare_image`` made of it),
+    at most the model's ``max_image_size`` on its longer side; ``factor`` = original size /
+    that size (>= 1), which maps keypoints back to original pixels; ``error`` the reason
+    the image cannot be used (``image`` is then None).
+    """
+
     source: ImageSource
-    image: Any  # RGB uint8 [H, W, 3], or what the extractor's prepare_image made of it; None on failure
+    image: Any
     factor: float
     error: str | None
+
+
+def check_image_size(image: np.ndarray, factor: float, max_size: int | None) -> None:
+    """Raise :class:`ImageDecodeError` when ``image`` (after the size cap) has a side under
+    :data:`MIN_IMAGE_SIDE` pixels: the input rule of every path (batch, ``predict``, service)."""
+    if min(image.shape[:2]) < MIN_IMAGE_SIDE:
+        height, width = image.shape[:2]
+        shrunk = f" after shrinking to --max-image-size {max_size}" if factor > 1 else ""
+        raise ImageDecodeError(
+            f"image too small: {width}x{height} px{shrunk} (at least {MIN_IMAGE_SIDE} px per side)"
+        )
+
+
+def decode_for_model(
+    data: bytes | np.ndarray,
+    source: ImageSource,
+    max_size: int | None,
+    exif_transpose: bool = True,
+    prepare: Callable[[np.ndarray], Any] | None = None,
+) -> Decoded:
+    """Decode encoded bytes (or take an RGB uint8 array) for the model: the one decoding of
+    every path. Bytes are decoded reduced when larger than ``max_size``
+    (:func:`~delf_retrieval.features.images.decode_image_scaled`), arrays are shrunk; then
+    the size rule (:func:`check_image_size`) and ``prepare``. Never raises: a failure is
+    the returned ``error``."""
+    try:
+        if isinstance(data, np.ndarray):
+            small, factor = downscale_to_max_size(data, max_size)
+        else:
+            small, factor = decode_image_scaled(data, max_size, exif_transpose=exif_transpose)
+        check_image_size(small, factor, max_size)
+        if prepare is not None:  # e.g. a Keras model's resize + preprocessing, off the model thread
+            small = prepare(small)
+        return Decoded(source, small, factor, None)
+    except ImageDecodeError as error:
+        return Decoded(source, None, 1.0, str(error))
+    except Exception as error:  # any decoder crash is one image's failure, not the run's
+        return Decoded(source, None, 1.0, f"decode failed: {type(error).__name__}: {error}")
 
 
 def _decode(
@@ -80,22 +131,14 @@ def _decode(
     max_size: int | None,
     exif_transpose: bool = True,
     prepare: Callable[[np.ndarray], Any] | None = None,
-) -> _Decoded:
+) -> Decoded:
     try:
-        small, factor = decode_image_scaled(source.read_bytes(), max_size, exif_transpose=exif_transpose)
-        if min(small.shape[:2]) < MIN_IMAGE_SIDE:
-            height, width = small.shape[:2]
-            shrunk = f" after shrinking to --max-image-size {max_size}" if factor > 1 else ""
-            raise ImageDecodeError(
-                f"image too small: {width}x{height} px{shrunk} (at least {MIN_IMAGE_SIDE} px per side)"
-            )
-        if prepare is not None:  # e.g. a Keras model's resize + preprocessing, off the model thread
-            small = prepare(small)
-        return _Decoded(source, small, factor, None)
+        data = source.read_bytes()
     except ImageDecodeError as error:
-        return _Decoded(source, None, 1.0, str(error))
-    except Exception as error:  # any decoder crash is one image's failure, not the run's
-        return _Decoded(source, None, 1.0, f"decode failed: {type(error).__name__}: {error}")
+        return Decoded(source, None, 1.0, str(error))
+    except Exception as error:
+        return Decoded(source, None, 1.0, f"decode failed: {type(error).__name__}: {error}")
+    return decode_for_model(data, source, max_size, exif_transpose, prepare)
 
 
 def iter_decoded(
@@ -106,14 +149,14 @@ def iter_decoded(
     prefetch: int = 16,
     exif_transpose: bool = True,
     prepare: Callable[[np.ndarray], Any] | None = None,
-) -> Iterator[_Decoded]:
+) -> Iterator[Decoded]:
     """Decode (and downscale) images in a thread pool, yielding them in input order.
 
     ``prepare`` (e.g. ``KerasExtractor.prepare_image``) runs on each decoded image in the
     same threads; its result replaces the image.
     """
     with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="decode") as pool:
-        pending: deque[Future[_Decoded]] = deque()
+        pending: deque[Future[Decoded]] = deque()
         position = 0
         while position < len(sources) or pending:
             while position < len(sources) and len(pending) < prefetch:
@@ -122,9 +165,7 @@ def iter_decoded(
             yield pending.popleft().result()
 
 
-
-
-def extract_decoded(extractor: Extractor, decoded: _Decoded) -> tuple[ImageFeatures | None, str | None]:
+def extract_decoded(extractor: Extractor, decoded: Decoded) -> tuple[ImageFeatures | None, str | None]:
     """Features of one decoded image in original pixels, or ``(None, reason)`` on failure.
 
     The one place where an image becomes features; the local runner and the Ray workers
@@ -136,14 +177,11 @@ def extract_decoded(extractor: Extractor, decoded: _Decoded) -> tuple[ImageFeatu
         features = rescale_features(extractor.extract(decoded.image), decoded.factor)
     except Exception as error:  # one bad image must not end a multi-day run
         return None, f"extraction failed: {type(error).__name__}: {error}"
-    problem = non_finite_problem(features)
-    return (None, problem) if problem else (features, None)
-
-
+    return _checked(features)
 
 
 def extract_decoded_many(
-    extractor: Extractor, decoded: Sequence[_Decoded]
+    extractor: Extractor, decoded: Sequence[Decoded]
 ) -> list[tuple[ImageFeatures | None, str | None]]:
     """:func:`extract_decoded` of several images with one ``extractor.extract_many`` call.
 
@@ -158,8 +196,14 @@ def extract_decoded_many(
         features = extractor.extract_many([item.image for item in good])
     except Exception:
         return [extract_decoded(extractor, item) for item in decoded]
-    by_id = {id(item): rescale_features(f, item.factor) for item, f in zip(good, features, strict=True)}
-    return [(by_id[id(item)], None) if item.error is None else (None, item.error) for item in decoded]
+    by_id = {id(item): _checked(rescale_features(f, item.factor)) for item, f in zip(good, features, strict=True)}
+    return [by_id[id(item)] if item.error is None else (None, item.error) for item in decoded]
+
+
+def _checked(features: ImageFeatures) -> tuple[ImageFeatures | None, str | None]:
+    """``(features, None)``, or ``(None, reason)`` when they hold NaN or inf."""
+    problem = non_finite_problem(features)
+    return (None, problem) if problem else (features, None)
 
 
 def pending_sources(
@@ -232,7 +276,7 @@ def _extract_locked(
 
     # Extractors that batch their model calls (Keras) get this many decoded images at once.
     model_batch = max(1, int(getattr(extractor, "batch_size", 1)))
-    pending: list[_Decoded] = []
+    pending: list[Decoded] = []
 
     def run_model() -> None:
         nonlocal extracted

@@ -508,7 +508,6 @@ def build_delg_tf2(
     index_spec = tf.TensorSpec([None], tf.int32, name="input_global_scales_ind")
     module = tf.Module()
     if global_only:
-
         @tf.function(input_signature=[image_spec, scales_spec, index_spec], autograph=False)
         def serve(input_image: Any, input_scales: Any, input_global_scales_ind: Any) -> dict:
             return _delg_outputs(
@@ -523,7 +522,6 @@ def build_delg_tf2(
             )
 
     else:
-
         @tf.function(
             autograph=False,
             input_signature=[

@@ -27,6 +27,7 @@ from delf_retrieval.features.containers import (
     ImageFeatures,
     LocalFeatures,
     l2_normalize,
+    rescale_features,
     to_original_pixels,
 )
 from delf_retrieval.features.images import downscale_to_max_size
@@ -199,14 +200,7 @@ class LearnedExtractor(Extractor):
                 stop += 1
             group = prepared[start:stop]
             for local, (_, factor) in zip(self._run([small for small, _ in group]), group, strict=True):
-                if factor != 1.0:
-                    local = LocalFeatures(
-                        keypoints=to_original_pixels(local.keypoints, factor),
-                        descriptors=local.descriptors,
-                        scores=local.scores,
-                        scales=local.scales,
-                    )
-                results.append(ImageFeatures(local=local, global_descriptor=None))
+                results.append(rescale_features(ImageFeatures(local=local, global_descriptor=None), factor))
             start = stop
         return results
 

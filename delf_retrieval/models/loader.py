@@ -11,15 +11,13 @@ import os
 from pathlib import Path
 from typing import Any
 
+from delf_retrieval.models import registry
 from delf_retrieval.models.base import Extractor, ExtractorParams
 from delf_retrieval.models.composite import CompositeExtractor
 from delf_retrieval.models.delf_hub import DelfHubExtractor, is_hub_handle, resolve_hub_handle
 from delf_retrieval.models.delg import DelgTF1Extractor, DelgTF2Extractor
 from delf_retrieval.models.keras_model import KerasExtractor, KerasOptions, is_keras_file
-from delf_retrieval.models.learned import LearnedExtractor, learned_name
-from delf_retrieval.models.opencv_sift import OpenCVSiftExtractor
 
-SIFT_NAMES = ("opencv-sift", "sift", "opencv")
 SUPPORTED = (
     "'opencv-sift' (aliases 'sift', 'opencv'); 'aliked', 'disk' or 'xfeat' (learned, optional "
     "extra [learned]); a SavedModel folder of DELG in TF2 format "
@@ -73,11 +71,22 @@ def default_model() -> str:
 
 
 def list_models() -> list[str]:
-    """Names :func:`load_extractor` accepts besides folders (aliases not listed).
-
-    ``google/delf/1`` needs the module in the TF-Hub cache (see ``TFHUB_CACHE_DIR``).
+    """Names :func:`load_extractor` accepts besides folders (aliases not listed): the
+    registry's named families (:mod:`delf_retrieval.models.registry`) and
+    ``google/delf/1``, which needs the module in the TF-Hub cache (``TFHUB_CACHE_DIR``).
     """
-    return ["aliked", "disk", "google/delf/1", "opencv-sift", "xfeat"]
+    return sorted([f.name for f in registry.named_families()] + ["google/delf/1"])
+
+
+def model_spec(extractor: Extractor) -> str:
+    """What :func:`load_extractor` needs to load ``extractor`` again: its name (families of
+    the registry loaded by name) or its folder, made absolute."""
+    if extractor.family in list_models():  # loaded by name (opencv-sift, aliked, ...), no folder
+        return extractor.family
+    folder = getattr(extractor, "path", None)
+    if folder is None:
+        raise ValueError(f"cannot tell where {extractor!r} was loaded from; pass the model spec instead")
+    return str(Path(folder).resolve())
 
 
 def detect_format(folder: str | os.PathLike) -> str:
@@ -149,14 +158,31 @@ def _is_image_batch_signature(signature: Any) -> bool:
 
 
 def _extractor_class(family: str) -> type[Extractor]:
-    if family == "delg-tf2":
+    return {"delg-tf2": DelgTF2Extractor, "delg-tf1": DelgTF1Extractor}.get(family, DelfHubExtractor)
 
-        return DelgTF2Extractor
-    if family == "delg-tf1":
 
-        return DelgTF1Extractor
+def family_of(spec: str | os.PathLike) -> str:
+    """The registry family a model spec names, found without loading the model: a name of
+    the registry, a Keras file, a SavedModel folder (read by :func:`detect_format`) or a
+    TF-Hub handle (the DELF module). Raises ValueError as :func:`load_extractor` would."""
+    named = registry.family(spec) if isinstance(spec, str) else None
+    if named is not None and named.load is not None:
+        return named.name
+    path = Path(spec).expanduser()
+    if path.is_file() and is_keras_file(path):
+        return "keras"
+    if path.exists():
+        return detect_format(path)
+    if is_hub_handle(spec):
+        return "delf-hub"
+    raise ValueError(f"{os.fspath(spec)!r} is not a file, folder or known name. Supported: {SUPPORTED}")
 
-    return DelfHubExtractor
+
+def default_params(spec: str | os.PathLike) -> ExtractorParams:
+    """The extraction parameters the model of ``spec`` uses when given none (from the
+    registry, without loading the model)."""
+    found = registry.family(family_of(spec))
+    return found.default_params() if found is not None else ExtractorParams()
 
 
 def load_extractor(
@@ -211,15 +237,10 @@ def load_extractor(
         return CompositeExtractor(global_extractor, local_extractor)
     if spec is None:
         raise ValueError(f"no model given. Supported: {SUPPORTED}")
-    if isinstance(spec, str) and spec.strip().lower() in SIFT_NAMES:
+    named = registry.family(spec) if isinstance(spec, str) else None
+    if named is not None and named.load is not None:
         _no_options(spec, options)
-
-        return OpenCVSiftExtractor(params)
-
-    if learned_name(spec) is not None:
-        _no_options(spec, options)
-
-        return LearnedExtractor(learned_name(spec), params)
+        return named.load(params)
     if not isinstance(spec, (str, os.PathLike)):
         raise ValueError(f"expected a model name or path, got {type(spec).__name__}")
     if not os.fspath(spec).strip():
@@ -227,12 +248,10 @@ def load_extractor(
     path = Path(spec).expanduser()
 
     if path.is_file() and is_keras_file(path):
-
         return KerasExtractor(path, KerasOptions.from_mapping(options), params, custom_objects)
     if path.exists():
         folder = path
     else:
-
         if not is_hub_handle(spec):
             raise ValueError(
                 f"{os.fspath(spec)!r} is not a file, folder or known name. Supported: {SUPPORTED}"
@@ -240,7 +259,6 @@ def load_extractor(
         folder = resolve_hub_handle(spec)
     family = detect_format(folder)
     if family == "keras":
-
         return KerasExtractor(folder, KerasOptions.from_mapping(options), params)
     _no_options(spec, options)
     return _extractor_class(family)(folder, params)

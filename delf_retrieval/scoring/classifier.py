@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,11 +36,11 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from delf_retrieval.config import Config
-from delf_retrieval.features.images import ImageSource, list_images
+from delf_retrieval.features.images import ImageDecodeError, ImageSource, list_images
 from delf_retrieval.features.store import fingerprint_key
-from delf_retrieval.models.extract import iter_decoded
+from delf_retrieval.models.extract import decode_for_model, iter_decoded
 from delf_retrieval.models.loader import load_extractor
-from delf_retrieval.scoring.rerank import rerank
+from delf_retrieval.scoring.rerank import aggregate_landmarks, best_entry
 
 CLASSIFIER_TOP = 100  # best classes kept per query (probabilities of the others count as 0)
 MODES = ("off", "classifier", "fused")
@@ -200,11 +200,7 @@ def landmark_probabilities(
 
 def classifier_prediction(probabilities: dict[str, float]) -> tuple[str | None, float]:
     """The most probable landmark and its probability (first seen wins ties); ``(None, 0.0)`` if none."""
-    best, value = None, 0.0
-    for landmark, probability in probabilities.items():
-        if best is None or probability > value:
-            best, value = landmark, probability
-    return best, float(value)
+    return best_entry(probabilities)
 
 
 def fuse_knn_classifier(
@@ -230,61 +226,62 @@ def fuse_knn_classifier(
     scores = np.asarray(cand_scores, np.float64)
     if len(cand_labels) != scores.shape[0]:
         raise ValueError(f"{len(cand_labels)} labels but {scores.shape[0]} scores")
-    sums: dict[str, float] = {}
-    for label, score in zip(list(cand_labels)[: config.TOP_K], scores[: config.TOP_K].tolist(), strict=True):
-        if label is None:
-            continue
-        term = max(score, 0.0) ** config.FUSION_COSINE_POWER * probabilities.get(label, 0.0) ** config.FUSION_PROB_POWER
-        sums[label] = sums.get(label, 0.0) + term
-    best, value = None, 0.0
-    for label, total in sums.items():
-        if best is None or total > value:
-            best, value = label, total
-    return best, float(value)
+    terms = [
+        0.0 if label is None
+        else max(score, 0.0) ** config.FUSION_COSINE_POWER * probabilities.get(label, 0.0) ** config.FUSION_PROB_POWER
+        for label, score in zip(cand_labels, scores.tolist(), strict=True)
+    ]
+    return aggregate_landmarks(list(cand_labels), np.asarray(terms, np.float64), config.TOP_K)
 
 
-def apply_classifiers(
-    result: Any,
+def store_class_probabilities(
     classifiers: Sequence[Classifier],
     queries: Any,
     query_images: str | os.PathLike | Sequence[ImageSource],
-    labels: dict[str, str],
-    config: Config,
     *,
     progress: bool = True,
-    log: Callable[[str], None] = print,
-) -> Any:
-    """Recognition-run hook: replace ``result.predictions`` by classifier or fused predictions.
+) -> list[dict[str, float]]:
+    """Per query of the store ``queries`` (``queries.ids`` order), landmark -> probability
+    over all ``classifiers`` (:func:`landmark_probabilities`): what the recognition engine
+    takes for ``CLASSIFIER_MODE`` ``classifier``/``fused``.
 
-    ``result`` is a :class:`delf_retrieval.RecognitionResult` (its neighbours,
-    similarities and inliers are reused); ``queries`` the query store and ``query_images``
-    its images (anything :func:`delf_retrieval.features.images.list_images` takes). Does nothing when
-    ``config.CLASSIFIER_MODE`` is ``"off"``. Non-landmark and frequent-landmark penalties
-    are not applied on top of these predictions.
+    ``query_images`` are the store's images (anything :func:`~delf_retrieval.features.images.list_images`
+    takes); each classifier's top classes are cached in the store (:func:`query_class_predictions`).
     """
-
-    mode = config.CLASSIFIER_MODE
-    if mode == "off":
-        return result
     if not classifiers:
-        raise ValueError(f"CLASSIFIER_MODE={mode!r} needs at least one classifier (model + class mapping CSV)")
+        raise ValueError("a classifier mode needs at least one classifier (model + class mapping CSV)")
+    sources = list_images(query_images) if isinstance(query_images, (str, os.PathLike)) else query_images
+    per_classifier = [
+        (*query_class_predictions(classifier, queries, sources, progress=progress), classifier.landmarks)
+        for classifier in classifiers
+    ]
+    return [
+        landmark_probabilities([(indices[row], probs[row], marks) for indices, probs, marks in per_classifier])
+        for row in range(len(queries.ids))
+    ]
 
-    query_sources = list_images(query_images) if isinstance(query_images, (str, os.PathLike)) else query_images
-    per_classifier = []
+
+def image_class_probabilities(
+    classifiers: Sequence[Classifier], photo: bytes | np.ndarray, name: str = "photo"
+) -> dict[str, float]:
+    """Landmark -> probability of one photo (encoded bytes or RGB uint8 [H, W, 3]) over all
+    ``classifiers``, as :func:`store_class_probabilities` gives it for a stored image: the
+    same decoding (:func:`~delf_retrieval.models.extract.decode_for_model` with each
+    classifier's size cap and ``prepare_image``), then its top classes."""
+    if not classifiers:
+        raise ValueError("a classifier mode needs at least one classifier (model + class mapping CSV)")
+    predictions = []
     for classifier in classifiers:
-        indices, probs = query_class_predictions(classifier, queries, query_sources, progress=progress)
-        per_classifier.append((indices, probs, classifier.landmarks))
-    predictions = {}
-    for row, query_id in enumerate(queries.ids):
-        probabilities = landmark_probabilities([(i[row], p[row], marks) for i, p, marks in per_classifier])
-        if mode == "classifier":
-            predictions[query_id] = classifier_prediction(probabilities)
-            continue
-        neighbours = result.neighbours[query_id]
-        cosine = np.asarray(result.similarities[query_id], np.float64)
-        order, scores = rerank(cosine, result.inliers.get(query_id), config.replace(NONLANDMARK_PENALTY=0.0))
-        cand_labels = [labels.get(neighbours[j]) for j in order]
-        predictions[query_id] = fuse_knn_classifier(cand_labels, scores, probabilities, config)
-    log(f"classifier: {mode} predictions from {len(classifiers)} classifier(s)")
-    result.predictions = predictions
-    return result
+        extractor = classifier.extractor
+        decoded = decode_for_model(
+            photo,
+            ImageSource(id=name, path=name),
+            extractor.params.max_image_size,
+            prepare=getattr(extractor, "prepare_image", None),
+        )
+        if decoded.error is not None:
+            raise ImageDecodeError(f"{name}: {decoded.error}")
+        top = min(CLASSIFIER_TOP, len(classifier.landmarks))
+        indices, probs = top_classes(extractor.class_probabilities([decoded.image]), top)
+        predictions.append((indices[0], probs[0], classifier.landmarks))
+    return landmark_probabilities(predictions)

@@ -191,11 +191,17 @@ def aggregate_landmarks(
     for label, score in zip(names[:top_k], values[:top_k].tolist(), strict=True):
         if label is not None:
             sums[label] = sums.get(label, 0.0) + score
-    best_label, best_sum = None, 0.0
-    for label, total in sums.items():  # insertion order: the first seen wins ties
-        if best_label is None or total > best_sum:
-            best_label, best_sum = label, total
-    return best_label, float(best_sum)
+    return best_entry(sums)
+
+
+def best_entry(totals: dict[Label, float]) -> tuple[Label | None, float]:
+    """The key with the largest value (on equal values the first inserted wins) and that
+    value; ``(None, 0.0)`` for an empty dict."""
+    best_label, best_value = None, 0.0
+    for label, total in totals.items():  # insertion order: the first seen wins ties
+        if best_label is None or total > best_value:
+            best_label, best_value = label, total
+    return best_label, float(best_value)
 
 
 def nonlandmark_similarity(

@@ -17,14 +17,13 @@ import json
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from delf_retrieval.core.atomic import atomic_write, atomic_write_bytes
 from delf_retrieval.features.containers import l2_normalize
 from delf_retrieval.features.store import FeatureStore, ids_hash
+from delf_retrieval.search.stores import SearchView
 
 WHITENING_FILE = "whitening.npz"
 WHITENED = "whitened"  # derived array name of the whitened descriptors
@@ -115,26 +114,11 @@ def fit_whitening(vectors: np.ndarray, dim: int | None = None, block_rows: int =
     return Whitening(mean=mean, projection=projection, eigenvalues=eigenvalues)
 
 
-class WhitenedStore:
+class WhitenedStore(SearchView):
     """A :class:`FeatureStore` whose :meth:`global_descriptors` are whitened; all else delegated."""
 
     def __init__(self, store: FeatureStore, vectors: np.ndarray) -> None:
-        self.store = store
-        self._vectors = vectors
-
-    def global_descriptors(self) -> np.ndarray:
-        """Whitened global descriptors ``[N, d]``, rows in :attr:`ids` order."""
-        return self._vectors
-
-    def global_descriptors_file(self) -> Path:
-        """The ``.npy`` file of the whitened descriptors (what other processes open)."""
-        return self.store.path / "derived" / f"{WHITENED}.npy"
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.store, name)
-
-    def __repr__(self) -> str:
-        return f"WhitenedStore({self.store!r}, dim={self._vectors.shape[1]})"
+        super().__init__(store, vectors, store.path / "derived" / f"{WHITENED}.npy")
 
 
 def _source_key(store: FeatureStore) -> str:

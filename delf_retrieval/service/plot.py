@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from delf_retrieval.features.containers import to_original_pixels
 from delf_retrieval.matching.verify import match_and_verify
 from delf_retrieval.service.recognizer import Prediction, Recognizer
 from delf_retrieval.viz import figure_to_rgb, plot_matches, plot_neighbours
@@ -70,7 +71,7 @@ def draw_prediction(
                 image,
                 local.keypoints,
                 picture,
-                (train.keypoints + 0.5) * factor - 0.5,
+                to_original_pixels(train.keypoints, factor, always=True),  # original -> picture pixels
                 matches,
                 inliers,
                 title=f"query vs {neighbour.image_id} ({neighbour.name or neighbour.landmark_id})",

@@ -1,14 +1,15 @@
 """Recognise one photo with a saved index: ``Recognizer.load(INDEX).predict(photo)``.
 
-A photo goes through the same steps as a query of the batch pipeline
-(:func:`.pipeline.recognize_stores`), with the same functions: decode and cap its size
-(:mod:`.images`), extract (the index's model), round the features to the index's dtype
-as a feature store would, VLAD and other query steps from the index's derived data,
-exact cosine top-k (:func:`.search.cosine_topk`), RANSAC on the ``NUM_TO_RERANK`` best
-(:func:`.verify.count_inliers_many`), then score, vote and penalise
-(:func:`.rerank.recognize_one`). So a photo gets the answer ``recognize`` gives it
-(tested); only ``FREQUENT_LANDMARK_PENALTY``, a statistic over a whole query set, is
-not applied to single photos.
+A photo goes through the code a query of the batch run goes through: the same decoding
+and extraction (:func:`delf_retrieval.models.extract.decode_for_model` and
+:func:`~delf_retrieval.models.extract.extract_decoded`: size cap, size rule, keypoints in
+original pixels, the finite check), its features rounded to the index's dtype as the
+store holds them, VLAD and whitening with the index's codebook and fit, and then the one
+recognition engine (:func:`delf_retrieval.scoring.engine.recognize_queries`: search with
+alpha-QE/DBA, verification, votes, non-landmark penalty, ``VERIFIED_FIRST``, classifier
+modes). So a photo gets exactly the landmark and confidence ``recognize`` gives it
+(``tests/test_one_engine.py``); only ``FREQUENT_LANDMARK_PENALTY``, a statistic over a
+whole query set, is not applied to photos recognised one by one.
 
 The index is opened memory-mapped and only read, so one :class:`Recognizer` can serve
 concurrent threads.
@@ -18,33 +19,38 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from delf_retrieval.config import Config, load_config
-from delf_retrieval.features.containers import ImageFeatures, LocalFeatures, rescale_features
+from delf_retrieval.features.containers import ImageFeatures
 from delf_retrieval.features.images import (
     ImageDecodeError,
     ImageSource,
     decode_image,
-    downscale_to_max_size,
     kaggle_image_path,
+    original_size,
 )
-from delf_retrieval.features.store import FeatureStore, StoreMismatchError
+from delf_retrieval.features.store import FeatureStore, StoreMismatchError, as_stored
 from delf_retrieval.matching.cascade import cascade_active
-from delf_retrieval.matching.cascade import num_candidates as cascade_width
+from delf_retrieval.models import loader
 from delf_retrieval.models.base import Extractor
-from delf_retrieval.models.loader import load_extractor
-from delf_retrieval.scoring.candidates import recognize_candidates
-from delf_retrieval.scoring.rerank import nonlandmark_similarity, rerank
-from delf_retrieval.search import vlad as aggregation
-from delf_retrieval.search.index import cosine_topk
+from delf_retrieval.models.extract import decode_for_model, extract_decoded
+from delf_retrieval.scoring.classifier import (
+    Classifier,
+    image_class_probabilities,
+    read_class_mapping,
+)
+from delf_retrieval.scoring.engine import RecognitionIndex, RecognitionResult, recognize_queries
+from delf_retrieval.scoring.rerank import rerank
+from delf_retrieval.search import vlad
+from delf_retrieval.search.stores import SearchView
+from delf_retrieval.search.whitening import Whitening, ensure_whitening, whiten_stores
 from delf_retrieval.tasks.manifest import (
     IndexFormatError,
     IndexManifest,
@@ -63,7 +69,7 @@ QueryStep = Callable[[np.ndarray | None, ImageFeatures, Mapping[str, Any], Mappi
 
 def _vlad_step(vector, features, step, derived):
     """VLAD of the local descriptors with the index's codebook (as ensure_global_descriptors)."""
-    return aggregation.vlad(features.local.descriptors, derived[step["codebook"]])
+    return vlad.vlad(features.local.descriptors, derived[step["codebook"]])
 
 
 QUERY_STEPS: dict[str, QueryStep] = {"vlad": _vlad_step}
@@ -159,26 +165,28 @@ class Recognizer:
         extractor: Extractor,
         train: FeatureStore,
         config: Config,
-        labels: list[str | None],
+        index: RecognitionIndex,
         names: dict[str, str],
         derived: dict[str, np.ndarray],
-        nonlandmark: np.ndarray | None,
-        train_nonlandmark: np.ndarray | None,
         images: pd.DataFrame,
+        *,
+        whitening: Whitening | None = None,
+        classifiers: Sequence[Classifier] = (),
     ) -> None:
         self.path = path
         self.manifest = manifest
         self.extractor = extractor
         self.train = train
         self.config = config
-        self.labels = labels
+        self.index = index
+        self.labels = index.labels
         self.names = names
         self.derived = derived
-        self.nonlandmark = nonlandmark
-        self.train_nonlandmark = train_nonlandmark
         self.images = images
+        self.whitening = whitening
+        self.classifiers = list(classifiers)
         self.ids = train.ids
-        self.vectors = derived[manifest.search_vectors] if manifest.search_vectors else train.global_descriptors()
+        self.nonlandmark = index.nonlandmark
         self.load_seconds = 0.0
 
     # ------------------------------------------------------------------ loading
@@ -195,7 +203,7 @@ class Recognizer:
 
         Parameters
         ----------
-        index_dir : folder written by :func:`.index_dir.build_index`.
+        index_dir : folder written by :func:`delf_retrieval.tasks.build_index.build_index`.
         model : the model, when it moved since the index was built (default: the
             index's spec). It must make the same features (checked).
         config : replaces the index's config (preset, file or Config).
@@ -223,14 +231,36 @@ class Recognizer:
             k: v for k, v in zip(landmark_frame["landmark_id"].tolist(), landmark_frame["name"].tolist(), strict=True) if v
         }
         images = pd.read_csv(path / "images.csv", dtype=str, keep_default_na=False).set_index("id")
-        nonlandmark = train_nl = None
-        if manifest.train_nonlandmark and config.NONLANDMARK_PENALTY > 0:
-            nonlandmark = np.asarray(FeatureStore(path / "nonlandmark").global_descriptors(), np.float32)
-            train_nl = np.asarray(derived[manifest.train_nonlandmark], np.float32)
-            built_top_k = manifest.derived[manifest.train_nonlandmark].get("top_k")
-            if built_top_k != config.NONLANDMARK_TOP_K:  # built for another k: recompute
-                train_nl = nonlandmark_similarity(train.global_descriptors(), nonlandmark, config.NONLANDMARK_TOP_K)
-        recognizer = cls(path, manifest, extractor, train, config, labels, names, derived, nonlandmark, train_nl, images)
+        stores: dict[str, Any] = {"train": train}
+        if manifest.counts.get("nonlandmark") and config.NONLANDMARK_PENALTY > 0:
+            stores["nonlandmark"] = FeatureStore(path / "nonlandmark")
+        # The searched space, made as the batch run makes it (cached in the index's stores).
+        whitening = None
+        if config.WHITENING_DIM:
+            whitening = ensure_whitening(train, config.WHITENING_DIM, log=_quiet)
+            searched = whiten_stores(stores, "train", config.WHITENING_DIM, log=_quiet)
+        else:
+            searched = dict(stores)
+            if manifest.search_vectors:  # the same values as float32: no conversion per search
+                searched["train"] = SearchView(train, derived[manifest.search_vectors])
+        database_nonlandmark = None
+        if "nonlandmark" in searched and manifest.train_nonlandmark:
+            entry = manifest.derived[manifest.train_nonlandmark]
+            space = whitening.digest() if whitening is not None else "raw"
+            if entry.get("top_k") == config.NONLANDMARK_TOP_K and entry.get("space", "raw") == space:
+                database_nonlandmark = derived[manifest.train_nonlandmark]
+        index = RecognitionIndex(
+            searched["train"],
+            labels,
+            config,
+            nonlandmark=searched["nonlandmark"].global_descriptors() if "nonlandmark" in searched else None,
+            database_nonlandmark=database_nonlandmark,
+        )
+        classifiers = _load_classifiers(path, manifest, extractor) if config.CLASSIFIER_MODE != "off" else []
+        recognizer = cls(
+            path, manifest, extractor, train, config, index, names, derived, images,
+            whitening=whitening, classifiers=classifiers,
+        )
         if train.local_dim and recognizer.ids:  # map the local arrays now, not in the first request
             train.local_features(recognizer.ids[0])
         recognizer.load_seconds = time.perf_counter() - started
@@ -240,45 +270,42 @@ class Recognizer:
     def predict(self, image: ImageInput, *, verify: bool = True) -> Prediction:
         """Landmark of one photo: an RGB uint8 array ``[H, W, 3]``, a file path or encoded bytes.
 
-        Raises :class:`.images.ImageDecodeError` for input that is not a readable image.
+        Raises :class:`.images.ImageDecodeError` for input that is not a usable image.
         """
         return self.predict_many([image], verify=verify)[0]
 
     def predict_many(self, images: Iterable[ImageInput], *, verify: bool = True, progress: bool = False) -> list[Prediction]:
-        """:meth:`predict` of several photos; one search for all of them."""
-        decoded = []
-        for image in images:
+        """:meth:`predict` of several photos: one engine call for all of them."""
+        photos = []
+        for number, image in enumerate(images):
             started = time.perf_counter()
-            pixels = as_rgb(image, exif_transpose=self.extractor.params.exif_transpose)
+            data = photo_input(image)
             decode_seconds = time.perf_counter() - started
-            features, seconds = self.features(pixels)
-            decoded.append((pixels.shape, features, {"decode": decode_seconds, "extract": seconds}))
-        if not decoded:
+            features, shape, seconds = self.features_of(data, name=_photo_name(image, number))
+            probabilities = None
+            if self.config.CLASSIFIER_MODE != "off":
+                probabilities = image_class_probabilities(self.classifiers, data, _photo_name(image, number))
+            timings = {"decode": decode_seconds, "extract": seconds}
+            photos.append((shape, features, probabilities, timings))
+        if not photos:
             return []
-        started = time.perf_counter()
-        vectors = np.stack([self.search_vector(features) for _, features, _ in decoded])
-        num_candidates = cascade_width(self.config)
-        similarities, rows = cosine_topk(vectors, self.vectors, num_candidates, block_size=self.config.SEARCH_BLOCK_SIZE)
-        query_nl = None
-        if self.nonlandmark is not None:
-            query_nl = nonlandmark_similarity(vectors, self.nonlandmark, self.config.NONLANDMARK_TOP_K)
-        search_seconds = (time.perf_counter() - started) / len(decoded)
+        vectors = np.stack([self.search_vector(features) for _, features, _, _ in photos])
+        result = recognize_queries(
+            [str(i) for i in range(len(photos))],
+            vectors,
+            lambda row: photos[row][1].local,
+            self.index,
+            self.config,
+            verify=verify,
+            class_probabilities=None if photos[0][2] is None else [p[2] for p in photos],
+            whole_query_set=False,
+            progress=progress,
+        )
+        per_photo = {step: result.seconds.get(step, 0.0) / len(photos) for step in ("search", "verify")}
         predictions = []
-        for i, (shape, features, timings) in enumerate(tqdm(decoded, desc="verify", unit="photo", disable=not progress)):
-            started = time.perf_counter()
-            label, confidence, inliers = recognize_candidates(
-                features.local,
-                rows[i],
-                similarities[i],
-                self.train,
-                self.labels,
-                self.config,
-                candidate_nonlandmark=self.train_nonlandmark,
-                query_nonlandmark=None if query_nl is None else float(query_nl[i]),
-                verify=verify,
-            )
-            timings["search"] = search_seconds
-            timings["verify"] = time.perf_counter() - started
+        for i, (shape, features, _, timings) in enumerate(photos):
+            label, confidence = result.predictions[str(i)]
+            timings.update(per_photo)
             timings["total"] = sum(timings.values())
             predictions.append(
                 Prediction(
@@ -287,7 +314,7 @@ class Recognizer:
                     confidence=float(confidence),
                     is_landmark=label is not None and confidence >= self.config.LANDMARK_THRESHOLD,
                     threshold=self.config.LANDMARK_THRESHOLD,
-                    neighbours=self._neighbours(rows[i], similarities[i], inliers),
+                    neighbours=self._neighbours(result, str(i)),
                     timings=timings,
                     image_size=(int(shape[1]), int(shape[0])),
                     features=features,
@@ -295,48 +322,65 @@ class Recognizer:
             )
         return predictions
 
-    def features(self, image: np.ndarray) -> tuple[ImageFeatures, float]:
-        """Features of an RGB photo as the index stores them, and the extraction seconds.
+    def features(self, image: np.ndarray | bytes) -> tuple[ImageFeatures, float]:
+        """Features of a photo as the index stores them, and the extraction seconds."""
+        features, _, seconds = self.features_of(photo_input(image))
+        return features, seconds
 
-        As :func:`.extract.extract_decoded`: cap the size, extract, map keypoints back to
-        original pixels; then descriptors and global vector are rounded to the index dtype.
+    def features_of(self, data: bytes | np.ndarray, name: str = "photo") -> tuple[ImageFeatures, tuple[int, int], float]:
+        """Features of one photo (encoded bytes or RGB uint8 array) as the index's store
+        would hold them, the decoded photo's ``(height, width)`` in original pixels, and
+        the seconds taken.
+
+        The batch extraction's own steps (:func:`~delf_retrieval.models.extract.decode_for_model`,
+        :func:`~delf_retrieval.models.extract.extract_decoded`), then the store's rounding
+        (:func:`~delf_retrieval.features.store.as_stored`). Raises
+        :class:`~delf_retrieval.features.images.ImageDecodeError` with the reason when
+        the photo cannot be used.
         """
         started = time.perf_counter()
-        small, factor = downscale_to_max_size(image, self.extractor.params.max_image_size)
-        features = rescale_features(self.extractor.extract(small), factor)
-        dtype = np.dtype(self.manifest.dtype)
-        local = features.local
-        if local is not None:
-            local = LocalFeatures(
-                keypoints=np.asarray(local.keypoints, np.float32),
-                descriptors=np.asarray(local.descriptors, dtype),
-                scores=np.asarray(local.scores, np.float32),
-                scales=np.asarray(local.scales, np.float32),
-            )
-        vector = None if features.global_descriptor is None else np.asarray(features.global_descriptor, dtype)
-        return ImageFeatures(local=local, global_descriptor=vector), time.perf_counter() - started
+        params = self.extractor.params
+        decoded = decode_for_model(data, ImageSource(id=name, path=name), params.max_image_size, params.exif_transpose)
+        if decoded.error is not None:
+            raise ImageDecodeError(f"{name}: {decoded.error}")
+        if isinstance(data, np.ndarray):
+            shape = data.shape[:2]
+        else:
+            height, width = decoded.image.shape[:2]
+            shape = original_size(data, params.exif_transpose) or (round(height * decoded.factor), round(width * decoded.factor))
+        features, problem = extract_decoded(self.extractor, decoded)
+        if features is None:
+            raise ImageDecodeError(f"{name}: {problem}")
+        stored = as_stored(features, self.manifest.dtype)
+        return stored, shape, time.perf_counter() - started
 
     def search_vector(self, features: ImageFeatures) -> np.ndarray:
-        """The vector compared with the train vectors: the query steps, then the index dtype."""
+        """The vector compared with the train vectors: the index's query steps (VLAD), in
+        the index dtype, then whitened when the config whitens (as the batch run does)."""
         vector = features.global_descriptor
         for step in self.manifest.query_steps:
             vector = QUERY_STEPS[step["step"]](vector, features, step, self.derived)
         if vector is None:
             raise IndexFormatError(f"{self.path}: the model gives no global descriptor and the index names no query step")
-        return np.asarray(vector, np.float32).astype(self.manifest.dtype)
+        vector = np.asarray(vector, np.float32).astype(self.manifest.dtype)
+        if self.whitening is not None:
+            vector = self.whitening.apply(vector[None]).astype(self.manifest.dtype)[0]
+        return vector
 
-    def _neighbours(self, rows: np.ndarray, cosine: np.ndarray, inliers: np.ndarray | None) -> list[Neighbour]:
-        penalty = None if self.train_nonlandmark is None else self.train_nonlandmark[rows]
-        order, scores = rerank(cosine.astype(np.float64), inliers, self.config, penalty)
+    def _neighbours(self, result: RecognitionResult, query: str) -> list[Neighbour]:
+        rows, cosine = result.rows[query], np.asarray(result.similarities[query], np.float64)
+        inliers = result.inliers.get(query)
+        penalty = None if self.index.database_nonlandmark is None else self.index.database_nonlandmark[rows]
+        order, scores = rerank(cosine, inliers, self.config, penalty)
         shown = np.zeros(len(rows), bool)  # candidates whose inlier count is reported
         if inliers is not None:
             shown[: min(self.config.NUM_TO_RERANK, len(rows))] = True
             if cascade_active(self.config):  # the cheap matcher chose them: report the matched
                 shown = np.asarray(inliers) > 0
-        result = []
+        neighbours = []
         for position, score in zip(order, scores, strict=True):
             label = self.labels[rows[position]]
-            result.append(
+            neighbours.append(
                 Neighbour(
                     image_id=self.ids[rows[position]],
                     landmark_id=label,
@@ -346,7 +390,7 @@ class Recognizer:
                     score=float(score),
                 )
             )
-        return result
+        return neighbours
 
     # ------------------------------------------------------------------ train photos
     def thumbnail_path(self, image_id: str) -> Path | None:
@@ -394,18 +438,14 @@ class Recognizer:
         return f"Recognizer({str(self.path)!r}, {len(self.ids)} train photos, model={self.manifest.model!r})"
 
 
-def as_rgb(image: ImageInput, *, exif_transpose: bool = True) -> np.ndarray:
-    """Decode any accepted photo input to RGB uint8 ``[H, W, 3]`` (ImageDecodeError if unreadable).
-
-    ``exif_transpose`` applies the EXIF orientation of encoded input (the model's
-    ``ExtractorParams.exif_transpose``, as the extraction runner decodes); arrays are
-    taken as they are.
-    """
+def photo_input(image: ImageInput) -> bytes | np.ndarray:
+    """Encoded bytes (read from a path) or an RGB uint8 array ``[H, W, 3]`` (grey
+    ``[H, W]`` repeated), ready for :func:`~delf_retrieval.models.extract.decode_for_model`;
+    :class:`ImageDecodeError` for anything else."""
     if isinstance(image, (bytes, bytearray, memoryview)):
-        return decode_image(bytes(image), exif_transpose=exif_transpose)
+        return bytes(image)
     if isinstance(image, (str, os.PathLike)):
-        source = ImageSource(id=Path(image).stem, path=str(image))
-        return decode_image(source.read_bytes(), exif_transpose=exif_transpose)
+        return ImageSource(id=Path(image).stem, path=str(image)).read_bytes()
     if isinstance(image, np.ndarray):
         if image.ndim == 2:
             image = np.repeat(image[:, :, None], 3, axis=2)
@@ -415,16 +455,48 @@ def as_rgb(image: ImageInput, *, exif_transpose: bool = True) -> np.ndarray:
     raise ImageDecodeError(f"expected an image array, a path or bytes, got {type(image).__name__}")
 
 
+def as_rgb(image: ImageInput, *, exif_transpose: bool = True) -> np.ndarray:
+    """Decode any accepted photo input to RGB uint8 ``[H, W, 3]`` at full size, for drawing
+    (ImageDecodeError if unreadable); arrays are taken as they are."""
+    data = photo_input(image)
+    return data if isinstance(data, np.ndarray) else decode_image(data, exif_transpose=exif_transpose)
+
+
+def _photo_name(image: ImageInput, number: int) -> str:
+    return str(image) if isinstance(image, (str, os.PathLike)) else f"photo {number + 1}"
+
+
+def _quiet(message: str) -> None:
+    """A log that drops messages (loading an index says nothing)."""
+
+
+def _load_classifiers(path: Path, manifest: IndexManifest, extractor: Extractor) -> list[Classifier]:
+    """The index's classifiers (``manifest.classifiers``): the model's own softmax head
+    (``model`` empty) or another model, each with its class mapping CSV in the index."""
+    if not manifest.classifiers:
+        raise IndexFormatError(
+            f"{path} holds no classifier, so CLASSIFIER_MODE cannot be "
+            f"{manifest.config.get('CLASSIFIER_MODE', 'off')!r} here; build the index with --classes or --classifier"
+        )
+    found = []
+    for entry in manifest.classifiers:
+        landmarks = read_class_mapping(path / entry["classes"])
+        if entry.get("model"):
+            found.append(Classifier(loader.load_extractor(entry["model"]), landmarks))
+        else:
+            found.append(Classifier(getattr(extractor, "global_extractor", extractor), landmarks))
+    return found
+
+
 def _load_model(model: str | os.PathLike | Extractor, manifest: IndexManifest) -> Extractor:
     if isinstance(model, Extractor):
         return model
-
     try:
-        return load_extractor(model, params_from_fingerprint(manifest.fingerprint))
+        return loader.load_extractor(model, params_from_fingerprint(manifest.fingerprint))
     except (ValueError, FileNotFoundError) as error:
         raise IndexFormatError(
             f"cannot load the index's model {str(model)!r} ({error}); if it moved, pass model=/--model"
         ) from None
 
 
-__all__ = ["QUERY_STEPS", "Neighbour", "Prediction", "Recognizer", "as_rgb", "recognize_candidates"]
+__all__ = ["QUERY_STEPS", "Neighbour", "Prediction", "Recognizer", "as_rgb", "photo_input"]

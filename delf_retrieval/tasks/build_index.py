@@ -31,7 +31,7 @@ resumes after a kill: rerun the same command), :func:`.pipeline.ensure_global_de
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,16 +39,24 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
 from delf_retrieval.config import Config, default_preset, load_config
-from delf_retrieval.features.images import kaggle_image_path, list_images, read_labels_csv
+from delf_retrieval.features.images import (
+    kaggle_image_path,
+    list_images,
+    oriented_size,
+    read_labels_csv,
+)
 from delf_retrieval.features.store import FeatureStore, atomic_write_bytes
 from delf_retrieval.kaggle.dataset import KaggleData
 from delf_retrieval.models.base import Extractor, ExtractorParams
 from delf_retrieval.models.extract import extract_to_store
-from delf_retrieval.models.loader import default_model, list_models, load_extractor
-from delf_retrieval.scoring.rerank import nonlandmark_similarity
+from delf_retrieval.models.loader import default_model, load_extractor, model_spec
+from delf_retrieval.scoring.classifier import Classifier
+from delf_retrieval.scoring.engine import RecognitionIndex
+from delf_retrieval.search import whitening
 from delf_retrieval.search.vlad import CODEBOOK_FILE, ensure_global_descriptors
 from delf_retrieval.tasks.manifest import (
     MANIFEST,
@@ -57,25 +65,6 @@ from delf_retrieval.tasks.manifest import (
 
 DEFAULT_THUMBNAIL_SIZE = 256
 Log = Callable[[str], None]
-
-
-
-
-
-
-
-
-
-
-def model_spec(extractor: Extractor) -> str:
-    """What :func:`.models.load_extractor` needs to load ``extractor`` again: its folder or name."""
-
-    if extractor.family in list_models():  # loaded by name (opencv-sift, aliked, ...), no folder
-        return extractor.family
-    folder = getattr(extractor, "path", None)
-    if folder is None:
-        raise ValueError(f"cannot tell where {extractor!r} was loaded from; pass the model spec instead")
-    return str(Path(folder).resolve())
 
 
 def default_config(extractor: Extractor) -> Config:
@@ -98,6 +87,7 @@ def build_index(
     decode_threads: int = 2,
     progress: bool = True,
     log: Log = print,
+    classifiers: Sequence[Classifier] = (),
 ) -> IndexManifest:
     """Build (or finish building) a recognition index from a Kaggle-layout folder.
 
@@ -119,6 +109,8 @@ def build_index(
         query's search reads them as they are instead of converting every block (about 10x
         faster per photo, twice the disk of the float16 vectors); ``"float16"``: search the
         store's own vectors.
+    classifiers : softmax classifiers kept for ``CLASSIFIER_MODE`` (their class mappings are
+        copied into the index; a classifier on the index's own model is stored as such).
 
     Returns
     -------
@@ -135,7 +127,6 @@ def build_index(
     if isinstance(model, Extractor):
         extractor, spec = model, model_spec(model)
     else:
-
         model = default_model() if model is None else model
         extractor = load_extractor(model, params)
         spec = str(Path(model).resolve()) if Path(model).exists() else str(model)
@@ -189,12 +180,24 @@ def build_index(
     if search_dtype == "float32" and np.dtype(dtype) != np.float32:
         _save_float32_copy(manifest, out, "search_vectors", train.global_descriptors())
         manifest.search_vectors = "search_vectors"
+    # The searched space as the batch run makes it: whitened (cached in the stores) or not.
+    searched = whitening.whiten_for_run(stores, "train", config.WHITENING_DIM, log=log)
     if "nonlandmark" in stores:
-        similarity = train_nonlandmark_similarity(train, stores["nonlandmark"], config.NONLANDMARK_TOP_K)
+        recognition = RecognitionIndex(
+            searched["train"], [None] * len(train.ids), config, nonlandmark=searched["nonlandmark"].global_descriptors()
+        )
+        space = whitening.ensure_whitening(train, config.WHITENING_DIM, log=log).digest() if config.WHITENING_DIM else "raw"
         _save_derived(
-            manifest, out, "train_nonlandmark", similarity, kind="nonlandmark-similarity", top_k=config.NONLANDMARK_TOP_K
+            manifest,
+            out,
+            "train_nonlandmark",
+            recognition.database_nonlandmark,
+            kind="nonlandmark-similarity",
+            top_k=config.NONLANDMARK_TOP_K,
+            space=space,
         )
         manifest.train_nonlandmark = "train_nonlandmark"
+    manifest.classifiers = _save_classifiers(out, classifiers, extractor)
 
     labels = read_labels_csv(data.csv("train.csv"))
     ids = train.ids
@@ -237,13 +240,19 @@ def build_index(
     return manifest
 
 
-def train_nonlandmark_similarity(train: FeatureStore, nonlandmark: FeatureStore, top_k: int) -> np.ndarray:
-    """Each train photo's mean top-k cosine to the distractor set: float32 [N].
-
-    The same call :func:`.pipeline.recognize_stores` makes for its candidate penalty.
-    """
-    distractors = np.asarray(nonlandmark.global_descriptors(), np.float32)
-    return nonlandmark_similarity(train.global_descriptors(), distractors, top_k)
+def _save_classifiers(out: Path, classifiers: Sequence[Classifier], extractor: Extractor) -> list[dict[str, str]]:
+    """Copy each classifier's class mapping into ``out/classifiers/`` and describe it for
+    the manifest (``model`` empty: the index's own model, else the classifier's spec)."""
+    entries = []
+    own = {id(extractor), id(getattr(extractor, "global_extractor", None))}
+    for number, classifier in enumerate(classifiers):
+        relative = f"classifiers/{number}.csv"
+        (out / "classifiers").mkdir(exist_ok=True)
+        frame = pd.DataFrame({"class_index": range(len(classifier.landmarks)), "landmark_id": classifier.landmarks})
+        _write_csv(out / relative, frame)
+        model = "" if id(classifier.extractor) in own else model_spec(classifier.extractor)
+        entries.append({"model": model, "classes": relative})
+    return entries
 
 
 def _save_derived(manifest: IndexManifest, out: Path, name: str, array: np.ndarray, **info: Any) -> None:
@@ -317,12 +326,8 @@ def write_thumbnails(
 
 def _thumbnail(source: Path, target: Path, size: int, exif_transpose: bool) -> tuple[int, int]:
     """Write one thumbnail (unless present); returns the original ``(width, height)``."""
-    from PIL import Image, ImageOps
-
     with Image.open(source) as image:
-        width, height = image.size
-        if exif_transpose and image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # orientations that swap axes
-            width, height = height, width
+        width, height = oriented_size(image, exif_transpose)
         if size and not target.is_file():
             image.draft("RGB", (size, size))
             picture = (ImageOps.exif_transpose(image) if exif_transpose else image).convert("RGB")

@@ -506,7 +506,6 @@ def clean_dataset(
 
 
 def _load_model(model: Any) -> Any:
-
     if isinstance(model, Extractor):
         return model
     return load_extractor(default_model() if model is None else model)

@@ -45,6 +45,9 @@ class IndexManifest:
         Derived array ``[N]`` float32: each train photo's non-landmark similarity.
     thumbnail_size : int
         Longer side of the thumbnails in pixels (0: none written).
+    classifiers : list of dict
+        Softmax classifiers for ``CLASSIFIER_MODE``: ``{"model": spec, "classes": relative
+        CSV path}``; an empty ``model`` is the index's own (global) model.
     """
 
     model: str
@@ -57,6 +60,7 @@ class IndexManifest:
     search_vectors: str | None = None
     train_nonlandmark: str | None = None
     thumbnail_size: int = 0
+    classifiers: list[dict[str, str]] = field(default_factory=list)
     source: str = ""
     created: str = ""
     format: int = INDEX_FORMAT

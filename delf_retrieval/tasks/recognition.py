@@ -1,74 +1,48 @@
-"""Landmark recognition: which landmark does each query show, and how sure are we.
+"""Landmark recognition of a Kaggle-layout dataset: which landmark each query shows.
 
-Data flow: query and train stores -> global top-k search of the train store
-(:func:`~delf_retrieval.search.stores.search_store`) -> RANSAC inlier counts of the best
-``NUM_TO_RERANK`` candidates (:mod:`.verify`; with a learned matcher optionally chosen
-from more candidates by a cheap matcher, :mod:`.cascade`) -> per-landmark votes with optional
-non-landmark and frequent-landmark penalties (:mod:`.rerank`) -> one ``(landmark,
-confidence)`` per query -> ``submission.csv`` (:func:`recognize`).
+Data flow: extract (or reuse) the train, test and distractor stores
+(:func:`~delf_retrieval.tasks.run.extract_splits`) -> whiten them when ``WHITENING_DIM``
+is set (:mod:`delf_retrieval.search.whitening`) -> the class probabilities of the
+queries when a classifier mode is on -> the recognition engine
+(:func:`delf_retrieval.scoring.engine.recognize_queries`: search, verify, vote, penalise)
+-> ``submission.csv`` (:func:`recognize`). ``predict`` and the web service run the same
+engine on one photo at a time (:mod:`delf_retrieval.service.recognizer`).
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-
-import numpy as np
-from tqdm.auto import tqdm
+from typing import Any
 
 from delf_retrieval.config import Config
 from delf_retrieval.core.log import Log
 from delf_retrieval.features.images import read_labels_csv
-from delf_retrieval.features.store import FeatureStore
 from delf_retrieval.kaggle.submission import recognition_dataframe
-from delf_retrieval.matching import cascade
 from delf_retrieval.models.base import Extractor, ExtractorParams
 from delf_retrieval.scoring import classifier
-from delf_retrieval.scoring.candidates import recognize_candidates
-from delf_retrieval.scoring.rerank import (
-    nonlandmark_similarity,
-    penalize_frequent_landmarks,
-    recognize_one,
-)
+from delf_retrieval.scoring.engine import RecognitionIndex, RecognitionResult, recognize_queries
 from delf_retrieval.search import whitening
-from delf_retrieval.search.stores import IndexFactory, search_store
+from delf_retrieval.search.stores import IndexFactory
 from delf_retrieval.tasks.run import Runner, RunOutput, extract_splits, finish_run, open_run
 
-__all__ = ["RecognitionResult", "recognize", "recognize_candidates", "recognize_neighbours", "recognize_stores"]
-
-
-@dataclass
-class RecognitionResult:
-    """Predictions of one recognition run.
-
-    ``predictions`` maps query id -> (landmark id or None, confidence) after verification
-    and penalties; ``global_predictions`` the same from global similarity alone.
-    ``neighbours`` maps query id -> train ids in retrieval order, ``inliers`` the inlier
-    counts of the verified ones (aligned with ``neighbours``).
-    """
-
-    predictions: dict[str, tuple[str | None, float]]
-    global_predictions: dict[str, tuple[str | None, float]]
-    neighbours: dict[str, list[str]] = field(default_factory=dict)
-    similarities: dict[str, np.ndarray] = field(default_factory=dict)
-    inliers: dict[str, np.ndarray] = field(default_factory=dict)
-    seconds: dict[str, float] = field(default_factory=dict)
+__all__ = ["RecognitionResult", "recognize", "recognize_stores"]
 
 
 def recognize_stores(
-    queries: FeatureStore,
-    database: FeatureStore,
+    queries: Any,
+    database: Any,
     labels: dict[str, str],
     config: Config,
     *,
-    nonlandmark: FeatureStore | None = None,
+    nonlandmark: Any | None = None,
     verify: bool = True,
     progress: bool = True,
     index_factory: IndexFactory | None = None,
+    class_probabilities: Sequence[dict[str, float]] | None = None,
 ) -> RecognitionResult:
-    """Recognition from feature stores: cosine top-k, RANSAC re-ranking, landmark votes.
+    """Recognition from feature stores (or whitened views of them): the engine
+    (:func:`~delf_retrieval.scoring.engine.recognize_queries`) on every query of ``queries``.
 
     Parameters
     ----------
@@ -79,80 +53,30 @@ def recognize_stores(
     verify : False predicts from global similarity only.
     index_factory : builds the search index of ``database`` (default: exact, local;
         ``RayRunner.index`` shards it over Ray).
+    class_probabilities : per query (``queries.ids`` order), landmark -> probability, for
+        ``CLASSIFIER_MODE`` ``classifier``/``fused``.
     """
-    started = time.perf_counter()
-    similarities, rows = search_store(
-        queries.global_descriptors(), database, cascade.num_candidates(config), config, index_factory
+    distractors = None
+    if nonlandmark is not None and len(nonlandmark.ids):
+        distractors = nonlandmark.global_descriptors()
+    index = RecognitionIndex.from_labels(
+        database, labels, config, nonlandmark=distractors, index_factory=index_factory
     )
-    search_seconds = time.perf_counter() - started
-    result = recognize_neighbours(
-        queries, database, labels, config, similarities, rows, nonlandmark=nonlandmark, verify=verify, progress=progress
+    query_ids = queries.ids
+    local = None
+    if queries.local_dim:
+        def local(row: int):
+            return queries.local_features(query_ids[row])
+    return recognize_queries(
+        query_ids,
+        queries.global_descriptors(),
+        local,
+        index,
+        config,
+        verify=verify,
+        class_probabilities=class_probabilities,
+        progress=progress,
     )
-    result.seconds = {"search": search_seconds, **result.seconds}
-    return result
-
-
-def recognize_neighbours(
-    queries: FeatureStore,
-    database: FeatureStore,
-    labels: dict[str, str],
-    config: Config,
-    similarities: np.ndarray,
-    rows: np.ndarray,
-    *,
-    nonlandmark: FeatureStore | None = None,
-    verify: bool = True,
-    progress: bool = True,
-) -> RecognitionResult:
-    """Recognition from the global neighbours already found for every query.
-
-    ``similarities`` float [Q, K] and ``rows`` int [Q, K] are the database's top-K for
-    ``queries`` in row order (``K >= cascade.num_candidates(config)`` or all rows); other
-    arguments as :func:`recognize_stores`.
-    """
-    query_ids, database_ids = queries.ids, database.ids
-    database_labels = [labels.get(image_id) for image_id in database_ids]
-    query_penalty = candidate_penalty = None
-    if nonlandmark is not None and config.NONLANDMARK_PENALTY > 0 and len(nonlandmark.ids):
-        distractors = np.asarray(nonlandmark.global_descriptors(), np.float32)
-        query_penalty = nonlandmark_similarity(queries.global_descriptors(), distractors, config.NONLANDMARK_TOP_K)
-        candidate_penalty = nonlandmark_similarity(database.global_descriptors(), distractors, config.NONLANDMARK_TOP_K)
-    use_local = verify and config.NUM_TO_RERANK > 0 and bool(queries.local_dim) and bool(database.local_dim)
-    result = RecognitionResult(predictions={}, global_predictions={})
-    global_config = config.replace(NONLANDMARK_PENALTY=0.0)  # global-only reference predictions
-    started = time.perf_counter()
-    description = "verify" if use_local else "rank"
-    for row, query_id in enumerate(tqdm(query_ids, desc=description, unit="query", disable=not progress)):
-        candidates = rows[row]
-        cosine = similarities[row].astype(np.float64)
-        candidate_labels = [database_labels[c] for c in candidates]
-        result.global_predictions[query_id] = recognize_one(candidate_labels, cosine, None, global_config)
-        label, confidence, inliers = recognize_candidates(
-            queries.local_features(query_id) if use_local else None,
-            candidates,
-            cosine,
-            database,
-            database_labels,
-            config,
-            candidate_nonlandmark=candidate_penalty,
-            query_nonlandmark=None if query_penalty is None else float(query_penalty[row]),
-            verify=use_local,
-        )
-        if inliers is not None:
-            result.inliers[query_id] = inliers
-        result.predictions[query_id] = (label, confidence)
-        result.neighbours[query_id] = [database_ids[c] for c in candidates]
-        result.similarities[query_id] = similarities[row]
-    result.seconds["verify"] = time.perf_counter() - started
-    if config.FREQUENT_LANDMARK_PENALTY > 0 and result.predictions:
-        ids = list(result.predictions)
-        adjusted = penalize_frequent_landmarks(
-            [result.predictions[i][0] for i in ids], np.array([result.predictions[i][1] for i in ids]), config
-        )
-        result.predictions = {i: (result.predictions[i][0], float(c)) for i, c in zip(ids, adjusted, strict=True)}
-    return result
-
-
 
 
 def recognize(
@@ -199,8 +123,14 @@ def recognize(
     stores, summaries = extract_splits(
         extractor, splits, "train", work, dtype=dtype, progress=progress, log=log, runner=runner
     )
-    searched = whitening.whiten_for_run(stores, "train", config.WHITENING_DIM, log=log)  # hook (issue 11)
+    searched = whitening.whiten_for_run(stores, "train", config.WHITENING_DIM, log=log)
     labels = read_labels_csv(data.csv("train.csv"))
+    probabilities = None
+    if config.CLASSIFIER_MODE != "off":
+        probabilities = classifier.store_class_probabilities(
+            classifiers, stores["test"], splits["test"], progress=progress
+        )
+        log(f"classifier: {config.CLASSIFIER_MODE} predictions from {len(classifiers)} classifier(s)")
     result = recognize_stores(
         searched["test"],
         searched["train"],
@@ -210,9 +140,7 @@ def recognize(
         verify=verify,
         progress=progress,
         index_factory=None if runner is None else runner.index,
-    )
-    result = classifier.apply_classifiers(  # hook (issue 11): no-op when CLASSIFIER_MODE is "off"
-        result, classifiers, stores["test"], splits["test"], labels, config, progress=progress, log=log
+        class_probabilities=probabilities,
     )
     frame = recognition_dataframe(result.predictions, ids=data.sample()["id"].tolist())
     path, problems = finish_run(data, frame, output, "recognition", result.seconds, log)

@@ -25,10 +25,10 @@ from delf_retrieval.kaggle.submission import retrieval_dataframe
 from delf_retrieval.matching import cascade
 from delf_retrieval.matching.verify import count_inliers_many
 from delf_retrieval.models.base import Extractor, ExtractorParams
+from delf_retrieval.scoring.engine import RecognitionIndex, recognize_queries
 from delf_retrieval.scoring.rerank import recognize_one, rerank_retrieval
 from delf_retrieval.search import whitening
 from delf_retrieval.search.stores import IndexFactory, search_store
-from delf_retrieval.tasks.recognition import recognize_neighbours
 from delf_retrieval.tasks.run import Runner, RunOutput, extract_splits, finish_run, open_run
 
 __all__ = ["RetrievalResult", "predicted_landmarks", "retrieve", "retrieve_stores"]
@@ -112,7 +112,7 @@ def predicted_landmarks(
 
     Index images get the landmark voted by their ``TOP_K`` global neighbours in
     ``train``. A query gets the landmark of its verified recognition
-    (:func:`~delf_retrieval.tasks.recognition.recognize_neighbours`), and only when its best
+    (the recognition engine, :func:`~delf_retrieval.scoring.engine.recognize_queries`), and only when its best
     candidate has at least ``max(MIN_INLIERS, 1)`` inliers: a wrong global guess would
     boost a whole wrong landmark to the top of the list. Without verification (or local
     features) queries are voted like index images.
@@ -128,8 +128,17 @@ def predicted_landmarks(
     index_labels = _votes(similarities[:num_index], rows[:num_index], train, labels, config)
     if not recognise:
         return _votes(similarities[num_index:], rows[num_index:], train, labels, config), index_labels
-    recognition = recognize_neighbours(
-        queries, train, labels, config, similarities[num_index:], rows[num_index:], verify=True, progress=False
+    local = None
+    if queries.local_dim:
+        def local(row: int):
+            return queries.local_features(queries.ids[row])
+    recognition = recognize_queries(
+        queries.ids,
+        queries.global_descriptors(),
+        local,
+        RecognitionIndex.from_labels(train, labels, config),
+        config,
+        neighbours=(similarities[num_index:], rows[num_index:]),
     )
     gate = max(config.MIN_INLIERS, 1)
     query_labels = [

@@ -166,7 +166,6 @@ def open_run(
     if isinstance(model, Extractor):
         extractor = model
     else:
-
         extractor = loader.load_extractor(loader.default_model() if model is None else model, params)
     if config is None:  # a composite (e.g. keras+opencv-sift) follows its local model
         config = default_preset(extractor.family)

@@ -1,0 +1,240 @@
+"""The one recognition engine: query features in, one ``(landmark, confidence)`` per query out.
+
+Every way of recognising photos calls :func:`recognize_queries`: the batch run
+(:func:`delf_retrieval.tasks.recognition.recognize`, on one machine or with Ray), the
+labels of retrieval queries, :meth:`delf_retrieval.service.recognizer.Recognizer.predict`
+and the web service. The steps, each with its own module:
+
+1. global search of the database (:class:`~delf_retrieval.search.stores.StoreSearch`:
+   exact or sharded, with alpha-QE/DBA composed into it); whitening and VLAD happened
+   before, when the vectors were made;
+2. the non-landmark similarity of each query and candidate
+   (:func:`~delf_retrieval.scoring.rerank.nonlandmark_similarity`);
+3. verification of the best candidates and the landmark vote of each query
+   (:func:`~delf_retrieval.scoring.candidates.recognize_candidates`: cascade, learned or
+   nearest-neighbour matching, RANSAC, scores, ``VERIFIED_FIRST``);
+4. over the whole query set: the frequent-landmark penalty;
+5. the classifier modes (``CLASSIFIER_MODE`` ``classifier``/``fused``), when class
+   probabilities are given.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from delf_retrieval.config import Config
+from delf_retrieval.features.containers import LocalFeatures
+from delf_retrieval.matching import cascade
+from delf_retrieval.scoring.candidates import recognize_candidates
+from delf_retrieval.scoring.classifier import classifier_prediction, fuse_knn_classifier
+from delf_retrieval.scoring.rerank import (
+    nonlandmark_similarity,
+    penalize_frequent_landmarks,
+    recognize_one,
+    rerank,
+)
+from delf_retrieval.search.stores import IndexFactory, SearchSettings, StoreSearch
+
+__all__ = ["RecognitionIndex", "RecognitionResult", "recognize_queries"]
+
+# Local features of query ``row`` (None: the query has none).
+QueryLocal = Callable[[int], LocalFeatures | None]
+
+
+@dataclass
+class RecognitionResult:
+    """Predictions of one recognition run.
+
+    ``predictions`` maps query id -> (landmark id or None, confidence) after verification
+    and penalties; ``global_predictions`` the same from global similarity alone.
+    ``neighbours`` maps query id -> train ids in retrieval order, ``similarities`` their
+    cosines (float32 [K]) and ``inliers`` the inlier counts of the verified ones (int64 [K],
+    aligned with ``neighbours``). ``rows`` holds the neighbours as database rows.
+    """
+
+    predictions: dict[str, tuple[str | None, float]]
+    global_predictions: dict[str, tuple[str | None, float]]
+    neighbours: dict[str, list[str]] = field(default_factory=dict)
+    similarities: dict[str, np.ndarray] = field(default_factory=dict)
+    inliers: dict[str, np.ndarray] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    rows: dict[str, np.ndarray] = field(default_factory=dict)
+    query_nonlandmark: dict[str, float] = field(default_factory=dict)
+
+
+class RecognitionIndex:
+    """The labelled side of recognition: what queries are recognised against.
+
+    Parameters
+    ----------
+    database : the train store as searched (a :class:`~delf_retrieval.features.store.FeatureStore`
+        or a view of it, e.g. whitened): ``ids``, ``global_descriptors()`` [N, D],
+        ``local_dim`` and ``local_features(id)``.
+    labels : landmark of every database row (None: unlabelled), aligned with ``database.ids``.
+    config : the search settings are read from it (:class:`SearchSettings`), and
+        ``NONLANDMARK_TOP_K`` when a distractor set is given.
+    nonlandmark : float [M, D] global descriptors of the distractor set in the same space as
+        the database's (None: no non-landmark penalty).
+    database_nonlandmark : float32 [N] non-landmark similarity of every database row, when
+        already computed (an index folder stores it); computed from ``nonlandmark`` if None.
+    index_factory : builds the search index of ``database`` (default exact and local;
+        ``RayRunner.index`` shards it over Ray).
+    """
+
+    def __init__(
+        self,
+        database: Any,
+        labels: Sequence[str | None],
+        config: Config,
+        *,
+        nonlandmark: np.ndarray | None = None,
+        database_nonlandmark: np.ndarray | None = None,
+        index_factory: IndexFactory | None = None,
+    ) -> None:
+        if len(labels) != len(database.ids):
+            raise ValueError(f"{len(labels)} labels for {len(database.ids)} database images")
+        self.database = database
+        self.labels = list(labels)
+        self.search = StoreSearch(database, SearchSettings.from_config(config), index_factory)
+        self.nonlandmark = None
+        self.database_nonlandmark = None
+        if nonlandmark is not None and config.NONLANDMARK_PENALTY > 0 and len(nonlandmark):
+            self.nonlandmark = np.asarray(nonlandmark, np.float32)
+            if database_nonlandmark is None:
+                database_nonlandmark = nonlandmark_similarity(
+                    database.global_descriptors(), self.nonlandmark, config.NONLANDMARK_TOP_K
+                )
+            self.database_nonlandmark = np.asarray(database_nonlandmark, np.float32)
+
+    @classmethod
+    def from_labels(
+        cls, database: Any, labels: dict[str, str], config: Config, **options: Any
+    ) -> RecognitionIndex:
+        """An index whose labels come from an ``id -> landmark`` mapping (``train.csv``)."""
+        return cls(database, [labels.get(image_id) for image_id in database.ids], config, **options)
+
+
+def recognize_queries(
+    query_ids: Sequence[str],
+    query_vectors: np.ndarray,
+    query_local: QueryLocal | None,
+    index: RecognitionIndex,
+    config: Config,
+    *,
+    verify: bool = True,
+    class_probabilities: Sequence[dict[str, float]] | None = None,
+    whole_query_set: bool = True,
+    neighbours: tuple[np.ndarray, np.ndarray] | None = None,
+    progress: bool = False,
+) -> RecognitionResult:
+    """Recognise a batch of queries: search, verify, vote, penalise (see the module doc).
+
+    Parameters
+    ----------
+    query_ids : the queries' ids [Q].
+    query_vectors : float [Q, D] their global descriptors in the database's space (the
+        store's dtype; VLAD and whitening already applied).
+    query_local : local features of query row ``i`` (None: global similarity only).
+    index : the database, its labels and the distractor set (:class:`RecognitionIndex`).
+    config : the whole recognition configuration.
+    verify : False predicts from global similarity only.
+    class_probabilities : per query, landmark -> probability from the classifier(s); used
+        by ``CLASSIFIER_MODE`` ``"classifier"`` and ``"fused"`` (required by them).
+    whole_query_set : the queries are a whole query set, so ``FREQUENT_LANDMARK_PENALTY``
+        (a statistic over the set) applies; False for photos recognised one by one.
+    neighbours : the global search's ``(similarities [Q, K], rows [Q, K])`` when already
+        done (``K >= cascade.num_candidates(config)`` or all rows).
+    progress : a progress bar over the queries.
+
+    Returns
+    -------
+    RecognitionResult
+        With ``seconds`` of ``search`` and ``verify``.
+    """
+    if len(query_ids) != len(query_vectors):
+        raise ValueError(f"{len(query_ids)} query ids for {len(query_vectors)} query vectors")
+    mode = config.CLASSIFIER_MODE
+    if mode != "off" and class_probabilities is None:
+        raise ValueError(f"CLASSIFIER_MODE={mode!r} needs at least one classifier (model + class mapping CSV)")
+    result = RecognitionResult(predictions={}, global_predictions={})
+    started = time.perf_counter()
+    if neighbours is None:
+        neighbours = index.search.search(query_vectors, cascade.num_candidates(config))
+    similarities, rows = neighbours
+    result.seconds["search"] = time.perf_counter() - started
+
+    query_penalty = None
+    if index.nonlandmark is not None:
+        query_penalty = nonlandmark_similarity(query_vectors, index.nonlandmark, config.NONLANDMARK_TOP_K)
+    database = index.database
+    use_local = (
+        verify and query_local is not None and config.NUM_TO_RERANK > 0 and bool(database.local_dim)
+    )
+    global_config = config.replace(NONLANDMARK_PENALTY=0.0)  # global-only reference predictions
+    started = time.perf_counter()
+    description = "verify" if use_local else "rank"
+    for row, query_id in enumerate(tqdm(query_ids, desc=description, unit="query", disable=not progress)):
+        candidates = rows[row]
+        cosine = similarities[row].astype(np.float64)
+        candidate_labels = [index.labels[c] for c in candidates]
+        result.global_predictions[query_id] = recognize_one(candidate_labels, cosine, None, global_config)
+        label, confidence, inliers = recognize_candidates(
+            query_local(row) if use_local else None,
+            candidates,
+            cosine,
+            database,
+            index.labels,
+            config,
+            candidate_nonlandmark=index.database_nonlandmark,
+            query_nonlandmark=None if query_penalty is None else float(query_penalty[row]),
+            verify=use_local,
+        )
+        if inliers is not None:
+            result.inliers[query_id] = inliers
+        result.predictions[query_id] = (label, confidence)
+        result.neighbours[query_id] = [database.ids[c] for c in candidates]
+        result.similarities[query_id] = similarities[row]
+        result.rows[query_id] = candidates
+        if query_penalty is not None:
+            result.query_nonlandmark[query_id] = float(query_penalty[row])
+    result.seconds["verify"] = time.perf_counter() - started
+    if whole_query_set and config.FREQUENT_LANDMARK_PENALTY > 0 and result.predictions:
+        ids = list(result.predictions)
+        adjusted = penalize_frequent_landmarks(
+            [result.predictions[i][0] for i in ids], np.array([result.predictions[i][1] for i in ids]), config
+        )
+        result.predictions = {i: (result.predictions[i][0], float(c)) for i, c in zip(ids, adjusted, strict=True)}
+    if mode != "off":
+        assert class_probabilities is not None
+        if len(class_probabilities) != len(query_ids):
+            raise ValueError(f"{len(class_probabilities)} class predictions for {len(query_ids)} queries")
+        result.predictions = {
+            query_id: classified_prediction(result, query_id, probabilities, index.labels, config)
+            for query_id, probabilities in zip(query_ids, class_probabilities, strict=True)
+        }
+    return result
+
+
+def classified_prediction(
+    result: RecognitionResult,
+    query_id: str,
+    probabilities: dict[str, float],
+    labels: Sequence[str | None],
+    config: Config,
+) -> tuple[str | None, float]:
+    """One query's prediction under ``CLASSIFIER_MODE``: the classifier's best landmark
+    (``"classifier"``), or its probabilities fused with the re-ranked neighbours
+    (``"fused"``, :func:`~delf_retrieval.scoring.classifier.fuse_knn_classifier`).
+    Non-landmark and frequent-landmark penalties are not applied on top."""
+    if config.CLASSIFIER_MODE == "classifier":
+        return classifier_prediction(probabilities)
+    rows = result.rows[query_id]
+    cosine = np.asarray(result.similarities[query_id], np.float64)
+    order, scores = rerank(cosine, result.inliers.get(query_id), config.replace(NONLANDMARK_PENALTY=0.0))
+    return fuse_knn_classifier([labels[rows[j]] for j in order], scores, probabilities, config)
