@@ -51,7 +51,7 @@ def _query_paths(dataset: Path) -> dict[str, Path]:
     return {query: kaggle_image_path(dataset / "test", query) for query in ids}
 
 
-def assert_predict_equals_batch(dataset: Path, tmp_path: Path, extractor, config, classifiers=(), model=None) -> None:
+def assert_predict_equals_batch(dataset: Path, tmp_path: Path, extractor, config, classifiers=(), *, accurate=True) -> None:
     """Batch predictions == predict one by one == predict_many, as equal floats."""
     run = delf_retrieval.recognize(
         dataset,
@@ -76,7 +76,7 @@ def assert_predict_equals_batch(dataset: Path, tmp_path: Path, extractor, config
         log=lambda _: None,
         classifiers=classifiers,
     )
-    recognizer = Recognizer.load(tmp_path / "index", model=model or extractor)
+    recognizer = Recognizer.load(tmp_path / "index", model=extractor)
     paths = _query_paths(dataset)
     expected = {query: run.result.predictions[query] for query in paths}
     one_by_one = {query: recognizer.predict(path) for query, path in paths.items()}
@@ -84,6 +84,8 @@ def assert_predict_equals_batch(dataset: Path, tmp_path: Path, extractor, config
     for answers in (one_by_one, together):
         got = {query: (p.landmark_id, p.confidence) for query, p in answers.items()}
         assert got == expected
+    if not accurate:
+        return
     # Not a vacuous comparison: the dataset's landmark queries are mostly answered right.
     truth = pd.read_csv(dataset / "solution.csv", dtype=str, keep_default_na=False).set_index("id")["landmarks"]
     right = sum(expected[q][0] == truth[q] for q in paths if truth[q])
@@ -134,7 +136,8 @@ def test_classifier_and_fused_modes(preset, dataset, keras_classifier, tmp_path)
     extractor = load_extractor(keras_classifier / "model.keras", preprocess="tf", image_size=64)
     classifiers = [Classifier(extractor, read_class_mapping(keras_classifier / "classes.csv"))]
     config = load_config(preset, WHITENING_DIM=4)
-    assert_predict_equals_batch(dataset, tmp_path, extractor, config, classifiers)
+    # The fixture classifier is untrained: its answers are wrong, but must be the same.
+    assert_predict_equals_batch(dataset, tmp_path, extractor, config, classifiers, accurate=False)
 
 
 def test_delg_savedmodel(dataset, delg_tf2_model, tmp_path):
