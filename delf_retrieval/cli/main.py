@@ -26,6 +26,7 @@ from delf_retrieval.distributed import RayRunner
 from delf_retrieval.distributed.clean import RayChunkRunner
 from delf_retrieval.features.images import list_images
 from delf_retrieval.features.store import FeatureStore
+from delf_retrieval.kaggle.dataset import KaggleData
 from delf_retrieval.kaggle.metrics import evaluate_recognition, evaluate_retrieval
 from delf_retrieval.kaggle.submission import validate_submission
 from delf_retrieval.models import extract, loader
@@ -332,9 +333,12 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_run(args: argparse.Namespace, required: Sequence[str], output: str = "the submission") -> None:
+def _check_run(
+    args: argparse.Namespace, required: Sequence[str], output: str = "the submission", optional: Sequence[str] = ()
+) -> None:
     """Everything a recognize/retrieve run can check before loading a model or extracting:
-    the data folder, the --config/--set values, the submission file and the work dir."""
+    the data folder and its CSVs (``required`` ones, and the ``optional`` ones the run
+    reads when present), the --config/--set values, the submission file and the work dir."""
 
     args.overrides = dict(parse_override(item) for item in args.set or ())
     load_config(args.config, **args.overrides)  # values are valid whatever the preset
@@ -343,13 +347,17 @@ def _check_run(args: argparse.Namespace, required: Sequence[str], output: str = 
     missing = [name for name in required if not (args.data_dir / name).is_file()]
     if missing:
         raise ValueError(f"{args.data_dir} is not a Kaggle-layout dataset: missing {', '.join(missing)}")
+    data = KaggleData(args.data_dir)
+    for name in (*required, *optional):  # their content too, before a model is loaded
+        if data.has(name):
+            data.check(name)
     check_output_file(args.output, output)
     check_output_folder(args.work_dir or Path("delf_work"), "the feature cache (--work-dir)")
 
 
 def _cmd_recognize(args: argparse.Namespace) -> int:
 
-    _check_run(args, ("train.csv", "sample_submission.csv"))
+    _check_run(args, ("train.csv", "sample_submission.csv"), optional=("nonlandmark.csv",) if args.nonlandmark else ())
     extractor = build_extractor(args)
     config = _config(args, extractor)
     classifiers = _classifiers(args, extractor)
@@ -378,7 +386,7 @@ def _cmd_recognize(args: argparse.Namespace) -> int:
 
 def _cmd_retrieve(args: argparse.Namespace) -> int:
 
-    _check_run(args, ("index.csv", "sample_submission.csv"))
+    _check_run(args, ("index.csv", "sample_submission.csv"), optional=() if args.no_labels else ("train.csv",))
     extractor = build_extractor(args)
     with _ray_hooks(args, extractor) as hooks:
         output = retrieval.retrieve(

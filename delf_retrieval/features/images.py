@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import stat
 import tarfile
 import warnings
@@ -185,32 +186,84 @@ def downscale_to_max_size(image: np.ndarray, max_size: int | None) -> tuple[np.n
     return resized, width / float(new_size[0])
 
 
+# Characters that would take an id's file out of its folder (a path separator, or the
+# NUL that ends a path in the C library).
+_ID_PATH_CHARACTERS = ("/", "\\", "\x00")
+# GLDv2 landmark ids are non-negative integers (ASCII digits).
+_LANDMARK_ID = re.compile(r"[0-9]+")
+
+
+def check_image_id(image_id: str, where: str = "") -> str:
+    """Return ``image_id`` if it names a file inside its folder, else raise ValueError naming it.
+
+    An id becomes the file name ``<id>.jpg`` (and, in the Kaggle layout, its first three
+    characters the folders above it), so it may not be empty or hold a path separator
+    (``/``, ``\\``) or NUL: ``..//x`` or ``abc/../../x`` would read or write outside the
+    data or index folder.
+    """
+    if not isinstance(image_id, str) or not image_id or any(c in image_id for c in _ID_PATH_CHARACTERS):
+        place = f" in {where}" if where else ""
+        raise ValueError(
+            f"image id {image_id!r}{place} is not allowed: ids may not be empty or contain '/', '\\' "
+            "or NUL (the file would lie outside its folder)"
+        )
+    return image_id
+
+
 def kaggle_image_path(root: str | os.PathLike, image_id: str, extension: str = ".jpg") -> Path:
-    """Kaggle GLDv2 layout: ``<root>/<id[0]>/<id[1]>/<id[2]>/<id>.jpg``."""
+    """Kaggle GLDv2 layout: ``<root>/<id[0]>/<id[1]>/<id[2]>/<id>.jpg`` (always inside ``root``:
+    ids that could leave it are refused, see :func:`check_image_id`)."""
+    check_image_id(image_id)
     if len(image_id) < 3:
         raise ValueError(f"Kaggle image ids have at least 3 characters, got {image_id!r}")
     return Path(root) / image_id[0] / image_id[1] / image_id[2] / f"{image_id}{extension}"
 
 
-def read_ids_csv(csv_path: str | os.PathLike) -> list[str]:
-    """The ``id`` column of a Kaggle CSV (train.csv, index.csv, sample_submission.csv...)."""
+def read_text_csv(csv_path: str | os.PathLike):
+    """A CSV with every cell as text (empty cells ""); ValueError naming the file when it
+    is empty, not text or not CSV (pandas' own messages name no file)."""
     import pandas as pd
 
-    frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    try:
+        return pd.read_csv(csv_path, dtype=str, keep_default_na=False, na_filter=False)
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{csv_path} is empty (not even a header line)") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as error:
+        raise ValueError(f"{csv_path} is not a readable CSV file: {' '.join(str(error).split())}") from None
+
+
+def read_ids_csv(csv_path: str | os.PathLike) -> list[str]:
+    """The ``id`` column of a Kaggle CSV (train.csv, index.csv, sample_submission.csv...)."""
+    frame = read_text_csv(csv_path)
     if "id" not in frame.columns:
         raise ValueError(f"{csv_path} has no 'id' column (columns: {list(frame.columns)})")
     return frame["id"].tolist()
 
 
 def read_labels_csv(csv_path: str | os.PathLike) -> dict[str, str]:
-    """``id -> landmark_id`` (both strings) from a Kaggle ``train.csv``."""
-    import pandas as pd
+    """``id -> landmark_id`` (both strings) from a Kaggle ``train.csv``.
 
-    frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    Raises ValueError (naming the file and the row) for a missing column, a landmark id
+    that is not an integer (GLDv2's are; a space would also break the submission) or an
+    id listed twice with different landmarks.
+    """
+    frame = read_text_csv(csv_path)
     missing = {"id", "landmark_id"} - set(frame.columns)
     if missing:
-        raise ValueError(f"{csv_path} lacks column(s) {sorted(missing)}")
-    return dict(zip(frame["id"], frame["landmark_id"], strict=True))
+        raise ValueError(f"{csv_path} lacks column(s) {sorted(missing)} (columns: {list(frame.columns)})")
+    labels: dict[str, str] = {}
+    for image_id, label in zip(frame["id"], frame["landmark_id"], strict=True):
+        if not _LANDMARK_ID.fullmatch(label):
+            raise ValueError(
+                f"{csv_path}: landmark_id {label!r} of image {image_id!r} is not an integer "
+                "(GLDv2 landmark ids are non-negative integers)"
+            )
+        if labels.setdefault(image_id, label) != label:
+            raise ValueError(
+                f"{csv_path}: image id {image_id!r} is listed twice with different landmarks "
+                f"({labels[image_id]} and {label}); keep one row per image"
+            )
+    return labels
 
 
 def sources_from_csv(
@@ -227,10 +280,10 @@ def sources_from_csv(
     if image_root is None:
         folder = CSV_IMAGE_FOLDERS.get(csv_path.name, csv_path.stem)
         image_root = csv_path.parent / folder
-    return [
-        ImageSource(id=image_id, path=str(kaggle_image_path(image_root, image_id)))
-        for image_id in read_ids_csv(csv_path)
-    ]
+    ids = read_ids_csv(csv_path)
+    for image_id in ids:  # every id before any path: nothing is read outside image_root
+        check_image_id(image_id, str(csv_path))
+    return [ImageSource(id=image_id, path=str(kaggle_image_path(image_root, image_id))) for image_id in ids]
 
 
 def sources_from_folder(folder: str | os.PathLike) -> list[ImageSource]:

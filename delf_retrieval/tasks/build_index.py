@@ -42,7 +42,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from delf_retrieval.config import Config, default_preset, load_config
-from delf_retrieval.features.images import kaggle_image_path, list_images, read_labels_csv
+from delf_retrieval.features.images import check_image_id, kaggle_image_path, list_images, read_labels_csv
 from delf_retrieval.features.store import FeatureStore, atomic_write_bytes
 from delf_retrieval.kaggle.dataset import KaggleData
 from delf_retrieval.models.base import Extractor, ExtractorParams
@@ -300,6 +300,7 @@ def write_thumbnails(
 
     def one(item: tuple[str, str]) -> tuple[str, tuple[str, str, str]]:
         image_id, path = item
+        check_image_id(image_id)  # the thumbnail stays inside the index folder
         target = kaggle_image_path(folder, image_id) if len(image_id) >= 3 else folder / f"{image_id}.jpg"
         try:
             width, height = _thumbnail(Path(path), target, size, exif_transpose)
