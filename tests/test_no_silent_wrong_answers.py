@@ -5,6 +5,7 @@ user can cause exits 2 with one line naming the cause."""
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,12 @@ import pytest
 import delf_retrieval
 from delf_retrieval.cli.main import main
 from delf_retrieval.demo.data import build_demo_dataset
-from delf_retrieval.features.images import kaggle_image_path, list_images
+from delf_retrieval.features.images import ImageSource, kaggle_image_path, list_images
+from delf_retrieval.features.store import DiskSpaceError, FeatureStore
+from delf_retrieval.service.recognizer import Recognizer
+from delf_retrieval.tasks import build_index as build_index_module
+from delf_retrieval.tasks.build_index import build_index, check_index_folder, source_paths
+from delf_retrieval.tasks.manifest import MANIFEST
 
 MODEL = "opencv-sift"
 
@@ -147,3 +153,91 @@ def test_validate_calls_a_non_integer_landmark_id_a_problem(tmp_path, capsys):
     code = main(["validate", str(tmp_path / "s.csv"), "--sample", str(tmp_path / "sample.csv")])
     assert code == 1
     assert "1 rows have an unparsable landmark id: 'q1'" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- index: items 1, 3, 10, 15
+def build(data: Path, out: Path, **options) -> None:
+    build_index(data, MODEL, out, progress=False, log=quiet, **options)
+
+
+@pytest.mark.slow
+def test_a_rebuilt_index_holds_only_the_photos_the_csv_lists(two_datasets, tmp_path):
+    a, _ = two_datasets
+    out = tmp_path / "index"
+    build(a, out)
+    trimmed = tmp_path / "trimmed"
+    shutil.copytree(a, trimmed)
+    train = pd.read_csv(a / "train.csv", dtype=str)
+    train.iloc[::2].to_csv(trimmed / "train.csv", index=False)
+    build(trimmed, out)  # the same --out: its store still holds the dropped photos
+    fresh = tmp_path / "fresh"
+    build(trimmed, fresh)
+
+    kept = set(train["id"].iloc[::2])
+    again, alone = Recognizer.load(out), Recognizer.load(fresh)
+    assert set(again.ids) == kept and len(pd.read_csv(out / "labels.csv")) == len(kept)
+    photos = sorted((a / "test").rglob("*.jpg"))
+    for got, expected in zip(again.predict_many(photos), alone.predict_many(photos), strict=True):
+        assert {n.image_id for n in got.neighbours} <= kept
+        assert (got.landmark_id, got.confidence) == (expected.landmark_id, expected.confidence)
+
+
+@pytest.mark.parametrize("where", [".", "train", "train/sub", "nonlandmark"])
+def test_index_refuses_an_out_folder_inside_the_dataset(where, csv_only_data, capsys):
+    labels = (csv_only_data / "train.csv").read_bytes()
+    out = csv_only_data / where
+    code, err = run_cli(["index", csv_only_data, "--out", out, "--no-progress"], capsys)
+    assert code == 2
+    assert_one_line_error(err, "would write the index into the dataset")
+    assert (csv_only_data / "train.csv").read_bytes() == labels
+    assert not (csv_only_data / "labels.csv").exists() and not (csv_only_data / "train" / "meta.json").exists()
+    with pytest.raises(ValueError, match="would write the index into the dataset"):
+        check_index_folder(csv_only_data / "train", csv_only_data)  # the data inside the index's train/
+    check_index_folder(csv_only_data, csv_only_data / "my-index")  # a new subfolder is fine
+
+
+def test_index_writes_no_memory_map_and_counts_its_files_before_writing(two_datasets, tmp_path, monkeypatch):
+    a, _ = two_datasets
+    real_open_memmap, real_memmap = np.lib.format.open_memmap, np.memmap
+
+    def no_write_open_memmap(*args, mode="r+", **kwargs):
+        assert mode in ("r", "c"), f"a memory-mapped write ({mode})"
+        return real_open_memmap(*args, mode=mode, **kwargs)
+
+    class ReadOnlyMemmap(real_memmap):
+        def __new__(cls, *args, mode="r+", **kwargs):
+            assert mode in ("r", "c", "readonly", "copyonwrite"), f"a memory-mapped write ({mode})"
+            return real_memmap.__new__(cls, *args, mode=mode, **kwargs)
+
+    monkeypatch.setattr(np.lib.format, "open_memmap", no_write_open_memmap)
+    monkeypatch.setattr(np, "memmap", ReadOnlyMemmap)
+    out = tmp_path / "index"
+    small = tmp_path / "small"
+    shutil.copytree(a, small)
+    (small / "nonlandmark.csv").unlink()
+    build(small, out, thumbnail_size=0)
+    vectors = np.load(out / "derived" / "search_vectors.npy")
+    train = FeatureStore(out / "train")
+    np.testing.assert_array_equal(vectors, np.asarray(train.global_descriptors(), np.float32))
+
+    # The free-space check counts the float32 copy: a disk with less room refuses before writing it.
+    (out / "derived" / "search_vectors.npy").unlink()
+    (out / MANIFEST).unlink()
+    needed = vectors.nbytes
+    usage = shutil.disk_usage(out)
+    monkeypatch.setattr(
+        build_index_module.shutil, "disk_usage", lambda _: usage._replace(free=16 * 2**20 + needed // 2)
+    )
+    with pytest.raises(DiskSpaceError, match="free disk space"):
+        build(small, out, thumbnail_size=0)
+    assert not (out / "derived" / "search_vectors.npy").exists()
+
+
+def test_index_matches_sources_to_ids_in_linear_time():
+    """Item 15: 200 000 photos (``set(ids)`` rebuilt per photo took hours)."""
+    ids = [f"{i:08x}" for i in range(200_000)]
+    sources = [ImageSource(id=image_id, path=f"/x/{image_id}.jpg") for image_id in ids]
+    started = time.perf_counter()
+    paths = source_paths(sources, ids[::2])
+    assert len(paths) == 100_000 and paths[ids[2]] == f"/x/{ids[2]}.jpg"
+    assert time.perf_counter() - started < 2.0

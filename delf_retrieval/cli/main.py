@@ -36,7 +36,7 @@ from delf_retrieval.models.presets import extraction_params
 from delf_retrieval.scoring.classifier import Classifier, load_classifier, read_class_mapping
 from delf_retrieval.service.http import ServeSettings, serve
 from delf_retrieval.tasks import recognition, retrieval
-from delf_retrieval.tasks.build_index import build_index
+from delf_retrieval.tasks.build_index import build_index, check_index_folder
 from delf_retrieval.tasks.clean import clean_dataset
 
 EXIT_OK = 0
@@ -503,6 +503,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_index(args: argparse.Namespace) -> int:
 
     args.overrides = dict(parse_override(item) for item in args.set or ())
+    KaggleData(args.data_dir).require("train.csv")
+    check_index_folder(args.data_dir, args.out)
     extractor = build_extractor(args)
     config = _config(args, extractor) if args.config or args.set else None
     build_index(

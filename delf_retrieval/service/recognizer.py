@@ -216,6 +216,7 @@ class Recognizer:
         config = base.replace(**overrides) if overrides else base
         derived = {name: np.load(path / entry["file"], mmap_mode="r") for name, entry in manifest.derived.items()}
         label_frame = pd.read_csv(path / "labels.csv", dtype=str, keep_default_na=False)
+        train = train.subset(label_frame["id"].tolist())  # the photos the index lists, not all its store holds
         by_id = dict(zip(label_frame["id"].tolist(), label_frame["landmark_id"].tolist(), strict=True))
         labels = [by_id.get(image_id) or None for image_id in train.ids]
         landmark_frame = pd.read_csv(path / "landmarks.csv", dtype=str, keep_default_na=False)
