@@ -4,6 +4,7 @@ user can cause exits 2 with one line naming the cause."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from pathlib import Path
@@ -13,10 +14,12 @@ import pandas as pd
 import pytest
 
 import delf_retrieval
-from delf_retrieval.cli.main import main
+from delf_retrieval.cli.main import check_output_file, main
+from delf_retrieval.core.atomic import atomic_write_bytes
 from delf_retrieval.demo.data import build_demo_dataset
 from delf_retrieval.features.images import ImageSource, kaggle_image_path, list_images
 from delf_retrieval.features.store import DiskSpaceError, FeatureStore
+from delf_retrieval.kaggle.submission import write_submission
 from delf_retrieval.service.recognizer import Recognizer
 from delf_retrieval.tasks import build_index as build_index_module
 from delf_retrieval.tasks.build_index import build_index, check_index_folder, source_paths
@@ -241,3 +244,36 @@ def test_index_matches_sources_to_ids_in_linear_time():
     paths = source_paths(sources, ids[::2])
     assert len(paths) == 100_000 and paths[ids[2]] == f"/x/{ids[2]}.jpg"
     assert time.perf_counter() - started < 2.0
+
+
+# --------------------------------------------------------------------------- item 4
+def special_files(tmp_path: Path) -> list[Path]:
+    """A pipe, and /dev/full where the machine has it."""
+    fifo = tmp_path / "pipe.csv"
+    os.mkfifo(fifo)
+    return [fifo] + [Path("/dev/full")] * Path("/dev/full").exists()
+
+
+def test_output_that_is_not_a_regular_file_is_refused_not_replaced(csv_only_data, tmp_path, capsys):
+    for target in special_files(tmp_path):
+        mode = target.stat().st_mode
+        code, err = run_cli(["recognize", csv_only_data, "-o", target, "--work-dir", tmp_path / "w", "--no-progress"], capsys)
+        assert code == 2
+        assert_one_line_error(err, str(target), "not a regular file")
+        assert target.stat().st_mode == mode  # still the pipe / the device
+        with pytest.raises(ValueError, match="refusing to replace it"):
+            atomic_write_bytes(target, b"id,landmarks\n")
+        assert target.stat().st_mode == mode
+
+
+def test_output_through_a_symlink_writes_its_target(tmp_path):
+    real = tmp_path / "real" / "submission.csv"
+    real.parent.mkdir()
+    real.write_text("old\n")
+    link = tmp_path / "link.csv"
+    link.symlink_to(real)
+    check_output_file(link)
+    write_submission(link, pd.DataFrame({"id": ["q1"], "landmarks": ["12 0.5"]}))
+    assert link.is_symlink() and os.readlink(link) == str(real)
+    assert real.read_text() == "id,landmarks\nq1,12 0.5\n"
+    assert sorted(p.name for p in real.parent.iterdir()) == ["submission.csv"]  # no temporary file left

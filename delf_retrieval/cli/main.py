@@ -20,6 +20,7 @@ from pathlib import Path
 from delf_retrieval import __version__, distributed
 from delf_retrieval.cli.predict import run_predict
 from delf_retrieval.config import default_preset, load_config, parse_override
+from delf_retrieval.core.atomic import regular_target
 from delf_retrieval.core.errors import DelfError
 from delf_retrieval.demo.run import run_demo
 from delf_retrieval.distributed import RayRunner
@@ -73,6 +74,7 @@ def check_output_file(path: Path, what: str = "the submission") -> None:
     """Check before any work that ``path`` can be written as a file."""
     if path.is_dir():
         raise ValueError(f"-o {path} is a directory; give a file name, e.g. {path / 'submission.csv'}")
+    path = regular_target(path)  # a link is written through; a device or a pipe is refused
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise ValueError(f"cannot write {what} {path}: folder {parent} does not exist")
