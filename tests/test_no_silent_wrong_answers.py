@@ -4,8 +4,10 @@ user can cause exits 2 with one line naming the cause."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import socket
 import time
 from pathlib import Path
 
@@ -17,9 +19,11 @@ import delf_retrieval
 from delf_retrieval.cli.main import check_output_file, main
 from delf_retrieval.core.atomic import atomic_write_bytes
 from delf_retrieval.demo.data import build_demo_dataset
+from delf_retrieval.features.containers import ImageFeatures, LocalFeatures
 from delf_retrieval.features.images import ImageSource, kaggle_image_path, list_images
-from delf_retrieval.features.store import DiskSpaceError, FeatureStore
+from delf_retrieval.features.store import DiskSpaceError, FeatureStore, StoreCorruptError
 from delf_retrieval.kaggle.submission import write_submission
+from delf_retrieval.matching import device
 from delf_retrieval.service.recognizer import Recognizer
 from delf_retrieval.tasks import build_index as build_index_module
 from delf_retrieval.tasks.build_index import build_index, check_index_folder, source_paths
@@ -277,3 +281,98 @@ def test_output_through_a_symlink_writes_its_target(tmp_path):
     assert link.is_symlink() and os.readlink(link) == str(real)
     assert real.read_text() == "id,landmarks\nq1,12 0.5\n"
     assert sorted(p.name for p in real.parent.iterdir()) == ["submission.csv"]  # no temporary file left
+
+
+# --------------------------------------------------------------------------- store views (item 1)
+FINGERPRINT = {"family": "fake", "model_id": "fake", "params": {}, "local_dim": 4, "global_dim": 3}
+
+
+def fake_features(seed: int) -> ImageFeatures:
+    rng = np.random.default_rng(seed)
+    count = int(rng.integers(0, 6))
+    local = LocalFeatures(
+        keypoints=rng.random((count, 2), np.float32) * 100,
+        descriptors=rng.random((count, 4), np.float32),
+        scores=rng.random(count, np.float32),
+        scales=np.ones(count, np.float32),
+    )
+    return ImageFeatures(local=local, global_descriptor=rng.random(3, np.float32))
+
+
+def fake_store(path: Path, ids: list[str]) -> FeatureStore:
+    store = FeatureStore(path, FINGERPRINT, dtype="float16")
+    store.write_chunk(ids, [fake_features(int(image_id, 16)) for image_id in ids])
+    return store
+
+
+def test_a_store_view_reads_as_a_fresh_store_of_its_ids(tmp_path):
+    every = [f"{i:04x}" for i in range(40)]
+    listed = every[3::3]
+    view = fake_store(tmp_path / "cache", every).subset(listed + ["ffff"])  # ffff: never extracted
+    fresh = fake_store(tmp_path / "fresh", listed)
+    assert view.ids == fresh.ids == sorted(listed) and "0000" not in view
+    np.testing.assert_array_equal(view.global_descriptors(), fresh.global_descriptors())
+    for image_id in listed:
+        np.testing.assert_array_equal(view.local_features(image_id).descriptors, fresh.local_features(image_id).descriptors)
+    for count in (7, 10_000):  # a sample (the VLAD codebook's input), and all of them
+        np.testing.assert_array_equal(view.local_descriptor_sample(count, seed=4), fresh.local_descriptor_sample(count, seed=4))
+    with pytest.raises(KeyError):
+        view.local_features("0000")
+    view.write_derived("vlad", np.ones((len(listed), 2), np.float16))
+    assert view.read_derived("vlad") is not None and view.store.read_derived("vlad") is None  # keyed by the ids
+    assert view.store.subset(every) is view.store  # nothing to leave out: the store itself
+
+
+# --------------------------------------------------------------------------- item 12
+def test_damaged_store_files_are_user_errors_naming_the_file(tmp_path):
+    store = fake_store(tmp_path / "store", ["aaa1", "aaa2", "aaa3"])
+    store.finalize()
+    generation = store.path / json.loads((store.path / "CURRENT").read_text())["name"]
+    (generation / "ids.json").write_text(json.dumps(["aaa1", "aaa2"]))
+    with pytest.raises(StoreCorruptError, match=r"global\.npy has 3 rows where 2 are due"):
+        FeatureStore(store.path).global_descriptors()
+    (generation / "ids.json").unlink()
+    with pytest.raises(StoreCorruptError, match="has no ids.json"):
+        len(FeatureStore(store.path))
+    (generation / "ids.json").write_text('{"aaa1": ')
+    with pytest.raises(StoreCorruptError, match=r"ids\.json is damaged \(not JSON"):
+        len(FeatureStore(store.path))
+    (generation / "ids.json").write_text(json.dumps(["aaa1", "aaa2", "aaa3"]))
+    data = (generation / "global.npy").read_bytes()
+    (generation / "global.npy").write_bytes(data[: len(data) - 4])
+    with pytest.raises(StoreCorruptError, match=r"global\.npy is damaged \(truncated"):
+        FeatureStore(store.path).global_descriptors()
+    assert issubclass(StoreCorruptError, ValueError)  # the CLI's exit 2
+
+
+@pytest.mark.parametrize(("manifest", "fragment"), [("[]", "a JSON list, not an object"), ('{"format": 1}', "no model"), ('{"model": ', "not JSON")])
+def test_a_damaged_index_json_exits_2(manifest, fragment, tmp_path, capsys):
+    index = tmp_path / "index"
+    index.mkdir()
+    (index / MANIFEST).write_text(manifest)
+    code, err = run_cli(["predict", index, tmp_path / "photo.jpg"], capsys)
+    assert code == 2
+    assert_one_line_error(err, str(index / MANIFEST), fragment)
+
+
+def test_serve_refuses_a_bad_or_busy_port_in_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", str(tmp_path), "--port", "99999"])
+    assert exit_.value.code == 2 and "--port: expected a port number 0..65535, got '99999'" in capsys.readouterr().err
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code, err = run_cli(["serve", tmp_path, "--port", port], capsys)
+    assert code == 2
+    assert_one_line_error(err, f"cannot listen on 127.0.0.1:{port}")
+
+
+def test_a_gpu_match_device_without_a_gpu_is_refused_before_any_work(csv_only_data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(device, "_tensorflow_gpus", lambda: 0)
+    work = tmp_path / "work"
+    for command in (["recognize", csv_only_data, "-o", tmp_path / "s.csv", "--work-dir", work], ["index", csv_only_data, "--out", tmp_path / "i"]):
+        code, err = run_cli([*command, "--set", "MATCH_DEVICE=gpu", "--no-progress"], capsys)
+        assert code == 2
+        assert_one_line_error(err, "MATCH_DEVICE='gpu' but TensorFlow sees no GPU")
+    assert not work.exists() and not (tmp_path / "i").exists()

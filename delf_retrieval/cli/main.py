@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
+import math
 import sys
 import tempfile
 import traceback
@@ -18,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from delf_retrieval import __version__, distributed
-from delf_retrieval.cli.predict import run_predict
+from delf_retrieval.cli.predict import check_match_device, run_predict
 from delf_retrieval.config import default_preset, load_config, parse_override
 from delf_retrieval.core.atomic import regular_target
 from delf_retrieval.core.errors import DelfError
@@ -57,6 +58,36 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    """argparse type: a finite number (``nan`` and ``inf`` are refused, naming the flag)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    value = _finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    """argparse type: a TCP port, 0..65535 (0: any free port)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number 0..65535, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number 0..65535, got {text!r}")
     return value
 
 
@@ -113,23 +144,23 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     keras = parser.add_argument_group("Keras/TF model options (your own model; all go into the store fingerprint)")
     keras.add_argument("--layer", default=None, help="descriptor layer (SavedModel: output name); default: input of the final softmax layer, else the model output")
     keras.add_argument("--pooling", choices=("gem", "max", "avg"), default=None, help="pooling of a 4-D layer output (default gem)")
-    keras.add_argument("--gem-p", type=float, default=None, help="GeM exponent (default 3)")
+    keras.add_argument("--gem-p", type=_positive_float, default=None, help="GeM exponent (default 3)")
     keras.add_argument(
         "--preprocess", choices=("caffe", "torch", "tf", "0-1", "0-255"), default=None,
         help="pixel preprocessing (default caffe, as Keras ResNet50/VGG16)",
     )
     keras.add_argument("--image-size", type=int, nargs="+", default=None, metavar="PX", help="input size: S or H W (default: the model's, else 224)")
     keras.add_argument("--resize", choices=("fixed", "longest"), default=None, help="fixed size, or cap the longer side keeping the aspect (default fixed)")
-    keras.add_argument("--global-scales", type=float, nargs="+", default=None, help="scales whose global descriptors are averaged (default 1.0)")
+    keras.add_argument("--global-scales", type=_positive_float, nargs="+", default=None, help="scales whose global descriptors are averaged (default 1.0)")
     keras.add_argument("--flip", action="store_true", help="also average the horizontally mirrored image")
     keras.add_argument("--model-batch-size", type=_positive_int, default=None, help="images per model call (default 32)")
     keras.add_argument("--head", default=None, help="SavedModel: output holding class probabilities")
     parser.add_argument("--max-image-size", type=_positive_int, default=None, help="cap the longer image side (pixels)")
     parser.add_argument("--max-features", type=_positive_int, default=None, help="max local features per image")
     parser.add_argument(
-        "--scales", type=float, nargs="+", default=None, help="image scales for local features"
+        "--scales", type=_positive_float, nargs="+", default=None, help="image scales for local features"
     )
-    parser.add_argument("--score-threshold", type=float, default=None, help="min attention score")
+    parser.add_argument("--score-threshold", type=_finite_float, default=None, help="min attention score")
     parser.add_argument(
         "--extraction-preset",
         default=None,
@@ -343,7 +374,7 @@ def _check_run(
     reads when present), the --config/--set values, the submission file and the work dir."""
 
     args.overrides = dict(parse_override(item) for item in args.set or ())
-    load_config(args.config, **args.overrides)  # values are valid whatever the preset
+    check_match_device(load_config(args.config, **args.overrides))  # values are valid whatever the preset
     if not args.data_dir.is_dir():
         raise ValueError(f"data folder {args.data_dir} does not exist or is not a folder")
     missing = [name for name in required if not (args.data_dir / name).is_file()]
@@ -379,6 +410,8 @@ def _cmd_recognize(args: argparse.Namespace) -> int:
             use_nonlandmark=True if args.nonlandmark else None,
             verify=not args.no_verify,
             dtype=args.dtype,
+            batch_size=args.batch_size,
+            decode_threads=args.threads,
             progress=not args.no_progress,
             **hooks,
         )
@@ -400,6 +433,8 @@ def _cmd_retrieve(args: argparse.Namespace) -> int:
             use_labels=not args.no_labels,
             verify=not args.no_verify,
             dtype=args.dtype,
+            batch_size=args.batch_size,
+            decode_threads=args.threads,
             progress=not args.no_progress,
             **hooks,
         )
@@ -489,6 +524,8 @@ def _cmd_clean(args: argparse.Namespace) -> int:
             small_classes=args.small_classes,
             chunk_size=args.chunk_size,
             dtype=args.dtype,
+            batch_size=args.batch_size,
+            decode_threads=args.threads,
             progress=not args.no_progress,
             **hooks,
         )
@@ -507,6 +544,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
     args.overrides = dict(parse_override(item) for item in args.set or ())
     KaggleData(args.data_dir).require("train.csv")
     check_index_folder(args.data_dir, args.out)
+    check_match_device(load_config(args.config, **args.overrides))
     extractor = build_extractor(args)
     config = _config(args, extractor) if args.config or args.set else None
     build_index(
@@ -671,10 +709,10 @@ def make_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="web service and page for an index (needs the serve extra)")
     serve.add_argument("index_dir", type=Path, help="folder built by `delf-retrieval index`")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--max-upload-mb", type=float, default=20.0, help="largest photo accepted, MiB (default 20)")
-    serve.add_argument("--concurrency", type=int, default=None, help="predictions at once (default: one per core)")
-    serve.add_argument("--threads-per-request", type=int, default=None, help="threads per prediction (default 1)")
+    serve.add_argument("--port", type=_port, default=8000)
+    serve.add_argument("--max-upload-mb", type=_positive_float, default=20.0, help="largest photo accepted, MiB (default 20)")
+    serve.add_argument("--concurrency", type=_positive_int, default=None, help="predictions at once (default: one per core)")
+    serve.add_argument("--threads-per-request", type=_positive_int, default=None, help="threads per prediction (default 1)")
     serve.set_defaults(func=_cmd_serve)
     return parser
 

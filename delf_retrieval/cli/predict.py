@@ -7,10 +7,20 @@ import json
 import sys
 from pathlib import Path
 
-from delf_retrieval.config import parse_override
+from delf_retrieval.config import Config, parse_override
 from delf_retrieval.features.images import ImageDecodeError, load_image
+from delf_retrieval.matching.device import resolve_device
 from delf_retrieval.service.plot import draw_prediction
 from delf_retrieval.service.recognizer import Prediction, Recognizer
+
+
+def check_match_device(config: Config) -> None:
+    """ValueError (exit 2) now, before any extraction, when ``MATCH_DEVICE="gpu"`` and no GPU is there."""
+    if config.MATCH_DEVICE == "gpu":
+        try:
+            resolve_device("gpu")
+        except RuntimeError as error:
+            raise ValueError(str(error)) from None
 
 
 def format_prediction(photo: str, prediction: Prediction, neighbours: int = 3) -> str:
@@ -36,6 +46,7 @@ def run_predict(args: argparse.Namespace) -> int:
 
     overrides = dict(parse_override(item) for item in args.set or ())
     recognizer = Recognizer.load(args.index_dir, model=args.model, **overrides)
+    check_match_device(recognizer.config)
     results: list[dict] = []
     failed = 0
     for photo in args.photos:

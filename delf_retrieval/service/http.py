@@ -20,6 +20,7 @@ Needs the ``serve`` extra: ``pip install "delf_retrieval[serve]"``.
 
 import functools
 import os
+import socket
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -183,6 +184,20 @@ def _too_large(settings: ServeSettings) -> str:
     return f"photo too large: the limit is {settings.max_upload_bytes} bytes ({settings.max_upload_bytes / 2**20:.1f} MiB)"
 
 
+def check_port(host: str, port: int) -> None:
+    """Raise ValueError unless this process can listen on ``host:port`` now (a port out of
+    range, one in use, an address not of this machine), as uvicorn will bind it."""
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} is out of range 0..65535")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+            probe.bind(address)
+    except OSError as error:
+        raise ValueError(f"cannot listen on {host}:{port}: {error.strerror or error}; choose another --port/--host") from None
+
+
 def serve(
     index_dir: str | os.PathLike,
     *,
@@ -197,6 +212,7 @@ def serve(
     except ImportError as error:  # pragma: no cover - depends on the install
         raise ImportError('the web service needs the serve extra: pip install "delf_retrieval[serve]"') from error
     settings = settings or ServeSettings.for_cores()
+    check_port(host, port)  # before the index loads: a port in use is a user error, said in one line
     limits = limit_threads(settings.threads)
     recognizer = Recognizer.load(index_dir, WORKERS=settings.threads)
     print(

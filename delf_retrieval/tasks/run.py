@@ -125,19 +125,23 @@ def extract_splits(
     work_dir: Path,
     *,
     dtype: str = "float16",
+    batch_size: int = 64,
+    decode_threads: int = 2,
     progress: bool = True,
     log: Log = print,
     runner: Runner | None = None,
 ) -> tuple[dict[str, FeatureStore], dict[str, ExtractionSummary]]:
     """:func:`extract_split` of every ``{split: csv}``, then global descriptors for all
-    (VLAD fitted on the ``database`` split for local-only models).
+    (VLAD fitted on the ``database`` split for local-only models). ``batch_size`` (images
+    per store chunk) and ``decode_threads`` go to the extraction.
 
     Returns stores and extraction summaries by split.
     """
     stores, summaries = {}, {}
     for split, csv_path in splits.items():
         stores[split], summaries[split] = extract_split(
-            extractor, csv_path, work_dir, split, dtype=dtype, progress=progress, log=log, runner=runner
+            extractor, csv_path, work_dir, split, dtype=dtype, batch_size=batch_size,
+            decode_threads=decode_threads, progress=progress, log=log, runner=runner,
         )
     ensure_global_descriptors(stores[database], [s for k, s in stores.items() if k != database], log=log)
     return stores, summaries
