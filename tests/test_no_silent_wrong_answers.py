@@ -17,6 +17,7 @@ import pytest
 
 import delf_retrieval
 from delf_retrieval.cli.main import check_output_file, main
+from delf_retrieval.config import load_config
 from delf_retrieval.core.atomic import atomic_write_bytes
 from delf_retrieval.demo.data import build_demo_dataset
 from delf_retrieval.features.containers import ImageFeatures, LocalFeatures
@@ -24,8 +25,10 @@ from delf_retrieval.features.images import ImageSource, kaggle_image_path, list_
 from delf_retrieval.features.store import DiskSpaceError, FeatureStore, StoreCorruptError
 from delf_retrieval.kaggle.submission import write_submission
 from delf_retrieval.matching import device
+from delf_retrieval.models.base import ExtractorParams
 from delf_retrieval.service.recognizer import Recognizer
 from delf_retrieval.tasks import build_index as build_index_module
+from delf_retrieval.tasks import run as run_module
 from delf_retrieval.tasks.build_index import build_index, check_index_folder, source_paths
 from delf_retrieval.tasks.manifest import MANIFEST
 
@@ -376,3 +379,68 @@ def test_a_gpu_match_device_without_a_gpu_is_refused_before_any_work(csv_only_da
         assert code == 2
         assert_one_line_error(err, "MATCH_DEVICE='gpu' but TensorFlow sees no GPU")
     assert not work.exists() and not (tmp_path / "i").exists()
+
+
+# --------------------------------------------------------------------------- item 7
+@pytest.mark.parametrize(
+    ("flags", "fragment"),
+    [
+        (["--score-threshold", "nan"], "argument --score-threshold: expected a finite number, got 'nan'"),
+        (["--scales", "1.0", "nan"], "argument --scales: expected a finite number, got 'nan'"),
+        (["--scales", "inf"], "argument --scales: expected a finite number, got 'inf'"),
+        (["--global-scales", "-1"], "argument --global-scales: expected a number > 0, got '-1'"),
+        (["--max-image-size", "nan"], "argument --max-image-size: expected an integer >= 1, got 'nan'"),
+        (["--gem-p", "inf"], "argument --gem-p: expected a finite number, got 'inf'"),
+    ],
+)
+def test_non_finite_flags_exit_2_naming_the_flag(flags, fragment, csv_only_data, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["recognize", str(csv_only_data), "-o", str(tmp_path / "s.csv"), *flags])
+    assert exit_.value.code == 2
+    assert fragment in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("setting", "fragment"),
+    [
+        ("NONLANDMARK_PENALTY=inf", "NONLANDMARK_PENALTY=inf (a finite number in range)"),
+        ("QE_ALPHA=inf", "QE_ALPHA=inf (a finite number in range)"),
+        ("MAX_REPROJECTION_ERROR=inf", "MAX_REPROJECTION_ERROR=inf"),
+        ("LANDMARK_THRESHOLD=-inf", "LANDMARK_THRESHOLD=-inf"),
+        # item 14: a text field's error lists what it takes
+        ("RANSAC_METHOD=x", "RANSAC_METHOD='x' (one of 'magsac', 'opencv-ransac', 'degensac', 'skimage-affine')"),
+    ],
+)
+def test_set_values_that_must_be_finite_or_chosen_exit_2(setting, fragment, csv_only_data, tmp_path, capsys):
+    code, err = run_cli(["recognize", csv_only_data, "-o", tmp_path / "s.csv", "--work-dir", tmp_path / "w", "--set", setting], capsys)
+    assert code == 2
+    assert_one_line_error(err, fragment)
+    assert load_config(None, MAX_DESCRIPTOR_DISTANCE=float("inf")).MAX_DESCRIPTOR_DISTANCE == float("inf")  # inf: no bound
+
+
+def test_extractor_params_refuse_non_finite_values():
+    for changes in ({"score_threshold": float("nan")}, {"image_scales": (1.0, float("nan"))}, {"global_scales": (float("inf"),)}):
+        with pytest.raises(ValueError, match="finite"):
+            ExtractorParams(**changes)
+
+
+# --------------------------------------------------------------------------- item 14
+def test_recognize_extracts_with_the_given_batch_size_and_threads(csv_only_data, tmp_path, capsys, monkeypatch):
+    seen = {}
+
+    def fake_extract(extractor, sources, store, **options):
+        seen.update(options)
+        raise KeyboardInterrupt  # stop: only the options matter
+
+    monkeypatch.setattr(run_module, "extract_to_store", fake_extract)
+    args = ["recognize", csv_only_data, "-o", tmp_path / "s.csv", "--work-dir", tmp_path / "w", "--batch-size", "3", "--threads", "5"]
+    assert run_cli([*args, "--no-progress"], capsys)[0] == 130
+    assert (seen["batch_size"], seen["decode_threads"]) == (3, 5)
+
+
+@pytest.mark.parametrize(("content", "fragment"), [(b"", "train.csv is empty"), (b"id,landmark_id\n\xff\xfe,1\n", "train.csv is not a readable CSV file")])
+def test_unreadable_csvs_name_the_file(content, fragment, csv_only_data, tmp_path, capsys):
+    (csv_only_data / "train.csv").write_bytes(content)
+    code, err = run_cli(["recognize", csv_only_data, "-o", tmp_path / "s.csv", "--work-dir", tmp_path / "w"], capsys)
+    assert code == 2
+    assert_one_line_error(err, str(csv_only_data / "train.csv"), fragment)
