@@ -4,6 +4,7 @@ user can cause exits 2 with one line naming the cause."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -14,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
 
 import delf_retrieval
 from delf_retrieval.cli.main import check_output_file, main
@@ -21,11 +24,21 @@ from delf_retrieval.config import load_config
 from delf_retrieval.core.atomic import atomic_write_bytes
 from delf_retrieval.demo.data import build_demo_dataset
 from delf_retrieval.features.containers import ImageFeatures, LocalFeatures
-from delf_retrieval.features.images import ImageSource, kaggle_image_path, list_images
+from delf_retrieval.features.images import (
+    MAX_IMAGE_PIXELS,
+    MIN_IMAGE_SIDE,
+    ImageRejectedError,
+    ImageSource,
+    decode_image,
+    decode_image_scaled,
+    kaggle_image_path,
+    list_images,
+)
 from delf_retrieval.features.store import DiskSpaceError, FeatureStore, StoreCorruptError
 from delf_retrieval.kaggle.submission import write_submission
 from delf_retrieval.matching import device
 from delf_retrieval.models.base import ExtractorParams
+from delf_retrieval.service.http import create_app
 from delf_retrieval.service.recognizer import Recognizer
 from delf_retrieval.tasks import build_index as build_index_module
 from delf_retrieval.tasks import run as run_module
@@ -444,3 +457,64 @@ def test_unreadable_csvs_name_the_file(content, fragment, csv_only_data, tmp_pat
     code, err = run_cli(["recognize", csv_only_data, "-o", tmp_path / "s.csv", "--work-dir", tmp_path / "w"], capsys)
     assert code == 2
     assert_one_line_error(err, str(csv_only_data / "train.csv"), fragment)
+
+
+# --------------------------------------------------------------------------- items 9, 11
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def huge_png() -> bytes:
+    """13000 x 13000 pixels (169 MP, under Pillow's bomb limit) in 21 kB."""
+    return png_bytes(Image.new("1", (13000, 13000)))
+
+
+def test_one_photo_costs_bounded_memory_on_decode(huge_png):
+    started = time.perf_counter()
+    with pytest.raises(ImageRejectedError, match=r"13000x13000 px = 169 MP, more than the 40 MP"):
+        decode_image_scaled(huge_png, 1024)  # refused from the header: no 2.4 GB array
+    with pytest.raises(ImageRejectedError):
+        decode_image(huge_png)
+    assert time.perf_counter() - started < 1.0
+    buffer = io.BytesIO()
+    Image.new("L", (7000, 6000), 128).save(buffer, "JPEG")  # 42 MP: decoded at half size
+    image, factor = decode_image_scaled(buffer.getvalue(), None)
+    assert image.shape == (3000, 3500, 3) and factor == 2.0
+    assert image.shape[0] * image.shape[1] <= MAX_IMAGE_PIXELS
+
+
+@pytest.fixture(scope="module")
+def index(two_datasets, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("index") / "index"
+    build(two_datasets[0], out, thumbnail_size=0)
+    return out
+
+
+@pytest.mark.slow
+def test_serve_answers_422_to_photos_outside_the_input_rules(index, huge_png):
+    client = TestClient(create_app(Recognizer.load(index)))
+    health = client.get("/health").json()
+    assert (health["max_image_pixels"], health["min_image_side"]) == (MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE)
+    for photo, fragment in [
+        (png_bytes(Image.new("RGB", (1, 300))), "image too small: 1x300 px"),
+        (png_bytes(Image.new("RGB", (15, 15))), "image too small: 15x15 px"),
+        (huge_png, "more than the 40 MP"),
+    ]:
+        answer = client.post("/predict", files={"file": ("photo.png", photo, "image/png")})
+        assert answer.status_code == 422, answer.text
+        assert fragment in answer.json()["detail"]
+
+
+@pytest.mark.slow
+def test_predict_answers_the_good_photos_and_reports_the_bad_one(index, two_datasets, tmp_path, capsys):
+    thin = tmp_path / "thin.png"
+    Image.new("RGB", (1, 200)).save(thin)
+    good = sorted((two_datasets[0] / "test").rglob("*.jpg"))[0]
+    code = main(["predict", str(index), str(thin), str(good)])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert f"{thin}: error: image too small: 1x200 px" in captured.err
+    assert captured.out.startswith(f"{good}: ") and "landmark" in captured.out

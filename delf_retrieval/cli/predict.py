@@ -42,7 +42,9 @@ def _show_path(show: Path, photo: Path, many: bool) -> Path:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    """Predict every photo; unreadable ones are reported and give exit code 2 at the end."""
+    """Predict every photo. One that cannot be read or breaks the input rules (under 16 px a
+    side, a non-JPEG over 40 MP) is reported on stderr (and in ``--json``) and the others
+    are still answered; the exit code is then 2 (0 when every photo was answered)."""
 
     overrides = dict(parse_override(item) for item in args.set or ())
     recognizer = Recognizer.load(args.index_dir, model=args.model, **overrides)
@@ -51,9 +53,9 @@ def run_predict(args: argparse.Namespace) -> int:
     failed = 0
     for photo in args.photos:
         try:
-            image = load_image(photo)
-            prediction = recognizer.predict(image, verify=not args.no_verify)
-        except ImageDecodeError as error:
+            # The path, not pixels: the photo is decoded reduced as batch extraction decodes it.
+            prediction = recognizer.predict(photo, verify=not args.no_verify)
+        except ImageDecodeError as error:  # unreadable, or outside the input rules (too small, too large)
             failed += 1
             print(f"{photo}: error: {error}", file=sys.stderr)
             results.append({"photo": str(photo), "error": str(error)})
@@ -64,7 +66,7 @@ def run_predict(args: argparse.Namespace) -> int:
         if args.show is not None:
 
             target = _show_path(args.show, photo, len(args.photos) > 1)
-            draw_prediction(recognizer, prediction, image, target)
+            draw_prediction(recognizer, prediction, load_image(photo), target)
             if not args.json:
                 print(f"  picture: {target}")
     if args.json:

@@ -36,8 +36,27 @@ CSV_IMAGE_FOLDERS = {
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
+# Input rules every path applies (batch extraction, predict, serve), so a photo gets the
+# same answer, or the same refusal, everywhere.
+# Smaller images hold no landmark and break models (OpenCV SIFT fails on 2 px, DELG's
+# smallest scale rounds a few pixels to none): at least this many pixels per side after
+# the size cap.
+MIN_IMAGE_SIDE = 16
+# Most pixels (width x height) one photo may have when decoded: its RGB array then takes
+# at most 120 MB (and Pillow's copy as much again). A JPEG above it is decoded at 1/2, 1/4
+# or 1/8 of its size (libjpeg's scaled IDCT) to fit; another format above it is refused
+# from its header, before any pixel is decoded. A 13000 x 13000 PNG of 0.5 MB would
+# otherwise cost 2.4 GB.
+MAX_IMAGE_PIXELS = 40_000_000
+
+
 class ImageDecodeError(ValueError):
     """An image that cannot be read; ``str(error)`` is the reason recorded for it."""
+
+
+class ImageRejectedError(ImageDecodeError):
+    """A readable image outside the input rules (too small, too many pixels); the web
+    service answers it with 422."""
 
 
 @dataclass(frozen=True)
@@ -107,8 +126,10 @@ def decode_image_scaled(
     A JPEG larger than needed is decoded at 1/2, 1/4 or 1/8 of its size by libjpeg's
     scaled IDCT (Pillow draft mode), so memory follows the requested size instead of the
     photo's (a 108 MP photo capped at 1024 px never exists at full size); the rest is
-    shrunk with :func:`downscale_to_max_size`. ``exif_transpose`` as for
-    :func:`decode_image`.
+    shrunk with :func:`downscale_to_max_size`. Whatever ``max_size``, no photo is decoded
+    with more than :data:`MAX_IMAGE_PIXELS` pixels: a JPEG is decoded reduced to fit, any
+    other format above it raises :class:`ImageRejectedError` before decoding.
+    ``exif_transpose`` as for :func:`decode_image`.
 
     Returns
     -------
@@ -124,16 +145,14 @@ def decode_image_scaled(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
-            if max_size is not None and image.format == "JPEG" and max(image.size) > 2 * max_size:
-                width, height = image.size
-                longest = max(width, height)
-                wanted = (max(1, width * max_size // longest), max(1, height * max_size // longest))
-                drafted = image.draft(image.mode, wanted)
-                if drafted is not None:
-                    draft_scale = width / drafted[1][2]
+            if image.format == "JPEG":
+                draft_scale = _draft(image, max_size)
+            check_pixel_budget(image)  # from the header: nothing decoded yet
             image.load()
             if exif_transpose:
                 image = ImageOps.exif_transpose(image)
+    except ImageDecodeError:
+        raise  # the input rules' own message
     except UnidentifiedImageError as error:
         raise ImageDecodeError("not an image (unrecognised format)") from error
     except Image.DecompressionBombError as error:
@@ -142,6 +161,48 @@ def decode_image_scaled(
         raise ImageDecodeError(f"corrupt or truncated image: {error}") from error
     small, factor = downscale_to_max_size(_to_rgb_uint8(image), max_size)
     return small, factor * draft_scale
+
+
+def _draft(image: Image.Image, max_size: int | None) -> float:
+    """Ask libjpeg for a reduced decode (1/2, 1/4, 1/8) as small as ``max_size`` and
+    :data:`MAX_IMAGE_PIXELS` allow; returns the original width / the drafted width."""
+    width, height = image.size
+    wanted = None
+    if max_size is not None and max(width, height) > 2 * max_size:
+        longest = max(width, height)
+        wanted = (max(1, width * max_size // longest), max(1, height * max_size // longest))
+    if width * height > MAX_IMAGE_PIXELS:
+        for scale in (2, 4, 8):
+            if -(-width // scale) * -(-height // scale) <= MAX_IMAGE_PIXELS:
+                break
+        fit = (max(1, width // scale), max(1, height // scale))  # the draft picks a scale of at least this
+        wanted = fit if wanted is None or fit[0] < wanted[0] else wanted
+    if wanted is None:
+        return 1.0
+    drafted = image.draft(image.mode, wanted)
+    return 1.0 if drafted is None else width / drafted[1][2]
+
+
+def check_pixel_budget(image: Image.Image) -> None:
+    """Raise :class:`ImageRejectedError` when an opened (not yet loaded) image has more than
+    :data:`MAX_IMAGE_PIXELS` pixels: Pillow reads the size from the header."""
+    width, height = image.size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ImageRejectedError(
+            f"image too large: {width}x{height} px = {width * height / 1e6:.0f} MP, more than the "
+            f"{MAX_IMAGE_PIXELS / 1e6:.0f} MP one photo may have (JPEGs are decoded reduced to fit, other formats are refused)"
+        )
+
+
+def check_min_side(image: np.ndarray, max_size: int | None = None, factor: float = 1.0) -> None:
+    """Raise :class:`ImageRejectedError` when ``image`` (after the size cap ``max_size``,
+    which shrank it by ``factor``) has a side under :data:`MIN_IMAGE_SIDE` pixels."""
+    if min(image.shape[:2]) < MIN_IMAGE_SIDE:
+        height, width = image.shape[:2]
+        shrunk = f" after shrinking to --max-image-size {max_size}" if factor > 1 else ""
+        raise ImageRejectedError(
+            f"image too small: {width}x{height} px{shrunk} (at least {MIN_IMAGE_SIDE} px per side)"
+        )
 
 
 def _to_rgb_uint8(image: Image.Image) -> np.ndarray:

@@ -22,14 +22,19 @@ from delf_retrieval.features.containers import (
     non_finite_problem,
     rescale_features,
 )
-from delf_retrieval.features.images import ImageDecodeError, ImageSource, decode_image_scaled
+from delf_retrieval.features.images import (
+    MIN_IMAGE_SIDE,
+    ImageDecodeError,
+    ImageSource,
+    check_min_side,
+    decode_image_scaled,
+)
 from delf_retrieval.features.store import FeatureStore
 from delf_retrieval.models.base import Extractor
 
 DEFAULT_BATCH_SIZE = 64
-# Smaller images hold no landmark and break models (OpenCV SIFT fails on 2 px, DELG's
-# smallest scale rounds a few pixels to none): such an image is a failure with a reason.
-MIN_IMAGE_SIDE = 16
+# The smallest side accepted (the input rules live with decoding, features/images.py).
+MIN_IMAGE_SIDE = MIN_IMAGE_SIDE
 
 
 @dataclass
@@ -83,12 +88,7 @@ def _decode(
 ) -> _Decoded:
     try:
         small, factor = decode_image_scaled(source.read_bytes(), max_size, exif_transpose=exif_transpose)
-        if min(small.shape[:2]) < MIN_IMAGE_SIDE:
-            height, width = small.shape[:2]
-            shrunk = f" after shrinking to --max-image-size {max_size}" if factor > 1 else ""
-            raise ImageDecodeError(
-                f"image too small: {width}x{height} px{shrunk} (at least {MIN_IMAGE_SIDE} px per side)"
-            )
+        check_min_side(small, max_size, factor)  # the rule predict and serve apply too
         if prepare is not None:  # e.g. a Keras model's resize + preprocessing, off the model thread
             small = prepare(small)
         return _Decoded(source, small, factor, None)

@@ -10,7 +10,8 @@ Endpoints (``create_app``)::
 
 Bad input gets a 4xx answer ``{"detail": "..."}`` and the server goes on: 400 empty or
 not an image, 413 over ``max_upload_bytes``, 415 another content type, 422 a form without
-``file``. Predictions run in worker threads, at most ``concurrency`` at once, on one
+``file``, or a photo outside the input rules (under 16 px a side, or a non-JPEG over
+``max_image_pixels``, both stated by ``/health``). Predictions run in worker threads, at most ``concurrency`` at once, on one
 read-only recognizer; :func:`serve` bounds each library's threads first
 (:func:`.threads.limit_threads`) so concurrent requests do not oversubscribe the cores.
 
@@ -26,7 +27,12 @@ from importlib import resources
 from typing import Any
 
 from delf_retrieval.core.threads import available_cores, limit_threads
-from delf_retrieval.features.images import ImageDecodeError
+from delf_retrieval.features.images import (
+    MAX_IMAGE_PIXELS,
+    MIN_IMAGE_SIDE,
+    ImageDecodeError,
+    ImageRejectedError,
+)
 from delf_retrieval.service.recognizer import Recognizer
 
 ACCEPTED_TYPES = ("image/", "application/octet-stream")
@@ -125,6 +131,9 @@ def create_app(recognizer: Recognizer, settings: ServeSettings | None = None):
             "concurrency": settings.concurrency,
             "threads_per_request": settings.threads,
             "max_upload_bytes": settings.max_upload_bytes,
+            # What one photo may be: larger JPEGs are decoded reduced, other formats refused (422).
+            "max_image_pixels": MAX_IMAGE_PIXELS,
+            "min_image_side": MIN_IMAGE_SIDE,
         }
 
     @app.post("/predict", summary="Recognise the landmark in one photo", openapi_extra={"requestBody": _PREDICT_BODY})
@@ -132,6 +141,8 @@ def create_app(recognizer: Recognizer, settings: ServeSettings | None = None):
         data = await _read_photo(request, settings)
         try:
             prediction = await anyio.to_thread.run_sync(functools.partial(recognizer.predict, data), limiter=limiter)
+        except ImageRejectedError as error:  # readable, but outside the input rules every path applies
+            raise HTTPException(422, f"photo refused: {error}") from None
         except ImageDecodeError as error:
             raise HTTPException(400, f"not a readable image: {error}") from None
         return prediction.to_dict()

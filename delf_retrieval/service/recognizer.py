@@ -32,7 +32,9 @@ from delf_retrieval.features.containers import ImageFeatures, LocalFeatures, res
 from delf_retrieval.features.images import (
     ImageDecodeError,
     ImageSource,
+    check_min_side,
     decode_image,
+    decode_image_scaled,
     downscale_to_max_size,
     kaggle_image_path,
 )
@@ -250,10 +252,13 @@ class Recognizer:
         decoded = []
         for image in images:
             started = time.perf_counter()
-            pixels = as_rgb(image, exif_transpose=self.extractor.params.exif_transpose)
+            # Decoded reduced to the model's size cap as batch extraction decodes (bounded memory).
+            params = self.extractor.params
+            pixels, factor = decode_photo(image, params.max_image_size, exif_transpose=params.exif_transpose)
             decode_seconds = time.perf_counter() - started
-            features, seconds = self.features(pixels)
-            decoded.append((pixels.shape, features, {"decode": decode_seconds, "extract": seconds}))
+            features, seconds = self.features(pixels, factor)
+            shape = (round(pixels.shape[0] * factor), round(pixels.shape[1] * factor))  # original pixels
+            decoded.append((shape, features, {"decode": decode_seconds, "extract": seconds}))
         if not decoded:
             return []
         started = time.perf_counter()
@@ -296,15 +301,19 @@ class Recognizer:
             )
         return predictions
 
-    def features(self, image: np.ndarray) -> tuple[ImageFeatures, float]:
+    def features(self, image: np.ndarray, factor: float = 1.0) -> tuple[ImageFeatures, float]:
         """Features of an RGB photo as the index stores them, and the extraction seconds.
 
-        As :func:`.extract.extract_decoded`: cap the size, extract, map keypoints back to
-        original pixels; then descriptors and global vector are rounded to the index dtype.
+        As :func:`.extract.extract_decoded`: cap the size, apply the input rules
+        (:func:`.images.check_min_side`), extract, map keypoints back to original pixels
+        (``factor``: original size / ``image``'s size, for a photo decoded reduced); then
+        descriptors and global vector are rounded to the index dtype.
         """
         started = time.perf_counter()
-        small, factor = downscale_to_max_size(image, self.extractor.params.max_image_size)
-        features = rescale_features(self.extractor.extract(small), factor)
+        max_size = self.extractor.params.max_image_size
+        small, shrink = downscale_to_max_size(image, max_size)
+        check_min_side(small, max_size, shrink)
+        features = rescale_features(self.extractor.extract(small), factor * shrink)
         dtype = np.dtype(self.manifest.dtype)
         local = features.local
         if local is not None:
@@ -414,6 +423,21 @@ def as_rgb(image: ImageInput, *, exif_transpose: bool = True) -> np.ndarray:
             raise ImageDecodeError(f"expected an RGB uint8 [H, W, 3] array, got {image.dtype} {image.shape}")
         return np.ascontiguousarray(image)
     raise ImageDecodeError(f"expected an image array, a path or bytes, got {type(image).__name__}")
+
+
+def decode_photo(image: ImageInput, max_size: int | None, *, exif_transpose: bool = True) -> tuple[np.ndarray, float]:
+    """A photo input as RGB uint8 and the factor original size / returned size.
+
+    Encoded input (bytes, a path) is decoded as batch extraction decodes it
+    (:func:`.images.decode_image_scaled`: reduced to ``max_size`` where the format allows,
+    never more than :data:`.images.MAX_IMAGE_PIXELS` pixels); arrays are taken as they are.
+    """
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return decode_image_scaled(bytes(image), max_size, exif_transpose=exif_transpose)
+    if isinstance(image, (str, os.PathLike)):
+        data = ImageSource(id=Path(image).stem, path=str(image)).read_bytes()
+        return decode_image_scaled(data, max_size, exif_transpose=exif_transpose)
+    return as_rgb(image, exif_transpose=exif_transpose), 1.0
 
 
 def _load_model(model: str | os.PathLike | Extractor, manifest: IndexManifest) -> Extractor:
