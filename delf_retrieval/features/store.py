@@ -530,8 +530,8 @@ class FeatureStore:
             path = generation["dir"] / f"{name}.npy"
             array = _load_npy(path)
             expected = {"global": len(generation["ids"]), "local_offsets": len(generation["ids"]) + 1}.get(name)
-            if name.startswith("local_") and name != "local_offsets":
-                expected = int(self._array("local_offsets")[-1])
+            if name.startswith("local_") and name != "local_offsets":  # offsets of the same generation
+                expected = int(_load_npy(generation["dir"] / "local_offsets.npy")[-1])
             if expected is not None and array.shape[0] != expected:
                 raise StoreCorruptError(
                     f"{path} has {array.shape[0]} rows where {expected} are due "

@@ -48,6 +48,7 @@ from delf_retrieval.features.images import (
     CSV_IMAGE_FOLDERS,
     ImageSource,
     check_image_id,
+    check_pixel_budget,
     kaggle_image_path,
     list_images,
     read_labels_csv,
@@ -416,6 +417,7 @@ def _thumbnail(source: Path, target: Path, size: int, exif_transpose: bool) -> t
     from PIL import Image, ImageOps
 
     with Image.open(source) as image:
+        check_pixel_budget(image)  # from the header, as extraction decodes: bounded memory
         width, height = image.size
         if exif_transpose and image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # orientations that swap axes
             width, height = height, width
