@@ -257,9 +257,12 @@ class Config:
         }
         if self.EXTRACTION_PRESET:
             checks["EXTRACTION_PRESET"] = self.EXTRACTION_PRESET in EXTRACTION_PRESETS
+        for name, kind in _field_types().items():  # NaN passes no comparison; inf passes some
+            if kind is float and name not in INFINITE_ALLOWED and not math.isfinite(getattr(self, name)):
+                checks[name] = False
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
-            values = ", ".join(f"{name}={getattr(self, name)!r}" for name in bad)
+            values = ", ".join(f"{name}={getattr(self, name)!r}{_valid_values(name)}" for name in bad)
             raise ValueError(f"invalid config value(s): {values}")
 
     def replace(self, **changes: Any) -> Config:
@@ -287,6 +290,30 @@ MATCH_DTYPES = ("float32", "int8", "float16", "bfloat16")
 MATCH_DEVICES = ("cpu", "gpu", "auto")
 _TRUE = ("true", "yes", "on", "1")
 _FALSE = ("false", "no", "off", "0")
+
+
+# Float fields where infinity means something (``inf`` disables the distance bound); every
+# other float field must be finite.
+INFINITE_ALLOWED = ("MAX_DESCRIPTOR_DISTANCE",)
+
+
+def _valid_values(name: str) -> str:
+    """What a field accepts, for its error message: the choices of a text field, or that
+    a number must be finite."""
+    choices = {
+        "RANSAC_METHOD": RANSAC_METHODS,
+        "CLASSIFIER_MODE": CLASSIFIER_MODES,
+        "MATCH_DTYPE": MATCH_DTYPES,
+        "MATCH_DEVICE": MATCH_DEVICES,
+        "MATCHER": MATCHERS,
+        "NONLANDMARK_RULE": NONLANDMARK_RULES,
+        "EXTRACTION_PRESET": ("", *EXTRACTION_PRESETS),
+    }
+    if name in choices:
+        return f" (one of {', '.join(repr(choice) for choice in choices[name])})"
+    if _field_types()[name] is float and name not in INFINITE_ALLOWED:
+        return " (a finite number in range)"
+    return ""
 
 
 def _field_types() -> dict[str, type]:

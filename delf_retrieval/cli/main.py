@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
+import math
 import sys
 import tempfile
 import traceback
@@ -18,14 +19,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from delf_retrieval import __version__, distributed
-from delf_retrieval.cli.predict import run_predict
+from delf_retrieval.cli.predict import check_match_device, run_predict
 from delf_retrieval.config import default_preset, load_config, parse_override
+from delf_retrieval.core.atomic import regular_target
 from delf_retrieval.core.errors import DelfError
 from delf_retrieval.demo.run import run_demo
 from delf_retrieval.distributed import RayRunner
 from delf_retrieval.distributed.clean import RayChunkRunner
 from delf_retrieval.features.images import list_images
 from delf_retrieval.features.store import FeatureStore
+from delf_retrieval.kaggle.dataset import KaggleData
 from delf_retrieval.kaggle.metrics import evaluate_recognition, evaluate_retrieval
 from delf_retrieval.kaggle.submission import validate_submission
 from delf_retrieval.models import extract, loader
@@ -35,7 +38,7 @@ from delf_retrieval.models.presets import extraction_params
 from delf_retrieval.scoring.classifier import Classifier, load_classifier, read_class_mapping
 from delf_retrieval.service.http import ServeSettings, serve
 from delf_retrieval.tasks import recognition, retrieval
-from delf_retrieval.tasks.build_index import build_index
+from delf_retrieval.tasks.build_index import build_index, check_index_folder
 from delf_retrieval.tasks.clean import clean_dataset
 
 EXIT_OK = 0
@@ -58,6 +61,36 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _finite_float(text: str) -> float:
+    """argparse type: a finite number (``nan`` and ``inf`` are refused, naming the flag)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    value = _finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    """argparse type: a TCP port, 0..65535 (0: any free port)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number 0..65535, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number 0..65535, got {text!r}")
+    return value
+
+
 def _writable_folder(folder: Path, what: str) -> None:
     """Raise ValueError unless files can be created in ``folder`` (probed with a real file:
     permission bits say nothing on a read-only mount or for root)."""
@@ -72,6 +105,7 @@ def check_output_file(path: Path, what: str = "the submission") -> None:
     """Check before any work that ``path`` can be written as a file."""
     if path.is_dir():
         raise ValueError(f"-o {path} is a directory; give a file name, e.g. {path / 'submission.csv'}")
+    path = regular_target(path)  # a link is written through; a device or a pipe is refused
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise ValueError(f"cannot write {what} {path}: folder {parent} does not exist")
@@ -109,23 +143,23 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     keras = parser.add_argument_group("Keras/TF model options (your own model; all go into the store fingerprint)")
     keras.add_argument("--layer", default=None, help="descriptor layer (SavedModel: output name); default: input of the final softmax layer, else the model output")
     keras.add_argument("--pooling", choices=("gem", "max", "avg"), default=None, help="pooling of a 4-D layer output (default gem)")
-    keras.add_argument("--gem-p", type=float, default=None, help="GeM exponent (default 3)")
+    keras.add_argument("--gem-p", type=_positive_float, default=None, help="GeM exponent (default 3)")
     keras.add_argument(
         "--preprocess", choices=("caffe", "torch", "tf", "0-1", "0-255"), default=None,
         help="pixel preprocessing (default caffe, as Keras ResNet50/VGG16)",
     )
     keras.add_argument("--image-size", type=int, nargs="+", default=None, metavar="PX", help="input size: S or H W (default: the model's, else 224)")
     keras.add_argument("--resize", choices=("fixed", "longest"), default=None, help="fixed size, or cap the longer side keeping the aspect (default fixed)")
-    keras.add_argument("--global-scales", type=float, nargs="+", default=None, help="scales whose global descriptors are averaged (default 1.0)")
+    keras.add_argument("--global-scales", type=_positive_float, nargs="+", default=None, help="scales whose global descriptors are averaged (default 1.0)")
     keras.add_argument("--flip", action="store_true", help="also average the horizontally mirrored image")
     keras.add_argument("--model-batch-size", type=_positive_int, default=None, help="images per model call (default 32)")
     keras.add_argument("--head", default=None, help="SavedModel: output holding class probabilities")
     parser.add_argument("--max-image-size", type=_positive_int, default=None, help="cap the longer image side (pixels)")
     parser.add_argument("--max-features", type=_positive_int, default=None, help="max local features per image")
     parser.add_argument(
-        "--scales", type=float, nargs="+", default=None, help="image scales for local features"
+        "--scales", type=_positive_float, nargs="+", default=None, help="image scales for local features"
     )
-    parser.add_argument("--score-threshold", type=float, default=None, help="min attention score")
+    parser.add_argument("--score-threshold", type=_finite_float, default=None, help="min attention score")
     parser.add_argument(
         "--extraction-preset",
         default=None,
@@ -327,23 +361,30 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_run(args: argparse.Namespace, required: Sequence[str], output: str = "the submission") -> None:
+def _check_run(
+    args: argparse.Namespace, required: Sequence[str], output: str = "the submission", optional: Sequence[str] = ()
+) -> None:
     """Everything a recognize/retrieve run can check before loading a model or extracting:
-    the data folder, the --config/--set values, the submission file and the work dir."""
+    the data folder and its CSVs (``required`` ones, and the ``optional`` ones the run
+    reads when present), the --config/--set values, the submission file and the work dir."""
 
     args.overrides = dict(parse_override(item) for item in args.set or ())
-    load_config(args.config, **args.overrides)  # values are valid whatever the preset
+    check_match_device(load_config(args.config, **args.overrides))  # values are valid whatever the preset
     if not args.data_dir.is_dir():
         raise ValueError(f"data folder {args.data_dir} does not exist or is not a folder")
     missing = [name for name in required if not (args.data_dir / name).is_file()]
     if missing:
         raise ValueError(f"{args.data_dir} is not a Kaggle-layout dataset: missing {', '.join(missing)}")
+    data = KaggleData(args.data_dir)
+    for name in (*required, *optional):  # their content too, before a model is loaded
+        if data.has(name):
+            data.check(name)
     check_output_file(args.output, output)
     check_output_folder(args.work_dir or Path("delf_work"), "the feature cache (--work-dir)")
 
 
 def _cmd_recognize(args: argparse.Namespace) -> int:
-    _check_run(args, ("train.csv", "sample_submission.csv"))
+    _check_run(args, ("train.csv", "sample_submission.csv"), optional=("nonlandmark.csv",) if args.nonlandmark else ())
     extractor = build_extractor(args)
     config = _config(args, extractor)
     classifiers = _classifiers(args, extractor)
@@ -363,6 +404,8 @@ def _cmd_recognize(args: argparse.Namespace) -> int:
             use_nonlandmark=True if args.nonlandmark else None,
             verify=not args.no_verify,
             dtype=args.dtype,
+            batch_size=args.batch_size,
+            decode_threads=args.threads,
             progress=not args.no_progress,
             **hooks,
         )
@@ -371,7 +414,7 @@ def _cmd_recognize(args: argparse.Namespace) -> int:
 
 
 def _cmd_retrieve(args: argparse.Namespace) -> int:
-    _check_run(args, ("index.csv", "sample_submission.csv"))
+    _check_run(args, ("index.csv", "sample_submission.csv"), optional=() if args.no_labels else ("train.csv",))
     extractor = build_extractor(args)
     with _ray_hooks(args, extractor) as hooks:
         output = retrieval.retrieve(
@@ -383,6 +426,8 @@ def _cmd_retrieve(args: argparse.Namespace) -> int:
             use_labels=not args.no_labels,
             verify=not args.no_verify,
             dtype=args.dtype,
+            batch_size=args.batch_size,
+            decode_threads=args.threads,
             progress=not args.no_progress,
             **hooks,
         )
@@ -470,6 +515,8 @@ def _cmd_clean(args: argparse.Namespace) -> int:
             small_classes=args.small_classes,
             chunk_size=args.chunk_size,
             dtype=args.dtype,
+            batch_size=args.batch_size,
+            decode_threads=args.threads,
             progress=not args.no_progress,
             **hooks,
         )
@@ -484,6 +531,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_index(args: argparse.Namespace) -> int:
     args.overrides = dict(parse_override(item) for item in args.set or ())
+    KaggleData(args.data_dir).require("train.csv")
+    check_index_folder(args.data_dir, args.out)
+    check_match_device(load_config(args.config, **args.overrides))
     extractor = build_extractor(args)
     config = _config(args, extractor) if args.config or args.set else None
     build_index(
@@ -652,10 +702,10 @@ def make_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="web service and page for an index (needs the serve extra)")
     serve.add_argument("index_dir", type=Path, help="folder built by `delf-retrieval index`")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--max-upload-mb", type=float, default=20.0, help="largest photo accepted, MiB (default 20)")
-    serve.add_argument("--concurrency", type=int, default=None, help="predictions at once (default: one per core)")
-    serve.add_argument("--threads-per-request", type=int, default=None, help="threads per prediction (default 1)")
+    serve.add_argument("--port", type=_port, default=8000)
+    serve.add_argument("--max-upload-mb", type=_positive_float, default=20.0, help="largest photo accepted, MiB (default 20)")
+    serve.add_argument("--concurrency", type=_positive_int, default=None, help="predictions at once (default: one per core)")
+    serve.add_argument("--threads-per-request", type=_positive_int, default=None, help="threads per prediction (default 1)")
     serve.set_defaults(func=_cmd_serve)
     return parser
 

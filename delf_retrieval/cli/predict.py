@@ -7,10 +7,20 @@ import json
 import sys
 from pathlib import Path
 
-from delf_retrieval.config import parse_override
+from delf_retrieval.config import Config, parse_override
 from delf_retrieval.features.images import ImageDecodeError, load_image
+from delf_retrieval.matching.device import resolve_device
 from delf_retrieval.service.plot import draw_prediction
 from delf_retrieval.service.recognizer import Prediction, Recognizer
+
+
+def check_match_device(config: Config) -> None:
+    """ValueError (exit 2) now, before any extraction, when ``MATCH_DEVICE="gpu"`` and no GPU is there."""
+    if config.MATCH_DEVICE == "gpu":
+        try:
+            resolve_device("gpu")
+        except RuntimeError as error:
+            raise ValueError(str(error)) from None
 
 
 def format_prediction(photo: str, prediction: Prediction, neighbours: int = 3) -> str:
@@ -32,17 +42,20 @@ def _show_path(show: Path, photo: Path, many: bool) -> Path:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    """Predict every photo; unreadable ones are reported and give exit code 2 at the end."""
+    """Predict every photo. One that cannot be read or breaks the input rules (under 16 px a
+    side, a non-JPEG over 40 MP) is reported on stderr (and in ``--json``) and the others
+    are still answered; the exit code is then 2 (0 when every photo was answered)."""
 
     overrides = dict(parse_override(item) for item in args.set or ())
     recognizer = Recognizer.load(args.index_dir, model=args.model, **overrides)
+    check_match_device(recognizer.config)
     results: list[dict] = []
     failed = 0
     for photo in args.photos:
         try:
-            image = load_image(photo)
-            prediction = recognizer.predict(image, verify=not args.no_verify)
-        except ImageDecodeError as error:
+            # The path, not pixels: the photo is decoded reduced as batch extraction decodes it.
+            prediction = recognizer.predict(photo, verify=not args.no_verify)
+        except ImageDecodeError as error:  # unreadable, or outside the input rules (too small, too large)
             failed += 1
             print(f"{photo}: error: {error}", file=sys.stderr)
             results.append({"photo": str(photo), "error": str(error)})
@@ -52,7 +65,7 @@ def run_predict(args: argparse.Namespace) -> int:
             print(format_prediction(str(photo), prediction))
         if args.show is not None:
             target = _show_path(args.show, photo, len(args.photos) > 1)
-            draw_prediction(recognizer, prediction, image, target)
+            draw_prediction(recognizer, prediction, load_image(photo), target)
             if not args.json:
                 print(f"  picture: {target}")
     if args.json:

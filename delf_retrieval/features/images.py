@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import stat
 import tarfile
 import warnings
@@ -35,8 +36,27 @@ CSV_IMAGE_FOLDERS = {
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
+# Input rules every path applies (batch extraction, predict, serve), so a photo gets the
+# same answer, or the same refusal, everywhere.
+# Smaller images hold no landmark and break models (OpenCV SIFT fails on 2 px, DELG's
+# smallest scale rounds a few pixels to none): at least this many pixels per side after
+# the size cap.
+MIN_IMAGE_SIDE = 16
+# Most pixels (width x height) one photo may have when decoded: its RGB array then takes
+# at most 120 MB (and Pillow's copy as much again). A JPEG above it is decoded at 1/2, 1/4
+# or 1/8 of its size (libjpeg's scaled IDCT) to fit; another format above it is refused
+# from its header, before any pixel is decoded. A 13000 x 13000 PNG of 0.5 MB would
+# otherwise cost 2.4 GB.
+MAX_IMAGE_PIXELS = 40_000_000
+
+
 class ImageDecodeError(ValueError):
     """An image that cannot be read; ``str(error)`` is the reason recorded for it."""
+
+
+class ImageRejectedError(ImageDecodeError):
+    """A readable image outside the input rules (too small, too many pixels); the web
+    service answers it with 422."""
 
 
 @dataclass(frozen=True)
@@ -106,8 +126,10 @@ def decode_image_scaled(
     A JPEG larger than needed is decoded at 1/2, 1/4 or 1/8 of its size by libjpeg's
     scaled IDCT (Pillow draft mode), so memory follows the requested size instead of the
     photo's (a 108 MP photo capped at 1024 px never exists at full size); the rest is
-    shrunk with :func:`downscale_to_max_size`. ``exif_transpose`` as for
-    :func:`decode_image`.
+    shrunk with :func:`downscale_to_max_size`. Whatever ``max_size``, no photo is decoded
+    with more than :data:`MAX_IMAGE_PIXELS` pixels: a JPEG is decoded reduced to fit, any
+    other format above it raises :class:`ImageRejectedError` before decoding.
+    ``exif_transpose`` as for :func:`decode_image`.
 
     Returns
     -------
@@ -123,16 +145,14 @@ def decode_image_scaled(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
-            if max_size is not None and image.format == "JPEG" and max(image.size) > 2 * max_size:
-                width, height = image.size
-                longest = max(width, height)
-                wanted = (max(1, width * max_size // longest), max(1, height * max_size // longest))
-                drafted = image.draft(image.mode, wanted)
-                if drafted is not None:
-                    draft_scale = width / drafted[1][2]
+            if image.format == "JPEG":
+                draft_scale = _draft(image, max_size)
+            check_pixel_budget(image)  # from the header: nothing decoded yet
             image.load()
             if exif_transpose:
                 image = ImageOps.exif_transpose(image)
+    except ImageDecodeError:
+        raise  # the input rules' own message
     except UnidentifiedImageError as error:
         raise ImageDecodeError("not an image (unrecognised format)") from error
     except Image.DecompressionBombError as error:
@@ -163,6 +183,48 @@ def original_size(data: bytes, exif_transpose: bool = True) -> tuple[int, int] |
     except Exception:  # the decoder reports unreadable data with its own reason
         return None
     return height, width
+
+
+def _draft(image: Image.Image, max_size: int | None) -> float:
+    """Ask libjpeg for a reduced decode (1/2, 1/4, 1/8) as small as ``max_size`` and
+    :data:`MAX_IMAGE_PIXELS` allow; returns the original width / the drafted width."""
+    width, height = image.size
+    wanted = None
+    if max_size is not None and max(width, height) > 2 * max_size:
+        longest = max(width, height)
+        wanted = (max(1, width * max_size // longest), max(1, height * max_size // longest))
+    if width * height > MAX_IMAGE_PIXELS:
+        for scale in (2, 4, 8):
+            if -(-width // scale) * -(-height // scale) <= MAX_IMAGE_PIXELS:
+                break
+        fit = (max(1, width // scale), max(1, height // scale))  # the draft picks a scale of at least this
+        wanted = fit if wanted is None or fit[0] < wanted[0] else wanted
+    if wanted is None:
+        return 1.0
+    drafted = image.draft(image.mode, wanted)
+    return 1.0 if drafted is None else width / drafted[1][2]
+
+
+def check_pixel_budget(image: Image.Image) -> None:
+    """Raise :class:`ImageRejectedError` when an opened (not yet loaded) image has more than
+    :data:`MAX_IMAGE_PIXELS` pixels: Pillow reads the size from the header."""
+    width, height = image.size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ImageRejectedError(
+            f"image too large: {width}x{height} px = {width * height / 1e6:.0f} MP, more than the "
+            f"{MAX_IMAGE_PIXELS / 1e6:.0f} MP one photo may have (JPEGs are decoded reduced to fit, other formats are refused)"
+        )
+
+
+def check_min_side(image: np.ndarray, max_size: int | None = None, factor: float = 1.0) -> None:
+    """Raise :class:`ImageRejectedError` when ``image`` (after the size cap ``max_size``,
+    which shrank it by ``factor``) has a side under :data:`MIN_IMAGE_SIDE` pixels."""
+    if min(image.shape[:2]) < MIN_IMAGE_SIDE:
+        height, width = image.shape[:2]
+        shrunk = f" after shrinking to --max-image-size {max_size}" if factor > 1 else ""
+        raise ImageRejectedError(
+            f"image too small: {width}x{height} px{shrunk} (at least {MIN_IMAGE_SIDE} px per side)"
+        )
 
 
 def _to_rgb_uint8(image: Image.Image) -> np.ndarray:
@@ -207,32 +269,84 @@ def downscale_to_max_size(image: np.ndarray, max_size: int | None) -> tuple[np.n
     return resized, width / float(new_size[0])
 
 
+# Characters that would take an id's file out of its folder (a path separator, or the
+# NUL that ends a path in the C library).
+_ID_PATH_CHARACTERS = ("/", "\\", "\x00")
+# GLDv2 landmark ids are non-negative integers (ASCII digits).
+_LANDMARK_ID = re.compile(r"[0-9]+")
+
+
+def check_image_id(image_id: str, where: str = "") -> str:
+    """Return ``image_id`` if it names a file inside its folder, else raise ValueError naming it.
+
+    An id becomes the file name ``<id>.jpg`` (and, in the Kaggle layout, its first three
+    characters the folders above it), so it may not be empty or hold a path separator
+    (``/``, ``\\``) or NUL: ``..//x`` or ``abc/../../x`` would read or write outside the
+    data or index folder.
+    """
+    if not isinstance(image_id, str) or not image_id or any(c in image_id for c in _ID_PATH_CHARACTERS):
+        place = f" in {where}" if where else ""
+        raise ValueError(
+            f"image id {image_id!r}{place} is not allowed: ids may not be empty or contain '/', '\\' "
+            "or NUL (the file would lie outside its folder)"
+        )
+    return image_id
+
+
 def kaggle_image_path(root: str | os.PathLike, image_id: str, extension: str = ".jpg") -> Path:
-    """Kaggle GLDv2 layout: ``<root>/<id[0]>/<id[1]>/<id[2]>/<id>.jpg``."""
+    """Kaggle GLDv2 layout: ``<root>/<id[0]>/<id[1]>/<id[2]>/<id>.jpg`` (always inside ``root``:
+    ids that could leave it are refused, see :func:`check_image_id`)."""
+    check_image_id(image_id)
     if len(image_id) < 3:
         raise ValueError(f"Kaggle image ids have at least 3 characters, got {image_id!r}")
     return Path(root) / image_id[0] / image_id[1] / image_id[2] / f"{image_id}{extension}"
 
 
-def read_ids_csv(csv_path: str | os.PathLike) -> list[str]:
-    """The ``id`` column of a Kaggle CSV (train.csv, index.csv, sample_submission.csv...)."""
+def read_text_csv(csv_path: str | os.PathLike):
+    """A CSV with every cell as text (empty cells ""); ValueError naming the file when it
+    is empty, not text or not CSV (pandas' own messages name no file)."""
     import pandas as pd
 
-    frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    try:
+        return pd.read_csv(csv_path, dtype=str, keep_default_na=False, na_filter=False)
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{csv_path} is empty (not even a header line)") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as error:
+        raise ValueError(f"{csv_path} is not a readable CSV file: {' '.join(str(error).split())}") from None
+
+
+def read_ids_csv(csv_path: str | os.PathLike) -> list[str]:
+    """The ``id`` column of a Kaggle CSV (train.csv, index.csv, sample_submission.csv...)."""
+    frame = read_text_csv(csv_path)
     if "id" not in frame.columns:
         raise ValueError(f"{csv_path} has no 'id' column (columns: {list(frame.columns)})")
     return frame["id"].tolist()
 
 
 def read_labels_csv(csv_path: str | os.PathLike) -> dict[str, str]:
-    """``id -> landmark_id`` (both strings) from a Kaggle ``train.csv``."""
-    import pandas as pd
+    """``id -> landmark_id`` (both strings) from a Kaggle ``train.csv``.
 
-    frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    Raises ValueError (naming the file and the row) for a missing column, a landmark id
+    that is not an integer (GLDv2's are; a space would also break the submission) or an
+    id listed twice with different landmarks.
+    """
+    frame = read_text_csv(csv_path)
     missing = {"id", "landmark_id"} - set(frame.columns)
     if missing:
-        raise ValueError(f"{csv_path} lacks column(s) {sorted(missing)}")
-    return dict(zip(frame["id"], frame["landmark_id"], strict=True))
+        raise ValueError(f"{csv_path} lacks column(s) {sorted(missing)} (columns: {list(frame.columns)})")
+    labels: dict[str, str] = {}
+    for image_id, label in zip(frame["id"], frame["landmark_id"], strict=True):
+        if not _LANDMARK_ID.fullmatch(label):
+            raise ValueError(
+                f"{csv_path}: landmark_id {label!r} of image {image_id!r} is not an integer "
+                "(GLDv2 landmark ids are non-negative integers)"
+            )
+        if labels.setdefault(image_id, label) != label:
+            raise ValueError(
+                f"{csv_path}: image id {image_id!r} is listed twice with different landmarks "
+                f"({labels[image_id]} and {label}); keep one row per image"
+            )
+    return labels
 
 
 def sources_from_csv(
@@ -249,10 +363,10 @@ def sources_from_csv(
     if image_root is None:
         folder = CSV_IMAGE_FOLDERS.get(csv_path.name, csv_path.stem)
         image_root = csv_path.parent / folder
-    return [
-        ImageSource(id=image_id, path=str(kaggle_image_path(image_root, image_id)))
-        for image_id in read_ids_csv(csv_path)
-    ]
+    ids = read_ids_csv(csv_path)
+    for image_id in ids:  # every id before any path: nothing is read outside image_root
+        check_image_id(image_id, str(csv_path))
+    return [ImageSource(id=image_id, path=str(kaggle_image_path(image_root, image_id))) for image_id in ids]
 
 
 def sources_from_folder(folder: str | os.PathLike) -> list[ImageSource]:

@@ -47,7 +47,7 @@ import shutil
 import uuid
 import warnings
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,10 @@ class StoreMismatchError(ValueError):
     """The store holds features of another model, parameters or dtype."""
 
 
+class StoreCorruptError(ValueError):
+    """A file of a feature store cannot be read or disagrees with the others (named in the message)."""
+
+
 class DiskSpaceError(DelfError):
     """Not enough free disk space to consolidate a store (nothing was lost)."""
 
@@ -80,7 +84,9 @@ _SPACE_MARGIN = 16 * 2**20
 __all__ = [
     "DiskSpaceError",
     "FeatureStore",
+    "StoreCorruptError",
     "StoreMismatchError",
+    "StoreView",
     "atomic_write_bytes",
     "fingerprint_key",
     "ids_hash",
@@ -144,7 +150,7 @@ class FeatureStore:
         self.path = Path(path)
         meta_path = self.path / "meta.json"
         if meta_path.is_file():
-            self.meta = json.loads(meta_path.read_text())
+            self.meta = _read_json(meta_path)
             if fingerprint is not None:
                 self._check_same(fingerprint, dtype)
         elif fingerprint is None:
@@ -313,7 +319,9 @@ class FeatureStore:
         current = self.path / "CURRENT"
         if not current.is_file():
             return None
-        generation = json.loads(current.read_text())
+        generation = _read_json(current)
+        if not isinstance(generation, dict) or not isinstance(generation.get("name"), str):
+            raise StoreCorruptError(f"{current} does not name a generation; delete it to consolidate the store again")
         if not (self.path / generation["name"]).is_dir():
             return None
         return generation
@@ -495,9 +503,15 @@ class FeatureStore:
             except FileNotFoundError:
                 continue  # replaced and deleted between reading CURRENT and locking it
             ids = _read_ids(gen_dir)
-            if ids is None:  # deleted before the lock was granted
+            if ids is None:
                 locks.release(lock)
-                continue
+                current = self._read_current()
+                if current is not None and current["name"] == generation["name"]:
+                    raise StoreCorruptError(
+                        f"feature store {self.path}: {gen_dir} has no ids.json; delete {self.path / 'CURRENT'} "
+                        "to consolidate the store again"
+                    )
+                continue  # deleted before the lock was granted
             break
         else:  # pragma: no cover - would need 100 consolidations racing this reader
             raise RuntimeError(f"feature store {self.path} kept changing while being opened")
@@ -512,8 +526,18 @@ class FeatureStore:
 
     def _array(self, name: str) -> np.ndarray:
         if name not in self._arrays:
-            path = self._gen()["dir"] / f"{name}.npy"
-            self._arrays[name] = np.load(path, mmap_mode="r")
+            generation = self._gen()
+            path = generation["dir"] / f"{name}.npy"
+            array = _load_npy(path)
+            expected = {"global": len(generation["ids"]), "local_offsets": len(generation["ids"]) + 1}.get(name)
+            if name.startswith("local_") and name != "local_offsets":  # offsets of the same generation
+                expected = int(_load_npy(generation["dir"] / "local_offsets.npy")[-1])
+            if expected is not None and array.shape[0] != expected:
+                raise StoreCorruptError(
+                    f"{path} has {array.shape[0]} rows where {expected} are due "
+                    f"({len(generation['ids'])} ids in {generation['dir'] / 'ids.json'}): the store is damaged"
+                )
+            self._arrays[name] = array
         return self._arrays[name]
 
     @property
@@ -541,7 +565,7 @@ class FeatureStore:
 
     def failures(self) -> dict[str, str]:
         """``{id: reason}`` of images that could not be read or extracted."""
-        return json.loads((self._gen()["dir"] / "failures.json").read_text())
+        return _read_json(self._gen()["dir"] / "failures.json")
 
     def global_descriptors(self) -> np.ndarray:
         """Global descriptors ``[N, D]`` (memory-mapped), rows in :attr:`ids` order.
@@ -590,24 +614,49 @@ class FeatureStore:
     # ------------------------------------------------------------------ derived arrays
     def write_derived(self, name: str, array: np.ndarray, info: dict[str, Any] | None = None) -> None:
         """Store an array aligned with :attr:`ids` (row i belongs to ids[i]), atomically."""
-        if array.shape[0] != len(self.ids):
-            raise ValueError(f"derived array has {array.shape[0]} rows, store has {len(self.ids)} ids")
-        folder = self.path / "derived"
-        folder.mkdir(exist_ok=True)
-        atomic_write(folder / f"{name}.npy", lambda handle: np.save(handle, array))
-        record = {"ids_hash": ids_hash(self.ids), **(info or {})}
-        atomic_write_bytes(folder / f"{name}.json", json.dumps(record, default=str).encode())
+        self._write_derived_for(self.ids, name, array, info)
 
     def read_derived(self, name: str) -> tuple[np.ndarray, dict[str, Any]] | None:
         """``(array, info)`` of a derived array, or None if absent or made for other ids."""
+        return self._read_derived_for(self.ids, name)
+
+    def _write_derived_for(
+        self, ids: Sequence[str], name: str, array: np.ndarray, info: dict[str, Any] | None
+    ) -> None:
+        """Write derived array ``name`` whose rows belong to ``ids`` (recorded by their hash)."""
+        if array.shape[0] != len(ids):
+            raise ValueError(f"derived array has {array.shape[0]} rows, store has {len(ids)} ids")
+        folder = self.path / "derived"
+        folder.mkdir(exist_ok=True)
+        atomic_write(folder / f"{name}.npy", lambda handle: np.save(handle, array))
+        record = {"ids_hash": ids_hash(ids), **(info or {})}
+        atomic_write_bytes(folder / f"{name}.json", json.dumps(record, default=str).encode())
+
+    def _read_derived_for(self, ids: Sequence[str], name: str) -> tuple[np.ndarray, dict[str, Any]] | None:
+        """Derived array ``name`` when it was written for exactly ``ids`` (in that order), else None."""
         folder = self.path / "derived"
         info_path, array_path = folder / f"{name}.json", folder / f"{name}.npy"
         if not info_path.is_file() or not array_path.is_file():
             return None
-        info = json.loads(info_path.read_text())
-        if info.get("ids_hash") != ids_hash(self.ids):
+        info = _read_json(info_path)
+        if info.get("ids_hash") != ids_hash(ids):
             return None
-        return np.load(array_path, mmap_mode="r"), info
+        return _load_npy(array_path), info
+
+    # ------------------------------------------------------------------ views
+    def subset(self, ids: Iterable[str]) -> FeatureStore | StoreView:
+        """The features of ``ids`` only: what a store holding exactly those ids would give.
+
+        A store is a cache shared by every image set of its model and split (another
+        dataset, an older version of the CSV): a run must search the ids its CSV lists,
+        not every id the cache remembers. Ids without features (failed, not extracted)
+        are left out, as a fresh store leaves them out. Returns the store itself when it
+        holds no other id, else a :class:`StoreView`.
+        """
+        wanted = set(ids)
+        if all(image_id in wanted for image_id in self.ids):
+            return self
+        return StoreView(self, wanted)
 
     # ------------------------------------------------------------------ size
     def nbytes(self) -> int:
@@ -645,13 +694,34 @@ def _stack(parts: list[np.ndarray], empty_shape: tuple[int, ...], dtype: Any) ->
     return np.concatenate([np.asarray(p, dtype=dtype).reshape((-1,) + empty_shape[1:]) for p in parts])
 
 
+def _read_json(path: Path) -> Any:
+    """The JSON value in ``path``; :class:`StoreCorruptError` naming the file when it is not JSON."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise StoreCorruptError(f"{path} is damaged (not JSON: {error})") from None
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    """``np.load(path, mmap_mode="r")``; :class:`StoreCorruptError` naming the file when it is
+    truncated or not an array file (NumPy's own message names none)."""
+    try:
+        return np.load(path, mmap_mode="r")
+    except (ValueError, EOFError) as error:
+        raise StoreCorruptError(f"{path} is damaged (truncated or not a .npy array: {error})") from None
+
+
 def _read_ids(gen_dir: Path) -> list[str] | None:
     """Ids of a generation, or None when it is gone. ``ids.json`` round-trips any
     characters; ``ids.txt`` (one id per line) is what older versions wrote."""
     try:
-        return json.loads((gen_dir / "ids.json").read_text(encoding="utf-8"))
+        ids = _read_json(gen_dir / "ids.json")
     except FileNotFoundError:
         pass
+    else:
+        if not isinstance(ids, list) or not all(isinstance(image_id, str) for image_id in ids):
+            raise StoreCorruptError(f"{gen_dir / 'ids.json'} is damaged (not a list of ids)")
+        return ids
     try:
         text = (gen_dir / "ids.txt").read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -711,3 +781,149 @@ class _NpyFile:
                 os.fsync(fd)
         finally:
             os.close(fd)
+
+
+class StoreView:
+    """Some ids of a :class:`FeatureStore`, read as a store holding exactly those ids.
+
+    Made by :meth:`FeatureStore.subset`. Rows follow the store's order (ids sorted), so a
+    view gives what a fresh store of the same images gives, bit for bit: the same global
+    rows, local features, descriptor sample (VLAD codebook) and derived arrays. Derived
+    arrays are kept in the store's ``derived/`` folder, tied to the view's ids by their
+    hash (another id set finds them stale and computes its own). Only reading: extraction
+    writes into the store itself.
+    """
+
+    def __init__(self, store: FeatureStore, ids: Iterable[str]) -> None:
+        self.store = store
+        self._wanted = set(ids)
+        self._generation_name: str | None = None
+        self._ids: list[str] = []
+        self._rows = np.zeros(0, np.int64)
+        self._positions: dict[str, int] = {}
+        self._globals: np.ndarray | None = None
+
+    # ------------------------------------------------------------------ identity
+    @property
+    def path(self) -> Path:
+        return self.store.path
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return self.store.meta
+
+    @property
+    def fingerprint(self) -> dict[str, Any]:
+        return self.store.fingerprint
+
+    @property
+    def dtype(self) -> str:
+        return self.store.dtype
+
+    @property
+    def local_dim(self) -> int:
+        return self.store.local_dim
+
+    @property
+    def global_dim(self) -> int:
+        return self.store.global_dim
+
+    # ------------------------------------------------------------------ rows
+    def _sync(self) -> None:
+        """Recompute the view's rows when the store moved to another generation."""
+        generation = self.store._gen()
+        if generation["name"] == self._generation_name:
+            return
+        rows = [row for row, image_id in enumerate(generation["ids"]) if image_id in self._wanted]
+        ids = [generation["ids"][row] for row in rows]
+        self._rows = np.array(rows, np.int64)
+        self._ids = ids
+        self._positions = {image_id: index for index, image_id in enumerate(ids)}
+        self._globals = None
+        self._generation_name = generation["name"]
+
+    @property
+    def ids(self) -> list[str]:
+        """Ids of the view that have features, in the store's (sorted) order."""
+        self._sync()
+        return self._ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __contains__(self, image_id: object) -> bool:
+        self._sync()
+        return image_id in self._positions
+
+    def row(self, image_id: str) -> int:
+        """Row of ``image_id`` in :meth:`global_descriptors` (KeyError if not in the view)."""
+        self._sync()
+        if image_id not in self._positions:
+            raise KeyError(f"{image_id!r} is not in this view of feature store {self.path}")
+        return self._positions[image_id]
+
+    def failures(self) -> dict[str, str]:
+        """``{id: reason}`` of the view's images that could not be read or extracted."""
+        return {key: reason for key, reason in self.store.failures().items() if key in self._wanted}
+
+    # ------------------------------------------------------------------ features
+    def global_descriptors(self) -> np.ndarray:
+        """Global descriptors ``[N, D]`` of the view's ids, rows in :attr:`ids` order.
+
+        Native descriptors are gathered from the store into memory once (N x D of the
+        store dtype); local-only models read the view's VLAD derived array.
+        """
+        self._sync()
+        if not self.global_dim:
+            derived = self.read_derived("vlad")
+            if derived is None:
+                raise ValueError(
+                    f"store {self.path} has no global descriptors (local-only model) and no VLAD "
+                    "aggregation of these ids yet; compute one with delf_retrieval.ensure_global_descriptors"
+                )
+            return derived[0]
+        if self._globals is None:
+            self._globals = np.asarray(self.store.global_descriptors()[self._rows])
+        return self._globals
+
+    def global_descriptors_file(self) -> Path:
+        """A ``.npy`` file holding exactly :meth:`global_descriptors` (what other processes open)."""
+        if not self.global_dim:
+            self.global_descriptors()  # a clear error when there is no VLAD yet
+            return self.path / "derived" / "vlad.npy"
+        if self.read_derived("view_global") is None:
+            self.write_derived("view_global", self.global_descriptors())
+        return self.path / "derived" / "view_global.npy"
+
+    def local_features(self, image_id: str) -> LocalFeatures:
+        """Local features of one image of the view."""
+        self.row(image_id)  # KeyError for an id outside the view
+        return self.store.local_features(image_id)
+
+    def local_descriptor_sample(self, max_count: int, seed: int = 0) -> np.ndarray:
+        """As :meth:`FeatureStore.local_descriptor_sample` of a store holding only the view's ids."""
+        self._sync()
+        offsets = np.asarray(self.store._array("local_offsets"))
+        descriptors = self.store._array("local_descriptors")
+        starts = offsets[self._rows]
+        counts = offsets[self._rows + 1] - starts
+        view_offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        total = int(view_offsets[-1])
+        if total <= max_count:
+            parts = [descriptors[start : start + count] for start, count in zip(starts, counts, strict=True)]
+            return np.asarray(_stack(parts, (0, descriptors.shape[1]), np.float32), dtype=np.float32)
+        chosen = np.sort(np.random.default_rng(seed).choice(total, max_count, replace=False))
+        item = np.searchsorted(view_offsets, chosen, side="right") - 1
+        return np.asarray(descriptors[starts[item] + (chosen - view_offsets[item])], dtype=np.float32)
+
+    # ------------------------------------------------------------------ derived arrays
+    def write_derived(self, name: str, array: np.ndarray, info: dict[str, Any] | None = None) -> None:
+        """Store an array aligned with the view's :attr:`ids`, atomically."""
+        self.store._write_derived_for(self.ids, name, array, info)
+
+    def read_derived(self, name: str) -> tuple[np.ndarray, dict[str, Any]] | None:
+        """``(array, info)`` of a derived array written for exactly the view's ids, else None."""
+        return self.store._read_derived_for(self.ids, name)
+
+    def __repr__(self) -> str:
+        return f"StoreView({self.store!r}, {len(self._wanted)} ids)"

@@ -36,7 +36,7 @@ RETRIEVAL_COLUMNS = ("id", "images")
 KAGGLE_RETRIEVAL_TOP = 100
 USAGES = ("Public", "Private", "Ignored")
 
-_LANDMARK_ID = re.compile(r"\d+")
+_LANDMARK_ID = re.compile(r"[0-9]+")  # ASCII digits: GLDv2 landmark ids are integers
 _EXAMPLES = 5
 
 PathLike = str | os.PathLike

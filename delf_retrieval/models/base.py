@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -54,10 +55,13 @@ class ExtractorParams:
     exif_transpose: bool = True
 
     def __post_init__(self) -> None:
-        if not self.image_scales or any(s <= 0 for s in self.image_scales):
-            raise ValueError(f"image_scales must be positive, got {self.image_scales}")
-        if not self.global_scales or any(s <= 0 for s in self.global_scales):
-            raise ValueError(f"global_scales must be positive, got {self.global_scales}")
+        # NaN passes no comparison and would give 0 features per image without a word.
+        if not self.image_scales or not all(math.isfinite(s) and s > 0 for s in self.image_scales):
+            raise ValueError(f"image_scales must be positive and finite, got {self.image_scales}")
+        if not self.global_scales or not all(math.isfinite(s) and s > 0 for s in self.global_scales):
+            raise ValueError(f"global_scales must be positive and finite, got {self.global_scales}")
+        if not math.isfinite(self.score_threshold):
+            raise ValueError(f"score_threshold must be finite, got {self.score_threshold}")
         if self.max_feature_num < 0:
             raise ValueError(f"max_feature_num must be >= 0, got {self.max_feature_num}")
         if self.max_image_size is not None and self.max_image_size < 16:

@@ -23,8 +23,11 @@ from delf_retrieval.features.containers import (
     rescale_features,
 )
 from delf_retrieval.features.images import (
+    MIN_IMAGE_SIDE,
     ImageDecodeError,
+    ImageRejectedError,
     ImageSource,
+    check_min_side,
     decode_image_scaled,
     downscale_to_max_size,
 )
@@ -32,9 +35,8 @@ from delf_retrieval.features.store import FeatureStore
 from delf_retrieval.models.base import Extractor
 
 DEFAULT_BATCH_SIZE = 64
-# Smaller images hold no landmark and break models (OpenCV SIFT fails on 2 px, DELG's
-# smallest scale rounds a few pixels to none): such an image is a failure with a reason.
-MIN_IMAGE_SIDE = 16
+# The smallest side accepted (the input rules live with decoding, features/images.py).
+MIN_IMAGE_SIDE = MIN_IMAGE_SIDE
 
 
 @dataclass
@@ -86,17 +88,7 @@ class Decoded:
     image: Any
     factor: float
     error: str | None
-
-
-def check_image_size(image: np.ndarray, factor: float, max_size: int | None) -> None:
-    """Raise :class:`ImageDecodeError` when ``image`` (after the size cap) has a side under
-    :data:`MIN_IMAGE_SIDE` pixels: the input rule of every path (batch, ``predict``, service)."""
-    if min(image.shape[:2]) < MIN_IMAGE_SIDE:
-        height, width = image.shape[:2]
-        shrunk = f" after shrinking to --max-image-size {max_size}" if factor > 1 else ""
-        raise ImageDecodeError(
-            f"image too small: {width}x{height} px{shrunk} (at least {MIN_IMAGE_SIDE} px per side)"
-        )
+    rejected: bool = False  # readable, but outside the input rules (ImageRejectedError)
 
 
 def decode_for_model(
@@ -109,19 +101,19 @@ def decode_for_model(
     """Decode encoded bytes (or take an RGB uint8 array) for the model: the one decoding of
     every path. Bytes are decoded reduced when larger than ``max_size``
     (:func:`~delf_retrieval.features.images.decode_image_scaled`), arrays are shrunk; then
-    the size rule (:func:`check_image_size`) and ``prepare``. Never raises: a failure is
+    the size rule (:func:`~delf_retrieval.features.images.check_min_side`) and ``prepare``. Never raises: a failure is
     the returned ``error``."""
     try:
         if isinstance(data, np.ndarray):
             small, factor = downscale_to_max_size(data, max_size)
         else:
             small, factor = decode_image_scaled(data, max_size, exif_transpose=exif_transpose)
-        check_image_size(small, factor, max_size)
+        check_min_side(small, max_size, factor)  # the rule of every path: batch, predict, serve
         if prepare is not None:  # e.g. a Keras model's resize + preprocessing, off the model thread
             small = prepare(small)
         return Decoded(source, small, factor, None)
     except ImageDecodeError as error:
-        return Decoded(source, None, 1.0, str(error))
+        return Decoded(source, None, 1.0, str(error), rejected=isinstance(error, ImageRejectedError))
     except Exception as error:  # any decoder crash is one image's failure, not the run's
         return Decoded(source, None, 1.0, f"decode failed: {type(error).__name__}: {error}")
 

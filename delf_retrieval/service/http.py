@@ -10,7 +10,8 @@ Endpoints (``create_app``)::
 
 Bad input gets a 4xx answer ``{"detail": "..."}`` and the server goes on: 400 empty or
 not an image, 413 over ``max_upload_bytes``, 415 another content type, 422 a form without
-``file``. Predictions run in worker threads, at most ``concurrency`` at once, on one
+``file``, or a photo outside the input rules (under 16 px a side, or a non-JPEG over
+``max_image_pixels``, both stated by ``/health``). Predictions run in worker threads, at most ``concurrency`` at once, on one
 read-only recognizer; :func:`serve` bounds each library's threads first
 (:func:`.threads.limit_threads`) so concurrent requests do not oversubscribe the cores.
 
@@ -20,12 +21,18 @@ Needs the ``serve`` extra: ``pip install "delf_retrieval[serve]"``.
 
 import functools
 import os
+import socket
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
 from delf_retrieval.core.threads import available_cores, limit_threads
-from delf_retrieval.features.images import ImageDecodeError
+from delf_retrieval.features.images import (
+    MAX_IMAGE_PIXELS,
+    MIN_IMAGE_SIDE,
+    ImageDecodeError,
+    ImageRejectedError,
+)
 from delf_retrieval.service.recognizer import Recognizer
 
 ACCEPTED_TYPES = ("image/", "application/octet-stream")
@@ -124,6 +131,9 @@ def create_app(recognizer: Recognizer, settings: ServeSettings | None = None):
             "concurrency": settings.concurrency,
             "threads_per_request": settings.threads,
             "max_upload_bytes": settings.max_upload_bytes,
+            # What one photo may be: larger JPEGs are decoded reduced, other formats refused (422).
+            "max_image_pixels": MAX_IMAGE_PIXELS,
+            "min_image_side": MIN_IMAGE_SIDE,
         }
 
     @app.post("/predict", summary="Recognise the landmark in one photo", openapi_extra={"requestBody": _PREDICT_BODY})
@@ -131,6 +141,8 @@ def create_app(recognizer: Recognizer, settings: ServeSettings | None = None):
         data = await _read_photo(request, settings)
         try:
             prediction = await anyio.to_thread.run_sync(functools.partial(recognizer.predict, data), limiter=limiter)
+        except ImageRejectedError as error:  # readable, but outside the input rules every path applies
+            raise HTTPException(422, f"photo refused: {error}") from None
         except ImageDecodeError as error:
             raise HTTPException(400, f"not a readable image: {error}") from None
         return prediction.to_dict()
@@ -183,6 +195,20 @@ def _too_large(settings: ServeSettings) -> str:
     return f"photo too large: the limit is {settings.max_upload_bytes} bytes ({settings.max_upload_bytes / 2**20:.1f} MiB)"
 
 
+def check_port(host: str, port: int) -> None:
+    """Raise ValueError unless this process can listen on ``host:port`` now (a port out of
+    range, one in use, an address not of this machine), as uvicorn will bind it."""
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} is out of range 0..65535")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+            probe.bind(address)
+    except OSError as error:
+        raise ValueError(f"cannot listen on {host}:{port}: {error.strerror or error}; choose another --port/--host") from None
+
+
 def serve(
     index_dir: str | os.PathLike,
     *,
@@ -197,6 +223,7 @@ def serve(
     except ImportError as error:  # pragma: no cover - depends on the install
         raise ImportError('the web service needs the serve extra: pip install "delf_retrieval[serve]"') from error
     settings = settings or ServeSettings.for_cores()
+    check_port(host, port)  # before the index loads: a port in use is a user error, said in one line
     limits = limit_threads(settings.threads)
     recognizer = Recognizer.load(index_dir, WORKERS=settings.threads)
     print(

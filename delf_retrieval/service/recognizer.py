@@ -31,6 +31,7 @@ from delf_retrieval.config import Config, load_config
 from delf_retrieval.features.containers import ImageFeatures
 from delf_retrieval.features.images import (
     ImageDecodeError,
+    ImageRejectedError,
     ImageSource,
     decode_image,
     kaggle_image_path,
@@ -224,6 +225,7 @@ class Recognizer:
         config = base.replace(**overrides) if overrides else base
         derived = {name: np.load(path / entry["file"], mmap_mode="r") for name, entry in manifest.derived.items()}
         label_frame = pd.read_csv(path / "labels.csv", dtype=str, keep_default_na=False)
+        train = train.subset(label_frame["id"].tolist())  # the photos the index lists, not all its store holds
         by_id = dict(zip(label_frame["id"].tolist(), label_frame["landmark_id"].tolist(), strict=True))
         labels = [by_id.get(image_id) or None for image_id in train.ids]
         landmark_frame = pd.read_csv(path / "landmarks.csv", dtype=str, keep_default_na=False)
@@ -342,7 +344,7 @@ class Recognizer:
         params = self.extractor.params
         decoded = decode_for_model(data, ImageSource(id=name, path=name), params.max_image_size, params.exif_transpose)
         if decoded.error is not None:
-            raise ImageDecodeError(f"{name}: {decoded.error}")
+            raise (ImageRejectedError if decoded.rejected else ImageDecodeError)(f"{name}: {decoded.error}")
         if isinstance(data, np.ndarray):
             shape = data.shape[:2]
         else:

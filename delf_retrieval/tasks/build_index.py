@@ -30,12 +30,13 @@ resumes after a kill: rerun the same command), :func:`.pipeline.ensure_global_de
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import pandas as pd
@@ -43,13 +44,23 @@ from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
 from delf_retrieval.config import Config, default_preset, load_config
+from delf_retrieval.core.atomic import atomic_write
 from delf_retrieval.features.images import (
+    CSV_IMAGE_FOLDERS,
+    ImageSource,
+    check_image_id,
+    check_pixel_budget,
     kaggle_image_path,
     list_images,
     oriented_size,
     read_labels_csv,
 )
-from delf_retrieval.features.store import FeatureStore, atomic_write_bytes
+from delf_retrieval.features.store import (
+    DiskSpaceError,
+    FeatureStore,
+    StoreView,
+    atomic_write_bytes,
+)
 from delf_retrieval.kaggle.dataset import KaggleData
 from delf_retrieval.models.base import Extractor, ExtractorParams
 from delf_retrieval.models.extract import extract_to_store
@@ -65,6 +76,13 @@ from delf_retrieval.tasks.manifest import (
 
 DEFAULT_THUMBNAIL_SIZE = 256
 Log = Callable[[str], None]
+# What an index folder holds besides its files (check_index_folder keeps the data out of them).
+INDEX_FOLDERS = ("train", "nonlandmark", "derived", "thumbnails")
+# Free-space estimate of the index step: CSV bytes per photo and JPEG thumbnail bytes
+# per pixel (quality 85 stays well below), plus a reserve.
+_CSV_BYTES_PER_PHOTO = 512
+_THUMBNAIL_BYTES_PER_PIXEL = 0.5
+_SPACE_MARGIN = 16 * 2**20
 
 
 def default_config(extractor: Extractor) -> Config:
@@ -120,6 +138,7 @@ def build_index(
     started = time.perf_counter()
     data = KaggleData(Path(data_dir))
     data.require("train.csv")
+    check_index_folder(data.root, Path(out))
     if thumbnail_size < 0:
         raise ValueError(f"thumbnail_size must be >= 0, got {thumbnail_size}")
     if search_dtype not in ("float32", "float16"):
@@ -141,13 +160,14 @@ def build_index(
     out.mkdir(parents=True, exist_ok=True)
     log(f"model: {extractor!r}\nindex: {out}")
 
-    stores: dict[str, FeatureStore] = {}
+    stores: dict[str, FeatureStore | StoreView] = {}
     failed = 0
     for split in ("train", "nonlandmark") if use_nonlandmark else ("train",):
         store = FeatureStore(out / split, extractor.fingerprint(), dtype=dtype)
+        sources = list_images(data.csv(f"{split}.csv"))
         summary = extract_to_store(
             extractor,
-            list_images(data.csv(f"{split}.csv")),
+            sources,
             store,
             batch_size=batch_size,
             decode_threads=decode_threads,
@@ -155,8 +175,10 @@ def build_index(
             description=f"extract {split}",
         )
         log(f"[{split}] " + summary.report().replace("\n", f"\n[{split}] "))
-        failed += len(store.failures()) if split == "train" else 0
-        stores[split] = store
+        # A rebuild after rows left the CSV: the index holds the listed photos only
+        # (labels.csv names them; Recognizer.load reads the store through them).
+        stores[split] = store.subset(source.id for source in sources)
+        failed += len(stores[split].failures()) if split == "train" else 0
     train = stores["train"]
     if not train.ids:
         raise ValueError(f"no train photo of {data.csv('train.csv')} could be read; the index would be empty")
@@ -173,6 +195,7 @@ def build_index(
     )
     derived = out / "derived"
     derived.mkdir(exist_ok=True)
+    _check_free_space(out, _bytes_to_write(train, extractor, search_dtype, dtype, "nonlandmark" in stores, out, thumbnail_size))
     if not extractor.global_dim:
         codebook = np.load(train.path / "derived" / CODEBOOK_FILE)
         _save_derived(manifest, out, "vlad_codebook", codebook, kind="vlad-codebook", clusters=int(codebook.shape[0]))
@@ -207,7 +230,7 @@ def build_index(
     names = _landmark_names(data.csv("labels.csv")) if data.has("labels.csv") else {}
     _write_csv(out / "landmarks.csv", pd.DataFrame({"landmark_id": landmarks, "name": [names.get(x, "") for x in landmarks]}))
     sizes = write_thumbnails(
-        {source.id: source.path for source in list_images(data.csv("train.csv")) if source.id in set(ids)},
+        source_paths(list_images(data.csv("train.csv")), ids),
         out / "thumbnails",
         thumbnail_size,
         exif_transpose=extractor.params.exif_transpose,
@@ -255,26 +278,95 @@ def _save_classifiers(out: Path, classifiers: Sequence[Classifier], extractor: E
     return entries
 
 
+def source_paths(sources: Sequence[ImageSource], ids: Sequence[str]) -> dict[str, str]:
+    """``id -> path`` of the sources whose id is in ``ids`` (linear in both)."""
+    wanted = set(ids)
+    return {source.id: source.path for source in sources if source.id in wanted}
+
+
+def check_index_folder(data_dir: Path, out: Path) -> None:
+    """Raise ValueError when the index folder ``out`` would write into the dataset.
+
+    The index writes ``labels.csv``, ``images.csv``, ``index.json`` and the folders
+    ``train/``, ``nonlandmark/``, ``derived/`` and ``thumbnails/``: ``out`` may not be
+    the data folder, lie inside one of its image folders, or hold the data folder in one
+    of those folders of its own. A new subfolder of the data folder is fine.
+    """
+    data, index = data_dir.resolve(), out.resolve()
+    image_folders = [data / folder for folder in sorted(set(CSV_IMAGE_FOLDERS.values()))]
+    written = [index / folder for folder in INDEX_FOLDERS]
+    if index == data or any(index.is_relative_to(folder) for folder in image_folders) or any(
+        data.is_relative_to(folder) for folder in written
+    ):
+        raise ValueError(
+            f"--out {out} would write the index into the dataset {data_dir} (its labels.csv and image "
+            f"folders); choose a folder outside it, e.g. {data_dir.name}-index"
+        )
+
+
+def _bytes_to_write(
+    train: FeatureStore | StoreView,
+    extractor: Extractor,
+    search_dtype: str,
+    dtype: str,
+    nonlandmark: bool,
+    out: Path,
+    thumbnail_size: int,
+) -> int:
+    """Bytes the index step writes after extraction (the stores count their own): the
+    float32 search copy, the VLAD codebook, the distractor similarity, the CSVs and the
+    thumbnails not written yet (an upper estimate per thumbnail)."""
+    count = len(train.ids)
+    width = train.global_descriptors().shape[1] if count else 0
+    total = 4096 + _CSV_BYTES_PER_PHOTO * count
+    if search_dtype == "float32" and np.dtype(dtype) != np.float32:
+        total += 4 * count * width
+    if not extractor.global_dim:
+        total += 4 * width
+    if nonlandmark:
+        total += 4 * count
+    if thumbnail_size:
+        folder = out / "thumbnails"
+        missing = sum(not (folder / _thumbnail_name(image_id)).is_file() for image_id in train.ids)
+        total += missing * int(_THUMBNAIL_BYTES_PER_PIXEL * thumbnail_size * thumbnail_size)
+    return total
+
+
+def _check_free_space(out: Path, needed: int) -> None:
+    """DiskSpaceError before writing when ``out``'s disk lacks ``needed`` bytes (+ a margin)."""
+    free = shutil.disk_usage(out).free
+    if free < needed + _SPACE_MARGIN:
+        raise DiskSpaceError(
+            f"the index {out} needs about {(needed + _SPACE_MARGIN) / 1e6:.1f} MB more of free disk space, only "
+            f"{free / 1e6:.1f} MB is free there; free some space, then rerun the same command to resume"
+        )
+
+
 def _save_derived(manifest: IndexManifest, out: Path, name: str, array: np.ndarray, **info: Any) -> None:
     relative = f"derived/{name}.npy"
-    tmp = out / f"derived/.{name}.npy.tmp"
-    with open(tmp, "wb") as handle:
-        np.save(handle, array)
-    tmp.replace(out / relative)
+    atomic_write(out / relative, lambda handle: np.save(handle, array))
     manifest.derived[name] = {"file": relative, "shape": list(array.shape), "dtype": str(array.dtype), **info}
 
 
 def _save_float32_copy(manifest: IndexManifest, out: Path, name: str, array: np.ndarray, block: int = 65536) -> None:
-    """``array`` [N, D] as a float32 derived array, copied block by block (bounded memory)."""
+    """``array`` [N, D] as a float32 derived array, converted and written block by block
+    (bounded memory; plain writes, so a full disk is an ``OSError``, never the SIGBUS of a
+    write through a memory map)."""
     relative = f"derived/{name}.npy"
-    tmp = out / f"derived/.{name}.npy.tmp"
-    copy = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=array.shape)
-    for start in range(0, array.shape[0], block):
-        copy[start : start + block] = array[start : start + block]
-    copy.flush()
-    del copy
-    tmp.replace(out / relative)
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False, "shape": tuple(array.shape)}
+
+    def write(handle: BinaryIO) -> None:
+        np.lib.format.write_array_header_1_0(handle, header)
+        for start in range(0, array.shape[0], block):
+            handle.write(np.ascontiguousarray(array[start : start + block], dtype=np.float32).tobytes())
+
+    atomic_write(out / relative, write)
     manifest.derived[name] = {"file": relative, "shape": list(array.shape), "dtype": "float32", "kind": "search-vectors"}
+
+
+def _thumbnail_name(image_id: str) -> Path:
+    """Where ``write_thumbnails`` puts an id's thumbnail, relative to its folder."""
+    return kaggle_image_path(".", image_id) if len(image_id) >= 3 else Path(f"{image_id}.jpg")
 
 
 def _write_csv(path: Path, frame: pd.DataFrame) -> None:
@@ -309,7 +401,8 @@ def write_thumbnails(
 
     def one(item: tuple[str, str]) -> tuple[str, tuple[str, str, str]]:
         image_id, path = item
-        target = kaggle_image_path(folder, image_id) if len(image_id) >= 3 else folder / f"{image_id}.jpg"
+        check_image_id(image_id)  # the thumbnail stays inside the index folder
+        target = folder / _thumbnail_name(image_id)
         try:
             width, height = _thumbnail(Path(path), target, size, exif_transpose)
         except Exception:  # an unreadable source has no thumbnail; the index still works
@@ -327,6 +420,7 @@ def write_thumbnails(
 def _thumbnail(source: Path, target: Path, size: int, exif_transpose: bool) -> tuple[int, int]:
     """Write one thumbnail (unless present); returns the original ``(width, height)``."""
     with Image.open(source) as image:
+        check_pixel_budget(image)  # from the header, as extraction decodes: bounded memory
         width, height = oriented_size(image, exif_transpose)
         if size and not target.is_file():
             image.draft("RGB", (size, size))

@@ -425,6 +425,8 @@ def clean_dataset(
     small_classes: str = "keep",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     dtype: str = "float16",
+    batch_size: int = 64,
+    decode_threads: int = 2,
     seed: int = 0,
     progress: bool = True,
     log: Log = print,
@@ -462,8 +464,8 @@ def clean_dataset(
     log(f"model: {extractor!r}\nfeatures cached in: {work / model_key(extractor)}")
     log(f"config:\n{config.describe()}")
     store, _ = extract_split(
-        extractor, data.csv("train.csv"), work, "train", dtype=dtype, progress=progress, log=log,
-        runner=runner,
+        extractor, data.csv("train.csv"), work, "train", dtype=dtype, batch_size=batch_size,
+        decode_threads=decode_threads, progress=progress, log=log, runner=runner,
     )
     if not store.local_dim:
         raise ValueError(f"model {extractor!r} gives no local features: cleaning needs them")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +79,16 @@ def read_manifest(index_dir: str | Path) -> IndexManifest:
             f"{index_dir} is not a complete recognition index (no {MANIFEST}); "
             "build it with `delf-retrieval index DATA_DIR --out INDEX_DIR` (rerun to resume)"
         )
-    values = json.loads(path.read_text())
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise IndexFormatError(f"{path} is damaged (not JSON: {error}); rebuild the index") from None
+    if not isinstance(values, dict):
+        raise IndexFormatError(f"{path} is damaged (a JSON {type(values).__name__}, not an object); rebuild the index")
+    required = [f.name for f in fields(IndexManifest) if f.default is MISSING and f.default_factory is MISSING]
+    missing = [name for name in required if name not in values]
+    if missing:
+        raise IndexFormatError(f"{path} is damaged (no {', '.join(missing)}); rebuild the index")
     if values.get("format") != INDEX_FORMAT:
         raise IndexFormatError(f"{path}: index format {values.get('format')!r}, this version reads {INDEX_FORMAT}")
     known = set(IndexManifest.__dataclass_fields__)

@@ -90,6 +90,8 @@ def recognize(
     use_nonlandmark: bool | None = None,
     verify: bool = True,
     dtype: str = "float16",
+    batch_size: int = 64,
+    decode_threads: int = 2,
     progress: bool = True,
     log: Log = print,
     runner: Runner | None = None,
@@ -121,7 +123,8 @@ def recognize(
         data.require("nonlandmark.csv")
         splits["nonlandmark"] = data.csv("nonlandmark.csv")
     stores, summaries = extract_splits(
-        extractor, splits, "train", work, dtype=dtype, progress=progress, log=log, runner=runner
+        extractor, splits, "train", work, dtype=dtype, batch_size=batch_size, decode_threads=decode_threads,
+        progress=progress, log=log, runner=runner,
     )
     searched = whitening.whiten_for_run(stores, "train", config.WHITENING_DIM, log=log)
     labels = read_labels_csv(data.csv("train.csv"))

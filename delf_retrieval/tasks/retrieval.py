@@ -170,6 +170,8 @@ def retrieve(
     use_labels: bool = True,
     verify: bool = True,
     dtype: str = "float16",
+    batch_size: int = 64,
+    decode_threads: int = 2,
     progress: bool = True,
     log: Log = print,
     runner: Runner | None = None,
@@ -188,7 +190,8 @@ def retrieve(
     if labelled:
         splits["train"] = data.csv("train.csv")
     stores, summaries = extract_splits(
-        extractor, splits, "index", work, dtype=dtype, progress=progress, log=log, runner=runner
+        extractor, splits, "index", work, dtype=dtype, batch_size=batch_size, decode_threads=decode_threads,
+        progress=progress, log=log, runner=runner,
     )
     searched = whitening.whiten_for_run(stores, "index", config.WHITENING_DIM, log=log)  # hook (issue 11)
     result = retrieve_stores(

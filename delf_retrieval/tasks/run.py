@@ -25,7 +25,7 @@ import pandas as pd
 from delf_retrieval.config import Config, default_preset, load_config
 from delf_retrieval.core.log import Log
 from delf_retrieval.features.images import ImageSource, list_images
-from delf_retrieval.features.store import FeatureStore, fingerprint_key
+from delf_retrieval.features.store import FeatureStore, StoreView, fingerprint_key
 from delf_retrieval.kaggle.dataset import KaggleData
 from delf_retrieval.kaggle.submission import validate_submission, write_submission
 from delf_retrieval.models import loader
@@ -91,17 +91,21 @@ def extract_split(
     progress: bool = True,
     log: Log = print,
     runner: Runner | None = None,
-) -> tuple[FeatureStore, ExtractionSummary]:
+) -> tuple[FeatureStore | StoreView, ExtractionSummary]:
     """Extract (or reuse) features of one image set into ``work_dir/<model>/<split>``.
+
+    Returns the features of exactly the listed images (:meth:`FeatureStore.subset`: the
+    store may remember images the list no longer holds) and the extraction summary.
 
     ``runner`` runs the extraction (default: :class:`LocalRunner`; e.g.
     ``delf_retrieval.distributed.RayRunner`` runs it on Ray).
     """
     runner = runner or LocalRunner()
     store = FeatureStore(Path(work_dir) / model_key(extractor) / split, extractor.fingerprint(), dtype=dtype)
+    sources = list_images(images)
     summary = runner.extract_to_store(
         extractor,
-        list_images(images),
+        sources,
         store,
         batch_size=batch_size,
         decode_threads=decode_threads,
@@ -109,7 +113,9 @@ def extract_split(
         description=f"extract {split}",
     )
     log(f"[{split}] " + summary.report().replace("\n", f"\n[{split}] "))
-    return store, summary
+    # The store caches every image set of this model and split (older versions of the
+    # CSV, other datasets): the run sees only the images listed now.
+    return store.subset(source.id for source in sources), summary
 
 
 def extract_splits(
@@ -119,19 +125,23 @@ def extract_splits(
     work_dir: Path,
     *,
     dtype: str = "float16",
+    batch_size: int = 64,
+    decode_threads: int = 2,
     progress: bool = True,
     log: Log = print,
     runner: Runner | None = None,
 ) -> tuple[dict[str, FeatureStore], dict[str, ExtractionSummary]]:
     """:func:`extract_split` of every ``{split: csv}``, then global descriptors for all
-    (VLAD fitted on the ``database`` split for local-only models).
+    (VLAD fitted on the ``database`` split for local-only models). ``batch_size`` (images
+    per store chunk) and ``decode_threads`` go to the extraction.
 
     Returns stores and extraction summaries by split.
     """
     stores, summaries = {}, {}
     for split, csv_path in splits.items():
         stores[split], summaries[split] = extract_split(
-            extractor, csv_path, work_dir, split, dtype=dtype, progress=progress, log=log, runner=runner
+            extractor, csv_path, work_dir, split, dtype=dtype, batch_size=batch_size,
+            decode_threads=decode_threads, progress=progress, log=log, runner=runner,
         )
     ensure_global_descriptors(stores[database], [s for k, s in stores.items() if k != database], log=log)
     return stores, summaries
