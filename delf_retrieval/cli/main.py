@@ -20,7 +20,7 @@ from pathlib import Path
 
 from delf_retrieval import __version__, distributed
 from delf_retrieval.cli.predict import check_match_device, run_predict
-from delf_retrieval.config import default_preset, load_config, parse_override
+from delf_retrieval.config import Config, default_preset, load_config, parse_override
 from delf_retrieval.core.atomic import regular_target
 from delf_retrieval.core.errors import DelfError
 from delf_retrieval.demo.run import run_demo
@@ -223,7 +223,7 @@ def _extraction_preset(args: argparse.Namespace) -> str:
     if args.extraction_preset:
         return args.extraction_preset
     if getattr(args, "config", None):
-        return load_config(args.config).EXTRACTION_PRESET
+        return _run_config(args).EXTRACTION_PRESET
     return ""
 
 
@@ -368,8 +368,7 @@ def _check_run(
     the data folder and its CSVs (``required`` ones, and the ``optional`` ones the run
     reads when present), the --config/--set values, the submission file and the work dir."""
 
-    args.overrides = dict(parse_override(item) for item in args.set or ())
-    check_match_device(load_config(args.config, **args.overrides))  # values are valid whatever the preset
+    check_match_device(_run_config(args))
     if not args.data_dir.is_dir():
         raise ValueError(f"data folder {args.data_dir} does not exist or is not a folder")
     missing = [name for name in required if not (args.data_dir / name).is_file()]
@@ -386,7 +385,7 @@ def _check_run(
 def _cmd_recognize(args: argparse.Namespace) -> int:
     _check_run(args, ("train.csv", "sample_submission.csv"), optional=("nonlandmark.csv",) if args.nonlandmark else ())
     extractor = build_extractor(args)
-    config = _config(args, extractor)
+    config = _run_config(args)
     classifiers = _classifiers(args, extractor)
     if config.CLASSIFIER_MODE != "off" and not classifiers:
         raise ValueError(
@@ -420,7 +419,7 @@ def _cmd_retrieve(args: argparse.Namespace) -> int:
         output = retrieval.retrieve(
             args.data_dir,
             extractor,
-            _config(args, extractor),
+            _run_config(args),
             output=args.output,
             work_dir=args.work_dir,
             use_labels=not args.no_labels,
@@ -450,11 +449,18 @@ def _format_scores(scores: dict, metric: str, against: str) -> str:
     return f"{metric} against {against}: {parts}"
 
 
-def _config(args: argparse.Namespace, extractor):
-    """--config (default: the preset suiting the model) with --set overrides applied."""
-
-    base = args.config or default_preset(extractor.family)  # a composite's local model decides
-    return load_config(base, **getattr(args, "overrides", {}))
+def _run_config(args: argparse.Namespace) -> Config:
+    """The command's config, loaded once: ``--config`` (default: the preset suiting the
+    model, whose family the registry tells from the spec without loading the model; a
+    composite's local model decides) with the ``--set`` overrides applied."""
+    if getattr(args, "run_config", None) is None:
+        overrides = dict(parse_override(item) for item in args.set or ())
+        base = args.config
+        if not base:
+            spec = getattr(args, "local_model", None) or getattr(args, "model", None) or _default_model()
+            base = default_preset(loader.family_of(spec))
+        args.run_config = load_config(base, **overrides)
+    return args.run_config
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -504,7 +510,7 @@ def _cmd_clean(args: argparse.Namespace) -> int:
         result = clean_dataset(
             args.data_dir,
             extractor,
-            _config(args, extractor),
+            _run_config(args),
             output=args.output,
             report_path=args.report,
             pictures_dir="" if args.no_pictures else args.pictures,
@@ -530,12 +536,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
-    args.overrides = dict(parse_override(item) for item in args.set or ())
     KaggleData(args.data_dir).require("train.csv")
     check_index_folder(args.data_dir, args.out)
-    check_match_device(load_config(args.config, **args.overrides))
+    check_match_device(_run_config(args))
     extractor = build_extractor(args)
-    config = _config(args, extractor) if args.config or args.set else None
+    config = _run_config(args) if args.config or args.set else None
     build_index(
         args.data_dir,
         extractor,
