@@ -81,8 +81,8 @@ def list_models() -> list[str]:
 def model_spec(extractor: Extractor) -> str:
     """What :func:`load_extractor` needs to load ``extractor`` again: its name (families of
     the registry loaded by name) or its folder, made absolute."""
-    if extractor.family in list_models():  # loaded by name (opencv-sift, aliked, ...), no folder
-        return extractor.family
+    if extractor.family in list_models() or registry.split_composite(extractor.family) is not None:
+        return extractor.family  # loaded by name (opencv-sift, aliked, lite0+sift, ...), no folder
     folder = getattr(extractor, "path", None)
     if folder is None:
         raise ValueError(f"cannot tell where {extractor!r} was loaded from; pass the model spec instead")
@@ -168,6 +168,9 @@ def family_of(spec: str | os.PathLike) -> str:
     named = registry.family(spec) if isinstance(spec, str) else None
     if named is not None and named.load is not None:
         return named.name
+    pair = registry.split_composite(spec)
+    if pair is not None:
+        return f"{family_of(pair[0])}+{family_of(pair[1])}"
     path = Path(spec).expanduser()
     if path.is_file() and is_keras_file(path):
         return "keras"
@@ -199,7 +202,11 @@ def load_extractor(
     Parameters
     ----------
     spec : ``"opencv-sift"`` (or ``"sift"``, ``"opencv"``); ``"aliked"``, ``"disk"`` or
-        ``"xfeat"`` (learned local features, extra ``[learned]``); a SavedModel folder (DELG TF2,
+        ``"xfeat"`` (learned local features, extra ``[learned]``); ``"efficientnet-lite0"``
+        or ``"efficientnet-lite2"`` (CNN global descriptors, extra ``[cnn]``);
+        ``"GLOBAL+LOCAL"`` of two such names (a two-stage model, e.g.
+        ``"efficientnet-lite0+opencv-sift"``: global descriptors of the first, local
+        features of the second); a SavedModel folder (DELG TF2,
         DELG TF1, DELF TF-Hub or your own Keras/TF export, detected from its files); a
         ``.keras`` / ``.h5`` Keras model file; or a TF-Hub handle (``"google/delf/1"``,
         ``"https://tfhub.dev/google/delf/1"``) found in the TF-Hub cache, never downloaded.
@@ -241,6 +248,9 @@ def load_extractor(
     if named is not None and named.load is not None:
         _no_options(spec, options)
         return named.load(params)
+    pair = registry.split_composite(spec)
+    if pair is not None:  # "GLOBAL+LOCAL" of two named families, e.g. "efficientnet-lite0+opencv-sift"
+        return load_extractor(global_model=pair[0], local_model=pair[1], params=params, **options)
     if not isinstance(spec, (str, os.PathLike)):
         raise ValueError(f"expected a model name or path, got {type(spec).__name__}")
     if not os.fspath(spec).strip():

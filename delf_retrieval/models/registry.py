@@ -93,6 +93,23 @@ def family(name: str) -> ModelFamily | None:
     return _BY_NAME.get(name.strip().lower()) if isinstance(name, str) else None
 
 
+def split_composite(spec: object) -> tuple[str, str] | None:
+    """``(global name, local name)`` of a two-stage spec ``"GLOBAL+LOCAL"`` whose parts are
+    named families (a global one, then a local one), else None."""
+    if not isinstance(spec, str) or spec.count("+") != 1:
+        return None
+    first, second = (part.strip() for part in spec.split("+"))
+    a, b = family(first), family(second)
+    if a is None or b is None or a.load is None or b.load is None:
+        return None
+    return a.name, b.name
+
+
+# Presets of two-stage models (CNN global shortlist + local verification), by family
+# string "GLOBAL+LOCAL"; other composites follow their local model's preset.
+COMPOSITE_PRESETS: dict[str, str] = {}
+
+
 def named_families() -> list[ModelFamily]:
     """The families loaded by name (not from a folder), in registry order."""
     return [f for f in FAMILIES if f.load is not None]
@@ -101,5 +118,7 @@ def named_families() -> list[ModelFamily]:
 def default_preset(extractor_family: str) -> str:
     """The preset suiting an extractor's ``family`` string; a composite
     (``"keras+opencv-sift"``) follows its local model, unknown families get ``kaggle2020``."""
+    if extractor_family in COMPOSITE_PRESETS:
+        return COMPOSITE_PRESETS[extractor_family]
     found = family(extractor_family.split("+")[-1])
     return found.default_preset if found is not None else "kaggle2020"
