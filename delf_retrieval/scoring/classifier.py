@@ -280,7 +280,7 @@ def image_class_probabilities(
             prepare=getattr(extractor, "prepare_image", None),
         )
         if decoded.error is not None:
-            raise ImageDecodeError(f"{name}: {decoded.error}")
+            raise ImageDecodeError(decoded.error)
         top = min(CLASSIFIER_TOP, len(classifier.landmarks))
         indices, probs = top_classes(extractor.class_probabilities([decoded.image]), top)
         predictions.append((indices[0], probs[0], classifier.landmarks))

@@ -344,7 +344,7 @@ class Recognizer:
         params = self.extractor.params
         decoded = decode_for_model(data, ImageSource(id=name, path=name), params.max_image_size, params.exif_transpose)
         if decoded.error is not None:
-            raise (ImageRejectedError if decoded.rejected else ImageDecodeError)(f"{name}: {decoded.error}")
+            raise (ImageRejectedError if decoded.rejected else ImageDecodeError)(decoded.error)
         if isinstance(data, np.ndarray):
             shape = data.shape[:2]
         else:
@@ -352,7 +352,7 @@ class Recognizer:
             shape = original_size(data, params.exif_transpose) or (round(height * decoded.factor), round(width * decoded.factor))
         features, problem = extract_decoded(self.extractor, decoded)
         if features is None:
-            raise ImageDecodeError(f"{name}: {problem}")
+            raise ImageDecodeError(problem)
         stored = as_stored(features, self.manifest.dtype)
         return stored, shape, time.perf_counter() - started
 
