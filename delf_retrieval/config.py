@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from delf_retrieval.models import registry
 from delf_retrieval.models.presets import EXTRACTION_PRESETS
@@ -518,8 +519,6 @@ def load_config(source: str | Path | Config | None = None, **overrides: Any) -> 
         if path.suffix.lower() == ".json":
             values = json.loads(text)
         else:
-            import yaml
-
             values = yaml.safe_load(text) or {}
         if not isinstance(values, dict):
             raise ValueError(f"config file {path} must hold a mapping of field names to values")

@@ -27,6 +27,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
+from PIL import Image
 
 __all__ = [
     "CORRECT_COLOR",
@@ -354,7 +355,6 @@ def figure_to_rgb(figure: Figure) -> np.ndarray:
 
     The figure is drawn through an in-memory PNG at its own dpi; it is not modified.
     """
-    from PIL import Image
 
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=figure.dpi)

@@ -9,6 +9,7 @@ is printed); 130 interrupted by Ctrl-C (rerun the same command to resume).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import errno
 import math
@@ -17,6 +18,8 @@ import tempfile
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
+
+import pandas as pd
 
 from delf_retrieval import __version__, distributed
 from delf_retrieval.cli.predict import check_match_device, run_predict
@@ -200,7 +203,6 @@ def _add_ray_arguments(parser: argparse.ArgumentParser, *, shards: bool) -> None
 
 def _ray_hooks(args: argparse.Namespace, extractor):
     """Context giving recognize/retrieve their Ray ``runner`` (or nothing)."""
-    import contextlib
 
     if args.shards > 1 and not args.ray:
         raise ValueError("--shards needs --ray")
@@ -464,7 +466,6 @@ def _run_config(args: argparse.Namespace) -> Config:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    import pandas as pd
 
 
     _require_files(args.submission, args.solution)
@@ -491,7 +492,6 @@ def _require_files(*paths: Path) -> None:
 
 
 def _cmd_clean(args: argparse.Namespace) -> int:
-    import contextlib
 
 
     _check_run(args, ("train.csv",), "the cleaned train.csv")

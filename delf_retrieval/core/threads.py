@@ -13,6 +13,8 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
+import cv2
+
 
 def available_cores() -> int:
     """Cores this process may run on (the CPU affinity mask where the OS has one)."""
@@ -29,7 +31,6 @@ def limit_threads(threads: int) -> dict[str, Any]:
     """
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
-    import cv2
     from threadpoolctl import threadpool_limits
 
     done: dict[str, Any] = {}

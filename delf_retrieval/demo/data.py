@@ -38,7 +38,7 @@ def bundled_photo(name: str) -> np.ndarray:
     ``name`` is a file stem in ``skimage/data`` (e.g. ``"astronaut"``); the file is read
     directly, so nothing is ever fetched from the network.
     """
-    import skimage.data
+    import skimage.data  # scikit-image's photo loader takes about a second to import: only for the demo
 
     folder = Path(skimage.data.__file__).parent
     matches = sorted(folder.glob(f"{name}.*"))

@@ -98,7 +98,7 @@ def _draw_best_match(output: RunOutput, data_dir: Path, path: Path) -> Path | No
         title=f"query {query_id} vs train {train_id}",
         path=path,
     )
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # pyplot picks a drawing backend when imported: only when drawing
 
     plt.close(figure)
     return path

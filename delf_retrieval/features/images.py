@@ -19,6 +19,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pandas as pd
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm")
@@ -305,7 +306,6 @@ def kaggle_image_path(root: str | os.PathLike, image_id: str, extension: str = "
 def read_text_csv(csv_path: str | os.PathLike):
     """A CSV with every cell as text (empty cells ""); ValueError naming the file when it
     is empty, not text or not CSV (pandas' own messages name no file)."""
-    import pandas as pd
 
     try:
         return pd.read_csv(csv_path, dtype=str, keep_default_na=False, na_filter=False)

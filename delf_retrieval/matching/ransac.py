@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 import warnings
 
+import cv2
 import numpy as np
 
 from delf_retrieval.config import RANSAC_METHODS, Config
@@ -134,7 +136,6 @@ def _ransac_for(points1: np.ndarray, points2: np.ndarray, config: Config) -> np.
 
 
 def _magsac(p1, p2, threshold, iterations, confidence, seed):
-    import cv2
 
     # The settings cv2.USAC_MAGSAC uses, plus an explicit random state (the flag form
     # always starts from state 0 and ignores cv2.setRNGSeed).
@@ -152,7 +153,6 @@ def _magsac(p1, p2, threshold, iterations, confidence, seed):
 
 
 def _opencv_ransac(p1, p2, threshold, iterations, confidence, seed):
-    import cv2
 
     return cv2.findHomography(
         _f32(p1), _f32(p2), cv2.RANSAC, threshold, maxIters=iterations, confidence=confidence
@@ -175,6 +175,7 @@ def _skimage_affine(
     p1: np.ndarray, p2: np.ndarray, threshold: float, iterations: int, confidence: float, seed: int
 ) -> np.ndarray:
     """Inlier mask [M] of ``MatchFeatures``' RANSAC (image_reranking.py): index -> query."""
+    # scikit-image takes about a second to import: only for RANSAC_METHOD="skimage-affine".
     from skimage.measure import ransac
     from skimage.transform import AffineTransform
 
@@ -198,7 +199,6 @@ def _skimage_affine(
 
 def _skimage_seed_keyword(ransac: object) -> str:
     """``rng`` (scikit-image >= 0.23) or ``random_state`` (older releases, as the reference)."""
-    import inspect
 
     return "rng" if "rng" in inspect.signature(ransac).parameters else "random_state"
 

@@ -139,7 +139,6 @@ def match_and_verify(
     k1, d1 = _as_features(keypoints1, descriptors1, "1")
     k2, d2 = _as_features(keypoints2, descriptors2, "2")
     if config.MATCHER != "nn":  # a learned matcher (extra [learned])
-
         return learned_matching.verify_learned(_local(k1, d1), _local(k2, d2), config)
     if d1.shape[1] != d2.shape[1]:
         raise ValueError(f"descriptor widths differ: {d1.shape[1]} and {d2.shape[1]}")
@@ -204,7 +203,6 @@ def count_inliers_many(
     if len(candidates) == 0:
         return np.zeros(0, np.int64)
     if config.MATCHER != "nn":  # a learned matcher (extra [learned])
-
         return learned_matching.count_inliers_learned(query, candidates, config)
     k1, d1 = _as_features(query.keypoints, query.descriptors, "of the query")
     (d1, k1), _ = _finite_features(k1, l2_normalize(d1))

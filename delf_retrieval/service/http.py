@@ -92,7 +92,7 @@ def page_html() -> str:
 def create_app(recognizer: Recognizer, settings: ServeSettings | None = None):
     """The FastAPI application answering with ``recognizer`` (shared, read-only)."""
     fastapi = _fastapi()
-    import anyio
+    import anyio  # comes with FastAPI (extra [serve])
     from fastapi import HTTPException, Request
     from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 

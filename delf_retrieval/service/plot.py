@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from delf_retrieval.features.containers import to_original_pixels
 from delf_retrieval.matching.verify import match_and_verify
@@ -44,7 +45,7 @@ def draw_prediction(
     ]
     verdict = "landmark" if prediction.is_landmark else "not a landmark"
     query_title = f"query: {prediction.name or prediction.landmark_id}\n{verdict}, conf {prediction.confidence:.2f}"
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # pyplot picks a drawing backend when imported: only when drawing
 
     figure = plot_neighbours(
         image,
@@ -81,7 +82,6 @@ def draw_prediction(
             plt.close(figure)
     picture = _stack(bands)
     if path is not None:
-        from PIL import Image
 
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(picture).save(path)

@@ -43,7 +43,7 @@ import pandas as pd
 from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
-from delf_retrieval.config import Config, default_preset, load_config
+from delf_retrieval.config import Config
 from delf_retrieval.core.atomic import atomic_write
 from delf_retrieval.features.images import (
     CSV_IMAGE_FOLDERS,
@@ -64,7 +64,7 @@ from delf_retrieval.features.store import (
 from delf_retrieval.kaggle.dataset import KaggleData
 from delf_retrieval.models.base import Extractor, ExtractorParams
 from delf_retrieval.models.extract import extract_to_store
-from delf_retrieval.models.loader import default_model, load_extractor, model_spec
+from delf_retrieval.models.loader import model_spec
 from delf_retrieval.scoring.classifier import Classifier
 from delf_retrieval.scoring.engine import RecognitionIndex
 from delf_retrieval.search import whitening
@@ -73,6 +73,7 @@ from delf_retrieval.tasks.manifest import (
     MANIFEST,
     IndexManifest,
 )
+from delf_retrieval.tasks.run import resolve_config, resolve_model
 
 DEFAULT_THUMBNAIL_SIZE = 256
 Log = Callable[[str], None]
@@ -83,11 +84,6 @@ INDEX_FOLDERS = ("train", "nonlandmark", "derived", "thumbnails")
 _CSV_BYTES_PER_PHOTO = 512
 _THUMBNAIL_BYTES_PER_PIXEL = 0.5
 _SPACE_MARGIN = 16 * 2**20
-
-
-def default_config(extractor: Extractor) -> Config:
-    """The preset suiting the model, as ``recognize`` picks it (:func:`.config.default_preset`)."""
-    return load_config(default_preset(extractor.family))
 
 
 def build_index(
@@ -143,13 +139,11 @@ def build_index(
         raise ValueError(f"thumbnail_size must be >= 0, got {thumbnail_size}")
     if search_dtype not in ("float32", "float16"):
         raise ValueError(f"search_dtype must be float32 or float16, got {search_dtype!r}")
-    if isinstance(model, Extractor):
-        extractor, spec = model, model_spec(model)
-    else:
-        model = default_model() if model is None else model
-        extractor = load_extractor(model, params)
-        spec = str(Path(model).resolve()) if Path(model).exists() else str(model)
-    config = default_config(extractor) if config is None else load_config(config)
+    extractor = resolve_model(model, params)
+    spec = model_spec(extractor) if isinstance(model, Extractor) or model is None else (
+        str(Path(model).resolve()) if Path(model).exists() else str(model)
+    )
+    config = resolve_config(config, extractor)
     if use_nonlandmark is None:
         use_nonlandmark = data.has("nonlandmark.csv")
     if use_nonlandmark:

@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from delf_retrieval.config import Config, default_preset, load_config
+from delf_retrieval.config import Config
 from delf_retrieval.core.atomic import atomic_write, atomic_write_bytes
 from delf_retrieval.features.images import (
     ImageDecodeError,
@@ -47,10 +47,8 @@ from delf_retrieval.features.images import (
 from delf_retrieval.features.store import FeatureStore
 from delf_retrieval.kaggle.dataset import KaggleData
 from delf_retrieval.matching.verify import count_inliers_many
-from delf_retrieval.models.base import Extractor
-from delf_retrieval.models.loader import default_model, load_extractor
 from delf_retrieval.search.vlad import ensure_global_descriptors
-from delf_retrieval.tasks.run import extract_split, model_key
+from delf_retrieval.tasks.run import extract_split, open_run
 from delf_retrieval.viz import plot_neighbours
 
 __all__ = [
@@ -451,17 +449,11 @@ def clean_dataset(
     """
 
     started = time.perf_counter()
-    data = KaggleData(Path(data_dir))
-    data.require("train.csv")
+    KaggleData(Path(data_dir)).require("train.csv")
     mode, _ = parse_pairs(pairs)
     if small_classes not in SMALL_CLASS_POLICIES:
         raise ValueError(f"small_classes must be one of {SMALL_CLASS_POLICIES}, got {small_classes!r}")
-    extractor = _load_model(model)
-    if config is None:  # the preset suiting the model, as recognize picks it
-        config = default_preset(extractor.family)
-    config = load_config(config)
-    work = Path(work_dir) if work_dir is not None else Path.cwd() / "delf_work"
-    log(f"model: {extractor!r}\nfeatures cached in: {work / model_key(extractor)}")
+    data, extractor, config, work = open_run(data_dir, model, config, work_dir, None, log)
     log(f"config:\n{config.describe()}")
     store, _ = extract_split(
         extractor, data.csv("train.csv"), work, "train", dtype=dtype, batch_size=batch_size,
@@ -505,12 +497,6 @@ def clean_dataset(
             log(f"pictures of removed photos: {written} in {folder}")
     log("time: " + ", ".join(f"{name} {value:.2f} s" for name, value in seconds.items()))
     return result
-
-
-def _load_model(model: Any) -> Any:
-    if isinstance(model, Extractor):
-        return model
-    return load_extractor(default_model() if model is None else model)
 
 
 def _write_csv(frame: pd.DataFrame, path: Path) -> None:

@@ -173,16 +173,25 @@ def open_run(
     :func:`.models.default_model`), config (the preset suiting the model by default) and
     cache folder of a whole run."""
     data = KaggleData(Path(data_dir))
-    if isinstance(model, Extractor):
-        extractor = model
-    else:
-        extractor = loader.load_extractor(loader.default_model() if model is None else model, params)
-    if config is None:  # a composite (e.g. keras+opencv-sift) follows its local model
-        config = default_preset(extractor.family)
-    config = load_config(config)
+    extractor = resolve_model(model, params)
+    config = resolve_config(config, extractor)
     work = Path(work_dir) if work_dir is not None else Path.cwd() / "delf_work"
     log(f"model: {extractor!r}\nfeatures cached in: {work / model_key(extractor)}")
     return data, extractor, config, work
+
+
+def resolve_model(model: str | Extractor | None, params: ExtractorParams | None = None) -> Extractor:
+    """The extractor of a task: ``model`` itself, loaded from its spec, or the default model
+    (:func:`delf_retrieval.models.loader.default_model`) when None."""
+    if isinstance(model, Extractor):
+        return model
+    return loader.load_extractor(loader.default_model() if model is None else model, params)
+
+
+def resolve_config(config: Config | str | Path | None, extractor: Extractor) -> Config:
+    """The config of a task: ``config`` (a Config, preset name or file) or, when None, the
+    preset suiting the model (a composite follows its local model, see the registry)."""
+    return load_config(default_preset(extractor.family) if config is None else config)
 
 
 def finish_run(
