@@ -179,3 +179,21 @@ def test_a_missing_extra_names_the_install_command(monkeypatch):
     finally:
         monkeypatch.undo()
         cnn_global._network.cache_clear()
+
+
+def test_two_stage_models_load_by_name_and_rebuild_identically():
+    """``GLOBAL+LOCAL`` names a two-stage model; ``model_spec`` + ``rebuild_params`` make it
+    again with the same fingerprint (what an index and the Ray workers rely on)."""
+    from delf_retrieval.config import default_preset
+    from delf_retrieval.models import loader
+
+    two_stage = loader.load_extractor("efficientnet-lite0+sift")
+    assert two_stage.family == "efficientnet-lite0+opencv-sift"
+    assert (two_stage.has_global, two_stage.global_dim, two_stage.local_dim) == (True, 1280, 128)
+    assert loader.family_of("efficientnet-lite0+sift") == two_stage.family
+    spec = loader.model_spec(two_stage)
+    again = loader.load_extractor(spec, loader.rebuild_params(two_stage))
+    assert again.fingerprint() == two_stage.fingerprint()
+    assert default_preset(two_stage.family) == default_preset("efficientnet-lite0+opencv-sift")
+    with pytest.raises(ValueError, match="not a file, folder or known name"):
+        loader.load_extractor("efficientnet-lite0+nothing")

@@ -210,7 +210,7 @@ def _ray_hooks(args: argparse.Namespace, extractor):
         return contextlib.nullcontext({})
     _check_ray_model(args)
 
-    runner = RayRunner(args.model or _default_model(), extractor.params, address=args.ray, num_workers=args.ray_workers, num_shards=args.shards)
+    runner = RayRunner(args.model or _default_model(), loader.rebuild_params(extractor), address=args.ray, num_workers=args.ray_workers, num_shards=args.shards)
 
     @contextlib.contextmanager
     def hooks():
@@ -501,7 +501,7 @@ def _cmd_clean(args: argparse.Namespace) -> int:
         if args.ray:
             _check_ray_model(args)
             runner = stack.enter_context(
-                RayRunner(args.model or _default_model(), extractor.params, address=args.ray, num_workers=args.ray_workers)
+                RayRunner(args.model or _default_model(), loader.rebuild_params(extractor), address=args.ray, num_workers=args.ray_workers)
             )
             hooks = {
                 "runner": runner,

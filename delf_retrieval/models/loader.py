@@ -89,6 +89,14 @@ def model_spec(extractor: Extractor) -> str:
     return str(Path(folder).resolve())
 
 
+def rebuild_params(extractor: Extractor) -> ExtractorParams:
+    """The ``params`` with which ``load_extractor(model_spec(extractor), params)`` makes
+    ``extractor`` again (what Ray workers are given): a two-stage model's are its local
+    model's, as :func:`load_extractor` hands them to the local model."""
+    local = getattr(extractor, "local_extractor", None)
+    return local.params if local is not None else extractor.params
+
+
 def detect_format(folder: str | os.PathLike) -> str:
     """Family of the SavedModel in ``folder``: ``"delg-tf2"``, ``"delg-tf1"``, ``"delf-hub"``
     or ``"keras"`` (a ``serving_default`` with exactly one ``[B, H, W, 3]`` input, as
