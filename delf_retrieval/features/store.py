@@ -162,6 +162,7 @@ class FeatureStore:
         (self.path / "chunks").mkdir(parents=True, exist_ok=True)
         self.wait = wait
         self._generation: dict[str, Any] | None = None
+        self._pinned = False
         self._arrays: dict[str, np.ndarray] = {}
         self._reader_lock: Any = None  # shared lock on the generation being read
         self._writer_lock: Any = None
@@ -482,9 +483,21 @@ class FeatureStore:
                 locks.release(claim)
 
     # ------------------------------------------------------------------ reading
+    def pin(self) -> FeatureStore:
+        """Read the current generation from now until the store object is dropped, whatever
+        later extractions or consolidations (another process rebuilding the same folder) do:
+        a reader sees one consistent set of arrays. The generation's reader lock keeps it
+        on disk meanwhile. Returns the store."""
+        self._gen()
+        self._pinned = True
+        return self
+
     def _gen(self) -> dict[str, Any]:
         """The generation to read: the current one, after consolidating new chunks
-        (also those written, or consolidated, by other processes)."""
+        (also those written, or consolidated, by other processes); the pinned one after
+        :meth:`pin`."""
+        if self._generation is not None and self._pinned:
+            return self._generation
         if self._generation is not None:
             current = self._read_current()
             if (

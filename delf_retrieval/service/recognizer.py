@@ -77,12 +77,14 @@ QUERY_STEPS: dict[str, QueryStep] = {"vlad": _vlad_step}
 
 
 class ServingStore(FeatureStore):
-    """A feature store opened for serving: it checks once that it is consolidated.
+    """A feature store opened for serving: pinned to the generation it was opened at
+    (:meth:`FeatureStore.pin`), so a rebuild of the index folder while it is served never
+    mixes old labels and vectors with new features; it checks once that it is consolidated.
 
     :meth:`FeatureStore.is_consolidated` lists the chunk files on every read (a store may
-    grow while it is read); an index is not written while it is served, so after the
-    first positive check the answer is kept. Reading one image's local features then
-    costs no directory listing (about 5x faster here, more for stores of many chunks).
+    grow while it is read); after the first positive check the answer is kept. Reading one
+    image's local features then costs no directory listing (about 5x faster here, more for
+    stores of many chunks).
     """
 
     _consolidated = False
@@ -218,14 +220,15 @@ class Recognizer:
             raise IndexFormatError(f"{path}: query step(s) {unknown} unknown to this version (known: {sorted(QUERY_STEPS)})")
         extractor = _load_model(model if model is not None else manifest.model, manifest)
         try:
-            train = ServingStore(path / "train", extractor.fingerprint(), dtype=manifest.dtype)
+            train = ServingStore(path / "train", extractor.fingerprint(), dtype=manifest.dtype).pin()
         except StoreMismatchError as error:
             raise IndexFormatError(f"the model {manifest.model!r} is not the one that built {path}: {error}") from None
         base = Config(**manifest.config) if config is None else load_config(config)
         config = base.replace(**overrides) if overrides else base
-        derived = {name: np.load(path / entry["file"], mmap_mode="r") for name, entry in manifest.derived.items()}
+        derived = _derived_arrays(path, manifest)
         label_frame = pd.read_csv(path / "labels.csv", dtype=str, keep_default_na=False)
         train = train.subset(label_frame["id"].tolist())  # the photos the index lists, not all its store holds
+        _check_index_rows(path, manifest, train, label_frame, derived)
         by_id = dict(zip(label_frame["id"].tolist(), label_frame["landmark_id"].tolist(), strict=True))
         labels = [by_id.get(image_id) or None for image_id in train.ids]
         landmark_frame = pd.read_csv(path / "landmarks.csv", dtype=str, keep_default_na=False)
@@ -235,7 +238,7 @@ class Recognizer:
         images = pd.read_csv(path / "images.csv", dtype=str, keep_default_na=False).set_index("id")
         stores: dict[str, Any] = {"train": train}
         if manifest.counts.get("nonlandmark") and config.NONLANDMARK_PENALTY > 0:
-            stores["nonlandmark"] = FeatureStore(path / "nonlandmark")
+            stores["nonlandmark"] = FeatureStore(path / "nonlandmark").pin()
         # The searched space, made as the batch run makes it (cached in the index's stores).
         whitening = None
         if config.WHITENING_DIM:
@@ -462,6 +465,46 @@ def as_rgb(image: ImageInput, *, exif_transpose: bool = True) -> np.ndarray:
     (ImageDecodeError if unreadable); arrays are taken as they are."""
     data = photo_input(image)
     return data if isinstance(data, np.ndarray) else decode_image(data, exif_transpose=exif_transpose)
+
+
+def _derived_arrays(path: Path, manifest: IndexManifest) -> dict[str, np.ndarray]:
+    """The manifest's derived arrays, memory-mapped, each checked against the shape and
+    dtype the manifest records (:class:`IndexFormatError` naming the file otherwise)."""
+    arrays = {}
+    for name, entry in manifest.derived.items():
+        file = path / entry["file"]
+        try:
+            array = np.load(file, mmap_mode="r")
+        except (OSError, ValueError) as error:
+            raise IndexFormatError(f"{file}: cannot be read ({error}); rebuild the index") from None
+        shape, dtype = entry.get("shape"), entry.get("dtype")
+        if (shape is not None and list(array.shape) != list(shape)) or (dtype is not None and str(array.dtype) != dtype):
+            raise IndexFormatError(
+                f"{file}: {array.dtype} {list(array.shape)} where the manifest says {dtype} {shape}: "
+                "the index is damaged; rebuild it"
+            )
+        arrays[name] = array
+    return arrays
+
+
+def _check_index_rows(
+    path: Path, manifest: IndexManifest, train: Any, labels: pd.DataFrame, derived: dict[str, np.ndarray]
+) -> None:
+    """The index's parts describe the same photos: every train photo of the store has its
+    row in ``labels.csv`` and the manifest's count, and the per-photo derived arrays have
+    one row per train photo (IndexFormatError naming the file otherwise)."""
+    count = len(train.ids)
+    if len(labels) != count or manifest.counts.get("train", count) != count:
+        raise IndexFormatError(
+            f"{path / 'labels.csv'} lists {len(labels)} photos, the train store holds {count} of them and "
+            f"{path / 'index.json'} says {manifest.counts.get('train')}: the index is damaged; rebuild it"
+        )
+    for name in (manifest.search_vectors, manifest.train_nonlandmark):
+        if name and derived[name].shape[0] != count:
+            raise IndexFormatError(
+                f"{path / manifest.derived[name]['file']} has {derived[name].shape[0]} rows for {count} train "
+                "photos: the index is damaged; rebuild it"
+            )
 
 
 def _photo_name(image: ImageInput, number: int) -> str:
