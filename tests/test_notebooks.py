@@ -142,3 +142,19 @@ def test_recognition_notebook_with_your_own_keras_model(demo, tmp_path, keras_cl
     text = printed(notebook)
     assert "KerasExtractor(" in text and "classifier: fused predictions from 1 classifier(s)" in text
     assert any(path.name.startswith("keras+opencv-sift-") for path in work_dir.iterdir())
+
+
+@pytest.mark.parametrize("name", ["recognition_submission.ipynb", "retrieval_submission.ipynb", "explore_matches.ipynb"])
+def test_values_edited_in_the_parameters_cell_are_the_last_word(name, monkeypatch):
+    """A user who edits PRESET (and GLOBAL_MODEL) in place keeps them: nothing in the
+    parameters cell recomputes them afterwards."""
+    for variable in ("DELF_PRESET", "DELF_GLOBAL_MODEL", "DELF_MODEL"):
+        monkeypatch.delenv(variable, raising=False)
+    cell = next(c for c in json.loads((NOTEBOOKS / name).read_text())["cells"] if "parameters" in c["metadata"].get("tags", []))
+    source = "".join(cell["source"])
+    edited = re.sub(r"^PRESET = .*$", 'PRESET = "kaggle2020"', source, flags=re.M)
+    edited = re.sub(r"^GLOBAL_MODEL = .*$", 'GLOBAL_MODEL = "my.keras"', edited, flags=re.M)
+    assert edited != source
+    namespace: dict = {}
+    exec(compile(edited, name, "exec"), namespace)
+    assert namespace["PRESET"] == "kaggle2020"
