@@ -36,8 +36,10 @@ from delf_retrieval.kaggle.metrics import evaluate_recognition, evaluate_retriev
 # name -> (model spec, config preset, config overrides)
 PIPELINES = {
     "vlad-sift": ("opencv-sift", "opencv-sift", {}),
-    "lite0": ("efficientnet-lite0", "kaggle2020", {}),
-    "lite2": ("efficientnet-lite2", "kaggle2020", {}),
+    "lite0": ("efficientnet-lite0", "cnn-global", {}),
+    "lite2": ("efficientnet-lite2", "cnn-global", {}),
+    "lite0-top3": ("efficientnet-lite0", "kaggle2020", {}),
+    "lite2-top3": ("efficientnet-lite2", "kaggle2020", {}),
     "lite0+sift": ("efficientnet-lite0+opencv-sift", "opencv-sift", {}),
     "lite2+sift": ("efficientnet-lite2+opencv-sift", "opencv-sift", {}),
     "lite0+sift-r5": ("efficientnet-lite0+opencv-sift", "opencv-sift", {"NUM_TO_RERANK": 5}),

@@ -58,8 +58,12 @@ def augment(images: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarr
 def build_model(num_classes: int, seed: int = 0):
     """Four conv blocks -> global max pooling ('gmp', the embedding) -> softmax head."""
     import keras
+    import tensorflow as tf
 
+    # Seeds alone do not make training repeatable: TensorFlow's CPU kernels split their sums
+    # over threads in any order. With op determinism the same seed trains the same weights.
     keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
     inputs = keras.Input((None, None, 3))
     x = inputs
     for width in (16, 32, 64, 128):

