@@ -494,6 +494,13 @@ PRESETS: dict[str, Config] = {
     # global-only GAP 0.348 -> see benchmarks/two_stage.py for the measured gain.
     "cnn-global": Config(TOP_K=1),
 }
+# A CNN global shortlist verified by RootSIFT (efficientnet-lite*+opencv-sift): the opencv-sift
+# verification, and the best verified candidate alone decides (TOP_K 1): with a shortlist this
+# good, summing three candidates rewards landmarks with many train photos over the best match
+# (benchmarks/two_stage.py: gldv2-mini-dev GAP 0.499 -> 0.717 with lite2, docs/cnn.md).
+PRESETS["cnn-sift"] = PRESETS["opencv-sift"].replace(TOP_K=1)
+# The same with XFeat local features verified by LighterGlue on the CNN's shortlist.
+PRESETS["cnn-xfeat"] = PRESETS["xfeat-lighterglue"].replace(TOP_K=1)
 
 def default_preset(family: str) -> str:
     """Name of the preset suiting an extractor family, from the model registry

