@@ -37,6 +37,9 @@ MODELS = {
     "xfeat": ("xfeat", "xfeat-lighterglue"),
     "aliked": ("aliked", "aliked-lightglue"),
     "disk": ("disk", "disk-lightglue"),
+    # CNN global descriptors (extra [cnn]): extraction only, no pairs.
+    "efficientnet-lite0": (),
+    "efficientnet-lite2": (),
 }
 
 
@@ -65,6 +68,9 @@ def main() -> None:
         started = time.perf_counter()
         features = [extractor.extract(image).local for image in images]
         per_image = (time.perf_counter() - started) / len(images)
+        if not MODELS[name]:  # a global descriptor only
+            print(f"{name:12s} {per_image:8.3f} {'-':>9s}", flush=True)
+            continue
         keypoints = sum(len(f) for f in features) / len(features)
         for preset in MODELS[name]:
             config = load_config(preset)
