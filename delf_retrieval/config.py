@@ -168,6 +168,20 @@ class Config:
         above every prediction without one (:func:`delf_retrieval.scoring.rerank.recognize_one`);
         within each group the order is the host baseline's. False (the baseline): a
         landmark with several unverified candidates can outscore one verified candidate.
+    CONFIDENCE : str
+        What a recognition answer's confidence is: ``"score"`` (the engine's score, the
+        host baseline's order) or ``"probability"`` (the probability that the answer is
+        right, from a confidence model fitted by leave-one-out on the train photos and
+        the distractor set, :mod:`delf_retrieval.scoring.leave_one_out`). Submissions
+        write it, ``predict`` shows it as a percentage, and ``LANDMARK_THRESHOLD`` is then
+        a probability. Not with a ``CLASSIFIER_MODE``.
+    CONFIDENCE_MODEL : str
+        The confidence model: ``"logistic"`` (L2-regularised logistic regression on the
+        answer's features) or ``"isotonic"`` (isotonic regression on the score alone),
+        see :mod:`delf_retrieval.scoring.calibration`.
+    CONFIDENCE_SAMPLES : int
+        At most this many train photos are held out (and this many distractors run as
+        queries) to fit the confidence model; a seeded sample when there are more.
     """
 
     NUM_TO_RERANK: int = 3
@@ -211,6 +225,9 @@ class Config:
     CASCADE_CANDIDATES: int = 0
     CASCADE_MIN_INLIERS: int = 12
     VERIFIED_FIRST: bool = False
+    CONFIDENCE: str = "score"
+    CONFIDENCE_MODEL: str = "logistic"
+    CONFIDENCE_SAMPLES: int = 2000
 
     def __post_init__(self) -> None:
         for name, kind in _field_types().items():
@@ -254,7 +271,13 @@ class Config:
             "LANDMARK_THRESHOLD": math.isfinite(self.LANDMARK_THRESHOLD),
             "MATCH_DTYPE": self.MATCH_DTYPE in MATCH_DTYPES,
             "MATCH_DEVICE": self.MATCH_DEVICE in MATCH_DEVICES,
+            "CONFIDENCE": self.CONFIDENCE in CONFIDENCES,
+            "CONFIDENCE_MODEL": self.CONFIDENCE_MODEL in CONFIDENCE_MODELS,
+            "CONFIDENCE_SAMPLES": self.CONFIDENCE_SAMPLES >= 2,
         }
+        if self.CONFIDENCE == "probability":  # a probability threshold; no classifier features yet
+            checks["LANDMARK_THRESHOLD"] = 0 <= self.LANDMARK_THRESHOLD <= 1
+            checks["CLASSIFIER_MODE"] = self.CLASSIFIER_MODE == "off"
         if self.EXTRACTION_PRESET:
             checks["EXTRACTION_PRESET"] = self.EXTRACTION_PRESET in EXTRACTION_PRESETS
         for name, kind in _field_types().items():  # NaN passes no comparison; inf passes some
@@ -288,6 +311,8 @@ RANSAC_METHODS = ("magsac", "opencv-ransac", "degensac", "skimage-affine")
 CLASSIFIER_MODES = ("off", "classifier", "fused")
 MATCH_DTYPES = ("float32", "int8", "float16", "bfloat16")
 MATCH_DEVICES = ("cpu", "gpu", "auto")
+CONFIDENCES = ("score", "probability")
+CONFIDENCE_MODELS = ("logistic", "isotonic")
 _TRUE = ("true", "yes", "on", "1")
 _FALSE = ("false", "no", "off", "0")
 
@@ -308,6 +333,8 @@ def _valid_values(name: str) -> str:
         "MATCHER": MATCHERS,
         "NONLANDMARK_RULE": NONLANDMARK_RULES,
         "EXTRACTION_PRESET": ("", *EXTRACTION_PRESETS),
+        "CONFIDENCE": CONFIDENCES,
+        "CONFIDENCE_MODEL": CONFIDENCE_MODELS,
     }
     if name in choices:
         return f" (one of {', '.join(repr(choice) for choice in choices[name])})"
