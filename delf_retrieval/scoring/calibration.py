@@ -61,6 +61,7 @@ __all__ = [
     "fit_isotonic",
     "fit_logistic",
     "fit_model",
+    "method_key",
 ]
 
 FEATURES = ("score", "cosine", "margin", "inliers", "verified", "nonlandmark")
@@ -71,6 +72,14 @@ NEWTON_STEPS = 50
 # held-out photos cannot tell 0.999 from 0.9999.
 PROBABILITY_FLOOR = 1e-3
 MODEL_VERSION = 1
+
+
+def method_key(kind: str) -> str:
+    """What fitting a model of ``kind`` means in this version (features, penalty): part of
+    the record a cached model is checked against."""
+    if kind == "isotonic":
+        return f"v{MODEL_VERSION}:isotonic:score"
+    return f"v{MODEL_VERSION}:logistic:{','.join(LOGISTIC_FEATURES)}:l2={LOGISTIC_L2!r}:steps={NEWTON_STEPS}"
 
 
 def feature_names(verified: bool, nonlandmark: bool) -> tuple[str, ...]:

@@ -33,7 +33,7 @@ from delf_retrieval.config import Config
 from delf_retrieval.core.atomic import atomic_write_bytes
 from delf_retrieval.features.store import fingerprint_key, ids_hash
 from delf_retrieval.matching import cascade
-from delf_retrieval.scoring.calibration import MODEL_VERSION, ConfidenceModel, fit_model
+from delf_retrieval.scoring.calibration import ConfidenceModel, fit_model, method_key
 from delf_retrieval.scoring.engine import RecognitionIndex, answer_features_of, recognize_queries
 from delf_retrieval.search.index import cosine_topk
 
@@ -64,11 +64,11 @@ def _digest(value: Any) -> str:
 def fit_record(index: RecognitionIndex, config: Config, distractors: Any | None) -> dict[str, Any]:
     """What a confidence model is fitted on: the database's ids and feature fingerprint,
     its labels, the distractor set's ids, the config fields that change answers (all but
-    :data:`NOT_IN_RECORD`) and the model version. Equal records give equal models."""
+    :data:`NOT_IN_RECORD`) and the fitting method (:func:`.calibration.method_key`). Equal records give equal models."""
     database = index.database
     fields = {k: v for k, v in config.to_dict().items() if k not in NOT_IN_RECORD}
     return {
-        "version": MODEL_VERSION,
+        "method": method_key(config.CONFIDENCE_MODEL),
         "ids_hash": ids_hash(database.ids),
         "labels_hash": _digest([label or "" for label in index.labels]),
         "features": _digest(json.loads(fingerprint_key(database.fingerprint))),
@@ -105,7 +105,8 @@ def leave_one_out_answers(
     index : the database and its labels (``index.confidence`` is not used).
     config : the run's config; ``CONFIDENCE_SAMPLES`` bounds each of the two sets.
     distractors : store-like of the distractor set in the searched space (``ids``,
-        ``global_descriptors()`` [M, D], ``local_dim``, ``local_features``), or None.
+        ``global_descriptors()`` [M, D], ``local_dim``, ``local_features``), or None; when
+        the index has a distractor penalty, the same set as ``index.nonlandmark``.
 
     Returns
     -------
@@ -120,7 +121,9 @@ def leave_one_out_answers(
     for label in labels:
         if label is not None:
             counts[label] = counts.get(label, 0) + 1
-    eligible = np.array([row for row, label in enumerate(labels) if label is not None and counts[label] >= 2], np.int64)
+    # Rows in id order, so the sample and the fit do not depend on the store's row order.
+    by_id = sorted(range(len(labels)), key=lambda row: database.ids[row])
+    eligible = np.array([row for row in by_id if labels[row] is not None and counts[labels[row]] >= 2], np.int64)
     held_out = eligible[_sample(len(eligible), config.CONFIDENCE_SAMPLES, SEED)]
     features: list[dict[str, float]] = []
     right: list[bool] = []
@@ -144,11 +147,12 @@ def leave_one_out_answers(
                 right.append(result.predictions[image_id][0] == labels[row])
                 names.append(f"train:{image_id}")
     if distractors is not None and len(distractors.ids):
-        chosen = _sample(len(distractors.ids), config.CONFIDENCE_SAMPLES, SEED + 1)
+        in_order = np.array(sorted(range(len(distractors.ids)), key=lambda row: distractors.ids[row]), np.int64)
+        chosen = in_order[_sample(len(in_order), config.CONFIDENCE_SAMPLES, SEED + 1)]
         ids = [distractors.ids[i] for i in chosen]
         vectors = np.asarray(distractors.global_descriptors()[chosen])
         own = None
-        if index.nonlandmark is not None:
+        if index.nonlandmark is not None and len(index.nonlandmark) == len(distractors.ids):  # the same set
             own = _nonlandmark_without_self(index.nonlandmark, chosen, config.NONLANDMARK_TOP_K)
         result = recognize_queries(
             ids, vectors, _local_of(distractors, ids), index, config, query_nonlandmark=own,
@@ -184,7 +188,9 @@ def fit_confidence(
     ValueError when fewer than 2 answers can be made (no landmark with two train photos
     and no distractor set).
     """
-    features, right, _ = leave_one_out_answers(index, config, distractors, progress=progress)
+    features, right, names = leave_one_out_answers(index, config, distractors, progress=progress)
+    order = sorted(range(len(names)), key=names.__getitem__)  # the same fit whatever the row order
+    features, right = [features[i] for i in order], [right[i] for i in order]
     if len(features) < 2:
         raise ValueError(
             f"cannot fit a confidence model: {len(features)} held-out answer(s); it needs landmarks with at least "
