@@ -141,7 +141,7 @@ def _sigmoid(value: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * value))  # exact for large |value|, no overflow
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compare models by digest()
 class ConfidenceModel:
     """A fitted confidence model: features of an answer -> probability that it is right.
 
