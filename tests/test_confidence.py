@@ -194,8 +194,6 @@ def test_engine_applies_the_model_and_caches_it(tmp_path):
 
 
 def test_config_checks_probability_settings():
-    with pytest.raises(ValueError, match="LANDMARK_THRESHOLD"):
-        load_config("opencv-sift", CONFIDENCE="probability", LANDMARK_THRESHOLD=1.5)
     with pytest.raises(ValueError, match="CONFIDENCE"):
         load_config("kaggle2020", CONFIDENCE="percent")
     with pytest.raises(ValueError, match="CLASSIFIER_MODE"):

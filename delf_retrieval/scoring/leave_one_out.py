@@ -37,7 +37,7 @@ from delf_retrieval.scoring.calibration import ConfidenceModel, fit_model, metho
 from delf_retrieval.scoring.engine import RecognitionIndex, answer_features_of, recognize_queries
 from delf_retrieval.search.index import cosine_topk
 
-__all__ = ["ensure_confidence", "fit_confidence", "fit_record", "leave_one_out_answers"]
+__all__ = ["NotEnoughAnswers", "ensure_confidence", "fit_confidence", "fit_record", "leave_one_out_answers"]
 
 SEED = 0
 # Config fields that do not change an answer or its features: they stay out of the record.
@@ -53,6 +53,10 @@ NOT_IN_RECORD = (
     "CONFIDENCE",
     "MATCH_DEVICE",
 )
+
+class NotEnoughAnswers(ValueError):
+    """Fewer than two held-out answers: no confidence model can be fitted."""
+
 
 Answers = tuple[list[dict[str, float]], list[bool], list[str]]
 
@@ -185,14 +189,14 @@ def fit_confidence(
     """The confidence model of ``index`` (``CONFIDENCE_MODEL``) fitted on
     :func:`leave_one_out_answers`; ``fitted_on`` holds :func:`fit_record` and the counts.
 
-    ValueError when fewer than 2 answers can be made (no landmark with two train photos
-    and no distractor set).
+    :class:`NotEnoughAnswers` when fewer than 2 answers can be made (no landmark with two
+    train photos and no distractor set).
     """
     features, right, names = leave_one_out_answers(index, config, distractors, progress=progress)
     order = sorted(range(len(names)), key=names.__getitem__)  # the same fit whatever the row order
     features, right = [features[i] for i in order], [right[i] for i in order]
     if len(features) < 2:
-        raise ValueError(
+        raise NotEnoughAnswers(
             f"cannot fit a confidence model: {len(features)} held-out answer(s); it needs landmarks with at least "
             "two train photos or a distractor set (nonlandmark.csv); use CONFIDENCE=score"
         )
@@ -208,9 +212,10 @@ def ensure_confidence(
     *,
     log: Callable[[str], None] = print,
     progress: bool = False,
-) -> ConfidenceModel:
+) -> ConfidenceModel | None:
     """:func:`fit_confidence`, cached in the database store's ``derived/`` folder
-    (``confidence-<record hash>.json``): reloaded when the record matches."""
+    (``confidence-<record hash>.json``): reloaded when the record matches. None (and a
+    log line) when there is nothing to fit on: the confidences stay scores."""
     record = fit_record(index, config, distractors)
     path = index.database.path / "derived" / f"confidence-{_digest(record)}.json"
     if path.is_file():
@@ -220,7 +225,11 @@ def ensure_confidence(
                 return model
         except (ValueError, KeyError, json.JSONDecodeError):
             pass  # damaged or another version: fit again
-    model = fit_confidence(index, config, distractors, progress=progress)
+    try:
+        model = fit_confidence(index, config, distractors, progress=progress)
+    except NotEnoughAnswers as error:
+        log(f"confidence: {error}; the confidences stay scores")
+        return None
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, model.to_json().encode())
     log(model.describe())

@@ -53,7 +53,7 @@ from delf_retrieval.scoring.classifier import (
     read_class_mapping,
 )
 from delf_retrieval.scoring.engine import RecognitionIndex, RecognitionResult, recognize_queries
-from delf_retrieval.scoring.leave_one_out import fit_confidence, fit_record
+from delf_retrieval.scoring.leave_one_out import NotEnoughAnswers, fit_confidence, fit_record
 from delf_retrieval.scoring.rerank import rerank
 from delf_retrieval.search import vlad
 from delf_retrieval.search.stores import SearchView
@@ -507,10 +507,10 @@ def percent(probability: float) -> str:
 
 def _confidence_model(
     path: Path, manifest: IndexManifest, index: RecognitionIndex, config: Config, distractors: Any | None
-) -> ConfidenceModel:
+) -> ConfidenceModel | None:
     """The index's confidence model when it was fitted for these answers (its record
     equals :func:`.leave_one_out.fit_record` of this config), else one fitted now in
-    memory (the index is only read)."""
+    memory (the index is only read); None when there is nothing to fit on."""
     distractors = distractors if distractors is not None and len(distractors.ids) else None
     if manifest.confidence:
         try:
@@ -520,7 +520,10 @@ def _confidence_model(
         record = fit_record(index, config, distractors)
         if all(saved.fitted_on.get(key) == value for key, value in record.items()):
             return saved
-    return fit_confidence(index, config, distractors)
+    try:
+        return fit_confidence(index, config, distractors)
+    except NotEnoughAnswers:
+        return None
 
 
 def _photo_name(image: ImageInput, number: int) -> str:

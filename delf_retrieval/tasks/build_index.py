@@ -237,8 +237,9 @@ def build_index(
             recognition, config, distractors if distractors is not None and len(distractors.ids) else None,
             log=log, progress=progress,
         )
-        manifest.confidence = "derived/confidence.json"
-        atomic_write_bytes(out / manifest.confidence, model.to_json().encode())
+        if model is not None:
+            manifest.confidence = "derived/confidence.json"
+            atomic_write_bytes(out / manifest.confidence, model.to_json().encode())
     label_frame = pd.DataFrame({"id": ids, "landmark_id": [labels.get(i, "") for i in ids]})
     _write_csv(out / "labels.csv", label_frame)
     landmarks = sorted({label for label in label_frame["landmark_id"] if label})
