@@ -258,9 +258,10 @@ class Recognizer:
         }
         images = pd.read_csv(path / "images.csv", dtype=str, keep_default_na=False).set_index("id")
         stores: dict[str, Any] = {"train": train}
-        # The distractor set: for the penalty, and for the confidence model it was fitted with.
-        with_distractors = config.NONLANDMARK_PENALTY > 0 or config.CONFIDENCE == "probability"
-        if manifest.counts.get("nonlandmark") and with_distractors:
+        # The distractor set, for the penalty and (then, as when the index was built) to fit
+        # the confidence model; with the penalty off the model is fitted without it, as a
+        # batch run with use_nonlandmark=False fits it.
+        if manifest.counts.get("nonlandmark") and config.NONLANDMARK_PENALTY > 0:
             stores["nonlandmark"] = FeatureStore(path / "nonlandmark")
         # The searched space, made as the batch run makes it (cached in the index's stores).
         whitening = None
