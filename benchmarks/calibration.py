@@ -34,12 +34,14 @@ except ImportError:  # run from a checkout without installing
 
 import delf_retrieval
 from delf_retrieval.config import load_config
+from delf_retrieval.features.images import kaggle_image_path, load_image, read_labels_csv
 from delf_retrieval.kaggle.metrics import (
     answer_correctness,
     evaluate_calibration,
     evaluate_recognition,
 )
 from delf_retrieval.models.loader import load_extractor
+from delf_retrieval.viz import plot_prediction_gallery
 
 MODELS = ("logistic", "isotonic")
 
@@ -51,6 +53,7 @@ def main() -> None:
     parser.add_argument("--runs", nargs="+", default=["opencv-sift:opencv-sift"], metavar="MODEL:PRESET")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="config override for every run")
     parser.add_argument("--wrong", type=int, default=5, help="most confident wrong answers listed per run")
+    parser.add_argument("--pictures", type=Path, default=None, help="folder for a picture of them per run")
     args = parser.parse_args()
     overrides = dict(delf_retrieval.config.parse_override(item) for item in args.set)
     header = (
@@ -90,6 +93,9 @@ def main() -> None:
             result = runs["logistic"].result
             confidence, right, ids = answer_correctness(result.predictions, solution)
             wrong = sorted((c, i) for c, r, i in zip(confidence, right, ids, strict=True) if not r)[::-1][: args.wrong]
+            if args.pictures is not None:
+                labels = read_labels_csv(data / "train.csv")
+                draw_wrong(data, result, labels, wrong, args.pictures / f"{data.name}-{spec.replace(':', '-')}.jpg")
             for probability, query in wrong:
                 features = ", ".join(f"{k} {v:.3f}" for k, v in result.features[query].items())
                 wrong_lines.append(
@@ -97,6 +103,25 @@ def main() -> None:
                 )
     print("\nmost confident wrong answers (logistic):")
     print("\n".join(wrong_lines))
+
+
+def draw_wrong(data: Path, result, labels: dict[str, str], wrong: list[tuple[float, str]], path: Path) -> None:
+    """The wrong answers beside the best train photo of the landmark they name."""
+    rows = []
+    for probability, query in wrong:
+        label = result.predictions[query][0]
+        best = next((i for i in result.neighbours[query] if labels.get(i) == label), None)
+        rows.append({
+            "query_image": load_image(kaggle_image_path(data / "test", query)),
+            "train_image": None if best is None else load_image(kaggle_image_path(data / "train", best)),
+            "landmark_id": label,
+            "confidence": probability,
+            "correct": False,
+            "query_id": query,
+            "caption": f"p = {probability:.2f}",
+        })
+    path.parent.mkdir(parents=True, exist_ok=True)
+    plot_prediction_gallery(rows, columns=2, path=path, panel_size=2.2, dpi=80)
 
 
 if __name__ == "__main__":
