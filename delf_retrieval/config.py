@@ -110,7 +110,8 @@ class Config:
     LANDMARK_THRESHOLD : float
         ``predict`` (one photo, :mod:`delf_retrieval.service.recognizer`) calls a photo a landmark
         when its confidence is at least this; below it the answer is "not a landmark"
-        (the best guess is still reported). Submissions are not affected.
+        (the best guess is still reported). Submissions are not affected. With
+        ``CONFIDENCE="probability"`` the confidence is a probability (presets: 0.5).
     MATCH_DTYPE : str
         Precision of the descriptor product that finds putative matches: ``"float32"``
         (exact), ``"int8"`` (8-bit product through ONNX Runtime's integer kernels, then
@@ -169,6 +170,22 @@ class Config:
         above every prediction without one (:func:`delf_retrieval.scoring.rerank.recognize_one`);
         within each group the order is the host baseline's. False (the baseline): a
         landmark with several unverified candidates can outscore one verified candidate.
+    CONFIDENCE : str
+        What a recognition answer's confidence is: ``"score"`` (the engine's score, the
+        host baseline's order) or ``"probability"`` (the probability that the answer is
+        right, from a confidence model fitted by leave-one-out on the train photos and
+        the distractor set, :mod:`delf_retrieval.scoring.leave_one_out`). Submissions
+        write it, ``predict`` shows it as a percentage, and ``LANDMARK_THRESHOLD`` is then
+        a probability (above 1: no photo is a landmark). Not with a ``CLASSIFIER_MODE``;
+        where no model can be fitted (no landmark with two train photos and no
+        distractor set) the confidences stay scores.
+    CONFIDENCE_MODEL : str
+        The confidence model: ``"logistic"`` (L2-regularised logistic regression on the
+        answer's features) or ``"isotonic"`` (isotonic regression on the score alone),
+        see :mod:`delf_retrieval.scoring.calibration`.
+    CONFIDENCE_SAMPLES : int
+        At most this many train photos are held out (and this many distractors run as
+        queries) to fit the confidence model; a seeded sample when there are more.
     """
 
     NUM_TO_RERANK: int = 3
@@ -212,6 +229,9 @@ class Config:
     CASCADE_CANDIDATES: int = 0
     CASCADE_MIN_INLIERS: int = 12
     VERIFIED_FIRST: bool = False
+    CONFIDENCE: str = "score"
+    CONFIDENCE_MODEL: str = "logistic"
+    CONFIDENCE_SAMPLES: int = 2000
 
     def __post_init__(self) -> None:
         for name, kind in _field_types().items():
@@ -255,7 +275,12 @@ class Config:
             "LANDMARK_THRESHOLD": math.isfinite(self.LANDMARK_THRESHOLD),
             "MATCH_DTYPE": self.MATCH_DTYPE in MATCH_DTYPES,
             "MATCH_DEVICE": self.MATCH_DEVICE in MATCH_DEVICES,
+            "CONFIDENCE": self.CONFIDENCE in CONFIDENCES,
+            "CONFIDENCE_MODEL": self.CONFIDENCE_MODEL in CONFIDENCE_MODELS,
+            "CONFIDENCE_SAMPLES": self.CONFIDENCE_SAMPLES >= 2,
         }
+        if self.CONFIDENCE == "probability":  # the model has no classifier feature yet
+            checks["CLASSIFIER_MODE"] = self.CLASSIFIER_MODE == "off"
         if self.EXTRACTION_PRESET:
             checks["EXTRACTION_PRESET"] = self.EXTRACTION_PRESET in EXTRACTION_PRESETS
         for name, kind in _field_types().items():  # NaN passes no comparison; inf passes some
@@ -289,6 +314,8 @@ RANSAC_METHODS = ("magsac", "opencv-ransac", "degensac", "skimage-affine")
 CLASSIFIER_MODES = ("off", "classifier", "fused")
 MATCH_DTYPES = ("float32", "int8", "float16", "bfloat16")
 MATCH_DEVICES = ("cpu", "gpu", "auto")
+CONFIDENCES = ("score", "probability")
+CONFIDENCE_MODELS = ("logistic", "isotonic")
 _TRUE = ("true", "yes", "on", "1")
 _FALSE = ("false", "no", "off", "0")
 
@@ -309,6 +336,8 @@ def _valid_values(name: str) -> str:
         "MATCHER": MATCHERS,
         "NONLANDMARK_RULE": NONLANDMARK_RULES,
         "EXTRACTION_PRESET": ("", *EXTRACTION_PRESETS),
+        "CONFIDENCE": CONFIDENCES,
+        "CONFIDENCE_MODEL": CONFIDENCE_MODELS,
     }
     if name in choices:
         return f" (one of {', '.join(repr(choice) for choice in choices[name])})"
@@ -457,18 +486,22 @@ PRESETS: dict[str, Config] = {
         # With --nonlandmark: never worse than "subtract" on gldv2-mini-dev and paris-dev
         # (docs/learned.md); the penalty itself stays off by default.
         NONLANDMARK_RULE="unverified",
-        # The inlier term of one candidate with MIN_INLIERS inliers (8 / 40): with the
-        # non-landmark penalty on (an index with a distractor set), a photo counts as a
-        # landmark when its score beats its likeness to the distractors by that much.
-        LANDMARK_THRESHOLD=0.2,
         # Verified predictions first: GAP up or equal for every preset on both dev sets
         # (docs/learned.md, "Confidence order"); kaggle2020 keeps the baseline's order.
         VERIFIED_FIRST=True,
+        # Confidences are probabilities that the answer is right (leave-one-out logistic
+        # model): GAP 0.3562 -> 0.3657 on gldv2-mini-dev and 0.7303 -> 0.7381 on paris-dev,
+        # ECE 0.040 and 0.047 (benchmarks/calibration.py); a photo is a landmark when its
+        # answer is more likely right than wrong.
+        CONFIDENCE="probability",
+        LANDMARK_THRESHOLD=0.5,
     ),
     # Learned features with mutual NN (+ ratio) matching and RANSAC.
     "aliked": Config(**_LEARNED_NN),
     "disk": Config(**_LEARNED_NN),
-    "xfeat": Config(**dict(_LEARNED_NN, RATIO_TEST=0.82)),
+    # Probabilities (measured for XFeat only): GAP 0.3560 -> 0.5057 on gldv2-mini-dev and
+    # 0.9088 -> 0.9121 on paris-dev (benchmarks/calibration.py, docs/confidence.md).
+    "xfeat": Config(**dict(_LEARNED_NN, RATIO_TEST=0.82, CONFIDENCE="probability", LANDMARK_THRESHOLD=0.5)),
     # Learned features with their learned matcher, then RANSAC over its matches.
     # With the verification cascade (cascade.py): measured on both dev sets, it raised
     # ALIKED's paris-dev GAP 0.878 -> 0.927 and left gldv2-mini-dev unchanged, and DISK's

@@ -544,3 +544,46 @@ def _evenly_spaced(indices: np.ndarray, limit: int | None) -> np.ndarray:
     if limit <= 0:
         return indices[:0]
     return indices[(np.arange(limit) * len(indices)) // limit]
+
+
+def plot_reliability(
+    counts: np.ndarray,
+    accuracy: np.ndarray,
+    mean_confidence: np.ndarray,
+    *,
+    title: str = "",
+    path: PathLike | None = None,
+    dpi: int = 100,
+) -> Figure:
+    """Reliability diagram of confidences that are probabilities, from equal-width bins.
+
+    Parameters
+    ----------
+    counts : int [B] answers per bin (bin ``b`` covers ``[b/B, (b+1)/B)``).
+    accuracy : float [B] fraction right per bin (NaN: empty bin).
+    mean_confidence : float [B] mean confidence per bin (NaN: empty bin).
+    title : text above the plot (e.g. the ECE).
+
+    Returns
+    -------
+    Figure: bars of accuracy per bin (green), the bins' mean confidence (red dots), the
+    diagonal of perfect calibration, and a strip of answer counts below.
+    """
+    bins = len(counts)
+    edges = np.arange(bins) / bins
+    figure = _blank_figure((5.0, 5.6), dpi)
+    grid = figure.add_gridspec(2, 1, height_ratios=(4, 1), hspace=0.08)
+    top = figure.add_subplot(grid[0])
+    used = np.asarray(counts) > 0
+    top.bar(edges[used], np.asarray(accuracy)[used], width=1.0 / bins, align="edge", color="#4caf50",
+            edgecolor="black", linewidth=0.6, label="fraction right")
+    top.scatter(np.asarray(mean_confidence)[used], np.asarray(accuracy)[used], color="#d32f2f", zorder=3, s=18,
+                label="bin: (mean confidence, fraction right)")
+    top.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="calibrated")
+    top.set(xlim=(0, 1), ylim=(0, 1), ylabel="fraction of answers right", title=title)
+    top.tick_params(labelbottom=False)
+    top.legend(loc="upper left", fontsize=8)
+    bottom = figure.add_subplot(grid[1], sharex=top)
+    bottom.bar(edges, counts, width=1.0 / bins, align="edge", color="#90a4ae", edgecolor="black", linewidth=0.6)
+    bottom.set(xlabel="confidence (probability that the answer is right)", ylabel="answers")
+    return _finish(figure, path)

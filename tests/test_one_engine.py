@@ -1,7 +1,8 @@
 """One recognition engine: a photo gets from ``predict`` exactly what the batch run gives it.
 
 For every preset and for whitening, alpha-QE, DBA, the classifier and fused modes, the
-non-landmark rules and a learned matcher with its cascade, an index is built from a
+non-landmark rules, a learned matcher with its cascade and the calibrated probability
+(``CONFIDENCE="probability"``, its model fitted in the work dir and in the index), an index is built from a
 generated dataset and every query is recognised three ways: by the batch ``recognize``
 run, by ``Recognizer.predict`` one photo at a time, and by ``predict_many`` of all of them.
 Landmarks and confidences must be equal floats, not close ones.
@@ -84,6 +85,12 @@ def assert_predict_equals_batch(dataset: Path, tmp_path: Path, extractor, config
     for answers in (one_by_one, together):
         got = {query: (p.landmark_id, p.confidence) for query, p in answers.items()}
         assert got == expected
+        # the probability that the answer is right (CONFIDENCE="probability"), also equal floats
+        assert {query: p.probability for query, p in answers.items()} == {
+            query: run.result.probabilities.get(query) for query in paths
+        }
+    if config.CONFIDENCE == "probability":
+        assert set(run.result.probabilities) == set(paths)
     if not accurate:
         return
     # Not a vacuous comparison: the dataset's landmark queries are mostly answered right.
@@ -124,8 +131,15 @@ def test_every_preset(preset, dataset, sift, tmp_path):
         {"NONLANDMARK_PENALTY": 1.0, "NONLANDMARK_RULE": "unverified"},
         {"NONLANDMARK_PENALTY": 1.0, "NONLANDMARK_RULE": "excess", "VERIFIED_FIRST": False},
         {"NUM_TO_RERANK": 0},
+        {"CONFIDENCE": "probability", "LANDMARK_THRESHOLD": 0.5},
+        {"CONFIDENCE": "probability", "LANDMARK_THRESHOLD": 0.5, "NONLANDMARK_PENALTY": 1.0, "WHITENING_DIM": 6},
+        {"CONFIDENCE": "probability", "LANDMARK_THRESHOLD": 0.5, "CONFIDENCE_MODEL": "isotonic", "QE_TOP_K": 2},
+        {"CONFIDENCE": "probability", "LANDMARK_THRESHOLD": 0.5, "NUM_TO_RERANK": 0},
     ],
-    ids=["whitening", "qe", "dba", "whitening-qe-dba-nonlandmark", "unverified", "excess", "global-only"],
+    ids=[
+        "whitening", "qe", "dba", "whitening-qe-dba-nonlandmark", "unverified", "excess", "global-only",
+        "probability", "probability-nonlandmark-whitening", "probability-isotonic-qe", "probability-global-only",
+    ],
 )
 def test_search_and_scoring_settings(changes, dataset, sift, tmp_path):
     assert_predict_equals_batch(dataset, tmp_path, sift, load_config("opencv-sift", **changes))

@@ -191,7 +191,8 @@ def test_predict_cli_json_text_and_picture(dataset, index, recognizer, tmp_path,
     picture = tmp_path / "show.png"
     assert main(["predict", str(index), str(photo), "--show", str(picture)]) == 0
     printed = capsys.readouterr().out
-    assert f"{photo}: {expected['name']} (landmark {truth}), confidence {expected['confidence']:.3f}, landmark" in printed
+    assert f"{photo}: {expected['name']} (landmark {truth}): {expected['verdict']}," in printed
+    assert expected["verdict"].startswith("landmark, ") and expected["verdict"].endswith("%")  # "landmark, 87%"
     with Image.open(picture) as image:
         width, height = image.size
     assert width > 1000 and height > 500  # neighbours band + matches band

@@ -32,7 +32,13 @@ from delf_retrieval.distributed.clean import RayChunkRunner
 from delf_retrieval.features.images import list_images
 from delf_retrieval.features.store import FeatureStore
 from delf_retrieval.kaggle.dataset import KaggleData
-from delf_retrieval.kaggle.metrics import evaluate_recognition, evaluate_retrieval
+from delf_retrieval.kaggle.metrics import (
+    answer_correctness,
+    evaluate_calibration,
+    evaluate_recognition,
+    evaluate_retrieval,
+    reliability_bins,
+)
 from delf_retrieval.kaggle.submission import validate_submission
 from delf_retrieval.models import extract, loader
 from delf_retrieval.models.composite import CompositeExtractor
@@ -43,6 +49,7 @@ from delf_retrieval.service.http import ServeSettings, serve
 from delf_retrieval.tasks import recognition, retrieval
 from delf_retrieval.tasks.build_index import build_index, check_index_folder
 from delf_retrieval.tasks.clean import clean_dataset
+from delf_retrieval.viz import plot_reliability
 
 EXIT_OK = 0
 EXIT_INVALID_SUBMISSION = 1
@@ -473,7 +480,34 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     kind = args.kind or ("retrieval" if "images" in header else "recognition")
     scores = (evaluate_recognition if kind == "recognition" else evaluate_retrieval)(args.submission, args.solution)
     print(_format_scores(scores, "GAP" if kind == "recognition" else "mAP@100", str(args.solution)))
+    if kind == "recognition":
+        _report_calibration(args.submission, args.solution, args.plot)
+    elif args.plot is not None:
+        raise ValueError("--plot draws the reliability of recognition confidences; this is a retrieval submission")
     return 0
+
+
+def _report_calibration(submission: Path, solution: Path, plot: Path | None, bins: int = 10) -> None:
+    """Print ECE and Brier score of a recognition submission whose confidences are
+    probabilities (else say they are scores); ``plot``: draw the reliability diagram."""
+    calibration = evaluate_calibration(submission, solution, bins)
+    if calibration is None:
+        print("calibration: the confidences are scores, not probabilities (write them with --set CONFIDENCE=probability)")
+        if plot is not None:
+            raise ValueError("--plot needs confidences that are probabilities (CONFIDENCE=probability)")
+        return
+    print(
+        f"calibration over {int(calibration['answers'])} answers ({calibration['accuracy']:.1%} right): "
+        f"ECE {calibration['ECE']:.4f} ({bins} equal-width bins: sum of |bin| / N * |fraction right - mean "
+        f"confidence|), Brier {calibration['Brier']:.4f} (mean of (confidence - right)^2)"
+    )
+    if plot is not None:
+        check_output_file(plot, "the reliability diagram (--plot)")
+        confidence, right, _ = answer_correctness(submission, solution)
+        counts, accuracy, mean = reliability_bins(confidence, right, bins)
+        title = f"{submission.name}: ECE {calibration['ECE']:.3f}, Brier {calibration['Brier']:.3f}"
+        plot_reliability(counts, accuracy, mean, title=title, path=plot)
+        print(f"reliability diagram: {plot}")
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -643,6 +677,10 @@ def make_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--submission", required=True, type=Path)
     evaluate.add_argument("--solution", required=True, type=Path)
     evaluate.add_argument("--kind", choices=("recognition", "retrieval"), default=None, help="default: from the header")
+    evaluate.add_argument(
+        "--plot", type=Path, default=None, metavar="FILE.png",
+        help="draw the reliability diagram of the recognition confidences (probabilities) there",
+    )
     evaluate.set_defaults(func=_cmd_evaluate)
 
     validate = commands.add_parser("validate", help="check a submission against sample_submission.csv")

@@ -25,14 +25,14 @@ def check_match_device(config: Config) -> None:
 
 def format_prediction(photo: str, prediction: Prediction, neighbours: int = 3) -> str:
     """Two lines for one photo: the answer, then the best neighbours."""
-    verdict = "landmark" if prediction.is_landmark else f"not a landmark (below {prediction.threshold:g})"
     answer = f"{prediction.name} (landmark {prediction.landmark_id})" if prediction.name else f"landmark {prediction.landmark_id}"
     best = ", ".join(
         f"{n.image_id} {n.name or n.landmark_id} cos {n.cosine:.3f}" + ("" if n.inliers is None else f" inl {n.inliers}")
         for n in prediction.neighbours[:neighbours]
     )
+    below = "" if prediction.is_landmark else f" (below {prediction.threshold:g})"
     return (
-        f"{photo}: {answer}, confidence {prediction.confidence:.3f}, {verdict}, {prediction.timings['total'] * 1000:.0f} ms\n"
+        f"{photo}: {answer}: {prediction.verdict()}{below}, {prediction.timings['total'] * 1000:.0f} ms\n"
         f"  neighbours: {best}"
     )
 

@@ -1,4 +1,6 @@
-"""Kaggle metrics: Global Average Precision (recognition) and mAP@100 (retrieval).
+"""Kaggle metrics: Global Average Precision (recognition) and mAP@100 (retrieval), and
+the calibration of recognition confidences that are probabilities (expected calibration
+error and Brier score, :func:`evaluate_calibration`; not Kaggle metrics).
 
 Equal to Google's reference code for GLDv2 on every well-formed file:
 ``research/delf/delf/python/datasets/google_landmarks_dataset/metrics.py``
@@ -35,6 +37,7 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from delf_retrieval.kaggle.submission import (
@@ -306,3 +309,101 @@ def evaluate_retrieval(
     return _by_usage(
         mean_average_precision_at_k, predictions, _solution(solution, "retrieval"), k=k
     )
+
+
+def answer_correctness(
+    predictions: RecognitionPredictions | str | os.PathLike, solution: SolutionLike | str | os.PathLike
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Each answered solution query's confidence and whether its landmark is right.
+
+    A query counts when it is in the solution (not ``Ignored``) and has a prediction; a
+    prediction on a non-landmark query is wrong. Landmark ids compare as in GAP
+    (:func:`canonical_landmark_id`).
+
+    Returns
+    -------
+    confidence : float64 [A]; right : bool [A]; ids : the A query ids (sorted).
+    """
+    truth = {
+        key: frozenset(canonical_landmark_id(label) for label in labels)
+        for key, labels in _truth(_solution(solution, "recognition"), "recognition").items()
+    }
+    answers = _recognition(_submission(predictions))
+    ids = sorted(key for key, (label, _) in answers.items() if label is not None and key in truth)
+    confidence = np.array([answers[key][1] for key in ids], np.float64)
+    right = np.array([canonical_landmark_id(str(answers[key][0])) in truth[key] for key in ids], bool)
+    return confidence, right, ids
+
+
+def reliability_bins(
+    confidence: np.ndarray, right: np.ndarray, bins: int = 10
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Answers grouped into ``bins`` equal-width confidence bins over [0, 1]
+    (bin ``b`` holds ``b/bins <= c < (b+1)/bins``, the last one also ``c = 1``).
+
+    Parameters
+    ----------
+    confidence : float [A] probabilities (ValueError outside [0, 1]); right : bool [A].
+
+    Returns
+    -------
+    counts : int64 [bins]; accuracy : float64 [bins] fraction right; mean_confidence :
+    float64 [bins] (both NaN for an empty bin).
+    """
+    if bins < 1:
+        raise ValueError(f"bins must be at least 1, got {bins}")
+    confidence = np.asarray(confidence, np.float64)
+    right = np.asarray(right, bool)
+    if confidence.shape != right.shape or confidence.ndim != 1:
+        raise ValueError(f"confidence {confidence.shape} and right {right.shape} must be equal 1-D shapes")
+    if confidence.size and (np.any(~np.isfinite(confidence)) or confidence.min() < 0 or confidence.max() > 1):
+        raise ValueError("confidences are not probabilities (outside [0, 1]); CONFIDENCE=probability writes them")
+    which = np.minimum((confidence * bins).astype(np.int64), bins - 1)
+    counts = np.bincount(which, minlength=bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        accuracy = np.bincount(which, weights=right.astype(np.float64), minlength=bins) / counts
+        mean = np.bincount(which, weights=confidence, minlength=bins) / counts
+    return counts, accuracy, mean
+
+
+def expected_calibration_error(confidence: np.ndarray, right: np.ndarray, bins: int = 10) -> float:
+    """ECE = sum over the ``bins`` equal-width bins of ``|bin| / A * |accuracy(bin) -
+    mean confidence(bin)|`` over the A answers (:func:`reliability_bins`); 0.0 for none."""
+    counts, accuracy, mean = reliability_bins(confidence, right, bins)
+    total = counts.sum()
+    if total == 0:
+        return 0.0
+    used = counts > 0
+    return float(np.sum(counts[used] / total * np.abs(accuracy[used] - mean[used])))
+
+
+def brier_score(confidence: np.ndarray, right: np.ndarray) -> float:
+    """Mean of ``(confidence - right)^2`` over the answers (0 best, 1 worst); 0.0 for none."""
+    confidence = np.asarray(confidence, np.float64)
+    right = np.asarray(right, np.float64)
+    if confidence.shape != right.shape:
+        raise ValueError(f"confidence {confidence.shape} and right {right.shape} differ in shape")
+    return float(np.mean((confidence - right) ** 2)) if confidence.size else 0.0
+
+
+def evaluate_calibration(
+    submission: RecognitionPredictions | str | os.PathLike,
+    solution: SolutionLike | str | os.PathLike,
+    bins: int = 10,
+) -> dict[str, float] | None:
+    """ECE (``bins`` bins) and Brier score of a recognition submission whose confidences
+    are probabilities, over every answered query of the solution (all splits together);
+    also ``answers`` and ``accuracy``. None when a confidence lies outside [0, 1] (the
+    submission holds scores, not probabilities)."""
+    predictions = _submission(submission)
+    if isinstance(predictions, pd.DataFrame):
+        predictions = parse_recognition_submission(predictions)
+    confidence, right, _ = answer_correctness(predictions, solution)
+    if confidence.size and (confidence.min() < 0 or confidence.max() > 1):
+        return None
+    return {
+        "ECE": expected_calibration_error(confidence, right, bins),
+        "Brier": brier_score(confidence, right),
+        "answers": float(confidence.size),
+        "accuracy": float(right.mean()) if right.size else 0.0,
+    }

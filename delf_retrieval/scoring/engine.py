@@ -15,7 +15,10 @@ and the web service. The steps, each with its own module:
    nearest-neighbour matching, RANSAC, scores, ``VERIFIED_FIRST``);
 4. over the whole query set: the frequent-landmark penalty;
 5. the classifier modes (``CLASSIFIER_MODE`` ``classifier``/``fused``), when class
-   probabilities are given.
+   probabilities are given;
+6. with ``CONFIDENCE="probability"`` and a confidence model in the index: each answer's
+   features (:func:`~delf_retrieval.scoring.calibration.answer_features`) -> the
+   probability that it is right, which becomes the answer's confidence.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from tqdm.auto import tqdm
 from delf_retrieval.config import Config
 from delf_retrieval.features.containers import LocalFeatures
 from delf_retrieval.matching import cascade
+from delf_retrieval.scoring.calibration import ConfidenceModel, answer_features
 from delf_retrieval.scoring.candidates import recognize_candidates
 from delf_retrieval.scoring.classifier import classifier_prediction, fuse_knn_classifier
 from delf_retrieval.scoring.rerank import (
@@ -41,7 +45,7 @@ from delf_retrieval.scoring.rerank import (
 )
 from delf_retrieval.search.stores import IndexFactory, SearchSettings, StoreSearch
 
-__all__ = ["RecognitionIndex", "RecognitionResult", "recognize_queries"]
+__all__ = ["RecognitionIndex", "RecognitionResult", "answer_features_of", "recognize_queries"]
 
 # Local features of query ``row`` (None: the query has none).
 QueryLocal = Callable[[int], LocalFeatures | None]
@@ -56,6 +60,10 @@ class RecognitionResult:
     ``neighbours`` maps query id -> train ids in retrieval order, ``similarities`` their
     cosines (float32 [K]) and ``inliers`` the inlier counts of the verified ones (int64 [K],
     aligned with ``neighbours``). ``rows`` holds the neighbours as database rows.
+    ``scores`` maps query id -> the engine's score of its answer (the confidence under
+    ``CONFIDENCE="score"``); ``probabilities`` query id -> the probability that the answer
+    is right, for the queries the index's confidence model was applied to (then also the
+    confidence in ``predictions``); ``features`` the answers' features it read.
     """
 
     predictions: dict[str, tuple[str | None, float]]
@@ -66,6 +74,9 @@ class RecognitionResult:
     seconds: dict[str, float] = field(default_factory=dict)
     rows: dict[str, np.ndarray] = field(default_factory=dict)
     query_nonlandmark: dict[str, float] = field(default_factory=dict)
+    scores: dict[str, float] = field(default_factory=dict)
+    probabilities: dict[str, float] = field(default_factory=dict)
+    features: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 class RecognitionIndex:
@@ -85,6 +96,8 @@ class RecognitionIndex:
         already computed (an index folder stores it); computed from ``nonlandmark`` if None.
     index_factory : builds the search index of ``database`` (default exact and local;
         ``RayRunner.index`` shards it over Ray).
+    confidence : the confidence model of answers against this index (used with
+        ``CONFIDENCE="probability"``; see :mod:`delf_retrieval.scoring.leave_one_out`).
     """
 
     def __init__(
@@ -96,11 +109,13 @@ class RecognitionIndex:
         nonlandmark: np.ndarray | None = None,
         database_nonlandmark: np.ndarray | None = None,
         index_factory: IndexFactory | None = None,
+        confidence: ConfidenceModel | None = None,
     ) -> None:
         if len(labels) != len(database.ids):
             raise ValueError(f"{len(labels)} labels for {len(database.ids)} database images")
         self.database = database
         self.labels = list(labels)
+        self.confidence = confidence
         self.search = StoreSearch(database, SearchSettings.from_config(config), index_factory)
         self.nonlandmark = None
         self.database_nonlandmark = None
@@ -131,6 +146,7 @@ def recognize_queries(
     class_probabilities: Sequence[dict[str, float]] | None = None,
     whole_query_set: bool = True,
     neighbours: tuple[np.ndarray, np.ndarray] | None = None,
+    query_nonlandmark: np.ndarray | None = None,
     progress: bool = False,
 ) -> RecognitionResult:
     """Recognise a batch of queries: search, verify, vote, penalise (see the module doc).
@@ -150,6 +166,8 @@ def recognize_queries(
         (a statistic over the set) applies; False for photos recognised one by one.
     neighbours : the global search's ``(similarities [Q, K], rows [Q, K])`` when already
         done (``K >= cascade.num_candidates(config)`` or all rows).
+    query_nonlandmark : float32 [Q] the queries' non-landmark similarity when already
+        computed (leave-one-out: a distractor's own row left out); default computed here.
     progress : a progress bar over the queries.
 
     Returns
@@ -170,7 +188,9 @@ def recognize_queries(
     result.seconds["search"] = time.perf_counter() - started
 
     query_penalty = None
-    if index.nonlandmark is not None:
+    if index.nonlandmark is not None and query_nonlandmark is not None:
+        query_penalty = np.asarray(query_nonlandmark, np.float32)
+    elif index.nonlandmark is not None:
         query_penalty = nonlandmark_similarity(query_vectors, index.nonlandmark, config.NONLANDMARK_TOP_K)
     database = index.database
     use_local = (
@@ -218,7 +238,41 @@ def recognize_queries(
             query_id: classified_prediction(result, query_id, probabilities, index.labels, config)
             for query_id, probabilities in zip(query_ids, class_probabilities, strict=True)
         }
+    result.scores = {query_id: prediction[1] for query_id, prediction in result.predictions.items()}
+    if config.CONFIDENCE == "probability" and index.confidence is not None:
+        apply_confidence(result, index, config)
     return result
+
+
+def apply_confidence(result: RecognitionResult, index: RecognitionIndex, config: Config) -> None:
+    """Replace each answer's confidence by the probability that it is right, where the
+    index's confidence model applies (its features exist: not in a global-only run of a
+    model fitted with inliers); sets ``result.features`` and ``result.probabilities``."""
+    model = index.confidence
+    assert model is not None
+    for query_id, (label, _) in result.predictions.items():
+        features = answer_features_of(result, query_id, index.labels, config)
+        result.features[query_id] = features
+        if features and model.applies_to(features):
+            probability = model.probability(features)
+            result.probabilities[query_id] = probability
+            result.predictions[query_id] = (label, probability)
+
+
+def answer_features_of(
+    result: RecognitionResult, query_id: str, labels: Sequence[str | None], config: Config
+) -> dict[str, float]:
+    """The features of one query's answer in ``result`` (its score: ``result.scores``),
+    :func:`~delf_retrieval.scoring.calibration.answer_features`."""
+    return answer_features(
+        result.predictions[query_id][0],
+        result.scores[query_id],
+        [labels[row] for row in result.rows[query_id]],
+        result.similarities[query_id],
+        result.inliers.get(query_id),
+        result.query_nonlandmark.get(query_id),
+        config,
+    )
 
 
 def classified_prediction(

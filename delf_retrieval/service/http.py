@@ -99,7 +99,11 @@ def create_app(recognizer: Recognizer, settings: ServeSettings | None = None):
     settings = settings or ServeSettings()
     app = fastapi.FastAPI(
         title="delf_retrieval landmark recognition",
-        description="POST a photo to /predict; the answer is the landmark, its confidence and the matched train photos.",
+        description=(
+            "POST a photo to /predict; the answer is the landmark, its confidence (the probability that it is "
+            "right when the index has a confidence model: `probability`, `verdict` \"landmark, 87%\"), and the "
+            "matched train photos."
+        ),
         version="1",
     )
     limiter = anyio.CapacityLimiter(settings.concurrency)

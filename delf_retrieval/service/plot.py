@@ -43,8 +43,7 @@ def draw_prediction(
         + ("" if n.inliers is None else f" inl {n.inliers}")
         for n in shown
     ]
-    verdict = "landmark" if prediction.is_landmark else "not a landmark"
-    query_title = f"query: {prediction.name or prediction.landmark_id}\n{verdict}, conf {prediction.confidence:.2f}"
+    query_title = f"query: {prediction.name or prediction.landmark_id}\n{prediction.verdict()}"
     import matplotlib.pyplot as plt  # pyplot picks a drawing backend when imported: only when drawing
 
     figure = plot_neighbours(

@@ -9,7 +9,10 @@ recognition engine (:func:`delf_retrieval.scoring.engine.recognize_queries`: sea
 alpha-QE/DBA, verification, votes, non-landmark penalty, ``VERIFIED_FIRST``, classifier
 modes). So a photo gets exactly the landmark and confidence ``recognize`` gives it
 (``tests/test_one_engine.py``); only ``FREQUENT_LANDMARK_PENALTY``, a statistic over a
-whole query set, is not applied to photos recognised one by one.
+whole query set, is not applied to photos recognised one by one. With
+``CONFIDENCE="probability"`` the confidence is the probability that the answer is right,
+from the index's confidence model (``derived/confidence.json``, fitted when the index was
+built; fitted again in memory when the config given at load changes the answers).
 
 The index is opened memory-mapped and only read, so one :class:`Recognizer` can serve
 concurrent threads.
@@ -17,6 +20,7 @@ concurrent threads.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -42,12 +46,14 @@ from delf_retrieval.matching.cascade import cascade_active
 from delf_retrieval.models import loader
 from delf_retrieval.models.base import Extractor
 from delf_retrieval.models.extract import decode_for_model, extract_decoded
+from delf_retrieval.scoring.calibration import ConfidenceModel
 from delf_retrieval.scoring.classifier import (
     Classifier,
     image_class_probabilities,
     read_class_mapping,
 )
 from delf_retrieval.scoring.engine import RecognitionIndex, RecognitionResult, recognize_queries
+from delf_retrieval.scoring.leave_one_out import NotEnoughAnswers, fit_confidence, fit_record
 from delf_retrieval.scoring.rerank import rerank
 from delf_retrieval.search import vlad
 from delf_retrieval.search.stores import SearchView
@@ -123,9 +129,14 @@ class Prediction:
     Attributes
     ----------
     landmark_id, name : best landmark (None when no candidate has a label).
-    confidence : its summed score (what a submission would write).
+    confidence : what a submission would write: the probability that the answer is right
+        when there is one (``CONFIDENCE="probability"``), else the engine's score.
     is_landmark : ``confidence >= threshold`` (``Config.LANDMARK_THRESHOLD``).
     threshold : that threshold.
+    score : the engine's score of the answer (the confidence under ``CONFIDENCE="score"``).
+    probability : the probability that the answer is right (None: no confidence model,
+        or its features do not exist here, e.g. ``verify=False`` with a model fitted on
+        inliers).
     neighbours : candidates in re-ranked order (best score first).
     timings : seconds per step (``decode``, ``extract``, ``search``, ``verify``, ``total``).
     image_size : ``(width, height)`` of the decoded photo, pixels.
@@ -139,7 +150,17 @@ class Prediction:
     neighbours: list[Neighbour]
     timings: dict[str, float]
     image_size: tuple[int, int]
+    score: float = 0.0
+    probability: float | None = None
     features: ImageFeatures | None = field(default=None, repr=False, compare=False)
+
+    def verdict(self) -> str:
+        """``"landmark, 87%"`` / ``"not a landmark, 12%"`` (the probability), or with the
+        score when there is no probability (``"landmark, score 4.565"``)."""
+        verdict = "landmark" if self.is_landmark else "not a landmark"
+        if self.probability is not None:
+            return f"{verdict}, {percent(self.probability)}"
+        return f"{verdict}, score {self.score:.3f}"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (no features)."""
@@ -149,6 +170,9 @@ class Prediction:
             "confidence": self.confidence,
             "is_landmark": self.is_landmark,
             "threshold": self.threshold,
+            "score": self.score,
+            "probability": self.probability,
+            "verdict": self.verdict(),
             "neighbours": [vars(n).copy() for n in self.neighbours],
             "timings": dict(self.timings),
             "image_size": list(self.image_size),
@@ -237,6 +261,9 @@ class Recognizer:
         }
         images = pd.read_csv(path / "images.csv", dtype=str, keep_default_na=False).set_index("id")
         stores: dict[str, Any] = {"train": train}
+        # The distractor set, for the penalty and (then, as when the index was built) to fit
+        # the confidence model; with the penalty off the model is fitted without it, as a
+        # batch run with use_nonlandmark=False fits it.
         if manifest.counts.get("nonlandmark") and config.NONLANDMARK_PENALTY > 0:
             stores["nonlandmark"] = FeatureStore(path / "nonlandmark").pin()
         # The searched space, made as the batch run makes it (cached in the index's stores).
@@ -261,6 +288,8 @@ class Recognizer:
             nonlandmark=searched["nonlandmark"].global_descriptors() if "nonlandmark" in searched else None,
             database_nonlandmark=database_nonlandmark,
         )
+        if config.CONFIDENCE == "probability":
+            index.confidence = _confidence_model(path, manifest, index, config, searched.get("nonlandmark"))
         classifiers = _load_classifiers(path, manifest, extractor) if config.CLASSIFIER_MODE != "off" else []
         recognizer = cls(
             path, manifest, extractor, train, config, index, names, derived, images,
@@ -310,6 +339,7 @@ class Recognizer:
         predictions = []
         for i, (shape, features, _, timings) in enumerate(photos):
             label, confidence = result.predictions[str(i)]
+            probability = result.probabilities.get(str(i))
             timings.update(per_photo)
             timings["total"] = sum(timings.values())
             predictions.append(
@@ -322,6 +352,8 @@ class Recognizer:
                     neighbours=self._neighbours(result, str(i)),
                     timings=timings,
                     image_size=(int(shape[1]), int(shape[0])),
+                    score=float(result.scores.get(str(i), confidence)),
+                    probability=probability,
                     features=features,
                 )
             )
@@ -437,6 +469,7 @@ class Recognizer:
             "nonlandmark_images": 0 if self.nonlandmark is None else int(self.nonlandmark.shape[0]),
             "load_seconds": round(self.load_seconds, 3),
             "landmark_threshold": self.config.LANDMARK_THRESHOLD,
+            "confidence": "probability" if self.index.confidence is not None else "score",
         }
 
     def __repr__(self) -> str:
@@ -507,6 +540,36 @@ def _check_index_rows(
             )
 
 
+def percent(probability: float) -> str:
+    """A probability as a person reads it: ``"87%"``; ``"<1%"`` and ``">99%"`` at the ends."""
+    if probability < 0.005:
+        return "<1%"
+    if probability > 0.995:
+        return ">99%"
+    return f"{probability * 100:.0f}%"
+
+
+def _confidence_model(
+    path: Path, manifest: IndexManifest, index: RecognitionIndex, config: Config, distractors: Any | None
+) -> ConfidenceModel | None:
+    """The index's confidence model when it was fitted for these answers (its record
+    equals :func:`.leave_one_out.fit_record` of this config), else one fitted now in
+    memory (the index is only read); None when there is nothing to fit on."""
+    distractors = distractors if distractors is not None and len(distractors.ids) else None
+    if manifest.confidence:
+        try:
+            saved = ConfidenceModel.from_dict(json.loads((path / manifest.confidence).read_text()))
+        except (OSError, ValueError, KeyError) as error:
+            raise IndexFormatError(f"{path}: the confidence model {manifest.confidence} is damaged ({error}); rebuild the index") from None
+        record = fit_record(index, config, distractors)
+        if all(saved.fitted_on.get(key) == value for key, value in record.items()):
+            return saved
+    try:
+        return fit_confidence(index, config, distractors)
+    except NotEnoughAnswers:
+        return None
+
+
 def _photo_name(image: ImageInput, number: int) -> str:
     return str(image) if isinstance(image, (str, os.PathLike)) else f"photo {number + 1}"
 
@@ -544,4 +607,4 @@ def _load_model(model: str | os.PathLike | Extractor, manifest: IndexManifest) -
         ) from None
 
 
-__all__ = ["QUERY_STEPS", "Neighbour", "Prediction", "Recognizer", "as_rgb", "photo_input"]
+__all__ = ["QUERY_STEPS", "Neighbour", "Prediction", "Recognizer", "as_rgb", "percent", "photo_input"]

@@ -13,6 +13,8 @@ Layout (``INDEX/`` is what ``delf-retrieval index DATA_DIR --out INDEX`` writes)
     INDEX/derived/<name>.npy    derived arrays, each listed in the manifest's ``derived``: the
                                 VLAD codebook, a float32 copy of the searched train vectors,
                                 the train photos' non-landmark similarity
+    INDEX/derived/confidence.json   the confidence model (``CONFIDENCE="probability"``), fitted
+                                by leave-one-out on the train photos and the distractor set
 
 Derived data is generic: the manifest's ``derived`` maps a name to its file, its ``kind``
 and any facts about it; ``query_steps`` is the ordered list of steps that turn a query's
@@ -66,6 +68,7 @@ from delf_retrieval.models.base import Extractor, ExtractorParams
 from delf_retrieval.models.loader import model_spec
 from delf_retrieval.scoring.classifier import Classifier
 from delf_retrieval.scoring.engine import RecognitionIndex
+from delf_retrieval.scoring.leave_one_out import ensure_confidence
 from delf_retrieval.search import whitening
 from delf_retrieval.search.vlad import CODEBOOK_FILE, ensure_global_descriptors
 from delf_retrieval.tasks.manifest import (
@@ -208,6 +211,19 @@ def build_index(
 
     labels = read_labels_csv(data.csv("train.csv"))
     ids = train.ids
+    if config.CONFIDENCE == "probability":
+        distractors = searched.get("nonlandmark")
+        recognition = RecognitionIndex.from_labels(
+            searched["train"], labels, config,
+            nonlandmark=None if distractors is None else distractors.global_descriptors(),
+        )
+        model = ensure_confidence(
+            recognition, config, distractors if distractors is not None and len(distractors.ids) else None,
+            log=log, progress=progress,
+        )
+        if model is not None:
+            manifest.confidence = "derived/confidence.json"
+            atomic_write_bytes(out / manifest.confidence, model.to_json().encode())
     label_frame = pd.DataFrame({"id": ids, "landmark_id": [labels.get(i, "") for i in ids]})
     _write_csv(out / "labels.csv", label_frame)
     landmarks = sorted({label for label in label_frame["landmark_id"] if label})

@@ -45,6 +45,11 @@ class IndexManifest:
         Derived array ``[N]`` float32: each train photo's non-landmark similarity.
     thumbnail_size : int
         Longer side of the thumbnails in pixels (0: none written).
+    confidence : str or None
+        Relative path of the confidence model (JSON,
+        :meth:`delf_retrieval.scoring.calibration.ConfidenceModel.to_json`) fitted by
+        leave-one-out on the index's train photos and distractors when the config's
+        ``CONFIDENCE`` is ``"probability"``; its ``fitted_on`` record says for which config.
     classifiers : list of dict
         Softmax classifiers for ``CLASSIFIER_MODE``: ``{"model": spec, "classes": relative
         CSV path}``; an empty ``model`` is the index's own (global) model.
@@ -60,6 +65,7 @@ class IndexManifest:
     search_vectors: str | None = None
     train_nonlandmark: str | None = None
     thumbnail_size: int = 0
+    confidence: str | None = None
     classifiers: list[dict[str, str]] = field(default_factory=list)
     source: str = ""
     created: str = ""

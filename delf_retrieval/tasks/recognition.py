@@ -5,7 +5,9 @@ Data flow: extract (or reuse) the train, test and distractor stores
 is set (:mod:`delf_retrieval.search.whitening`) -> the class probabilities of the
 queries when a classifier mode is on -> the recognition engine
 (:func:`delf_retrieval.scoring.engine.recognize_queries`: search, verify, vote, penalise)
--> ``submission.csv`` (:func:`recognize`). ``predict`` and the web service run the same
+-> with ``CONFIDENCE="probability"``, the confidence model fitted by leave-one-out on the
+train photos and the distractor set (:func:`delf_retrieval.scoring.leave_one_out.ensure_confidence`,
+cached in the work dir) -> ``submission.csv`` (:func:`recognize`). ``predict`` and the web service run the same
 engine on one photo at a time (:mod:`delf_retrieval.service.recognizer`).
 """
 
@@ -22,6 +24,7 @@ from delf_retrieval.kaggle.submission import recognition_dataframe
 from delf_retrieval.models.base import Extractor, ExtractorParams
 from delf_retrieval.scoring import classifier
 from delf_retrieval.scoring.engine import RecognitionIndex, RecognitionResult, recognize_queries
+from delf_retrieval.scoring.leave_one_out import ensure_confidence
 from delf_retrieval.search import whitening
 from delf_retrieval.search.stores import IndexFactory
 from delf_retrieval.tasks.run import Runner, RunOutput, extract_splits, finish_run, open_run
@@ -40,6 +43,8 @@ def recognize_stores(
     progress: bool = True,
     index_factory: IndexFactory | None = None,
     class_probabilities: Sequence[dict[str, float]] | None = None,
+    confidence_distractors: Any | None = None,
+    log: Log = print,
 ) -> RecognitionResult:
     """Recognition from feature stores (or whitened views of them): the engine
     (:func:`~delf_retrieval.scoring.engine.recognize_queries`) on every query of ``queries``.
@@ -55,6 +60,8 @@ def recognize_stores(
         ``RayRunner.index`` shards it over Ray).
     class_probabilities : per query (``queries.ids`` order), landmark -> probability, for
         ``CLASSIFIER_MODE`` ``classifier``/``fused``.
+    confidence_distractors : store of distractor images run as (wrong) queries to fit the
+        confidence model (``CONFIDENCE="probability"``); default ``nonlandmark``.
     """
     distractors = None
     if nonlandmark is not None and len(nonlandmark.ids):
@@ -62,6 +69,11 @@ def recognize_stores(
     index = RecognitionIndex.from_labels(
         database, labels, config, nonlandmark=distractors, index_factory=index_factory
     )
+    if config.CONFIDENCE == "probability":
+        fit_set = nonlandmark if confidence_distractors is None else confidence_distractors
+        index.confidence = ensure_confidence(
+            index, config, fit_set if fit_set is not None and len(fit_set.ids) else None, log=log, progress=progress
+        )
     query_ids = queries.ids
     local = None
     if queries.local_dim:
@@ -103,6 +115,9 @@ def recognize(
     (queries); with ``use_nonlandmark`` (default: when the config's NONLANDMARK_PENALTY
     > 0 and ``nonlandmark.csv`` exists) also ``nonlandmark.csv`` + ``nonlandmark/``
     (``use_nonlandmark=True`` with a zero penalty uses a penalty of 1.0).
+    With ``CONFIDENCE="probability"`` the distractor set (when ``nonlandmark.csv`` exists
+    and ``use_nonlandmark`` is not False) is also read to fit the confidence model, and the
+    submission's confidences are probabilities.
     ``config`` defaults to the preset suiting the model (``opencv-sift`` or
     ``kaggle2020``). Writes ``output`` (None: write nothing) and validates it.
     ``runner`` runs extraction and search (default :class:`~delf_retrieval.tasks.run.LocalRunner`;
@@ -113,6 +128,8 @@ def recognize(
     """
     data, extractor, config, work = open_run(data_dir, model, config, work_dir, params, log)
     data.require("train.csv", "sample_submission.csv")
+    # The distractor set also fits the confidence model, unless use_nonlandmark=False.
+    fit_distractors = use_nonlandmark is not False and config.CONFIDENCE == "probability" and data.has("nonlandmark.csv")
     if use_nonlandmark is None:
         use_nonlandmark = config.NONLANDMARK_PENALTY > 0 and data.has("nonlandmark.csv")
     splits = {"train": data.csv("train.csv"), "test": data.csv("sample_submission.csv")}
@@ -121,6 +138,7 @@ def recognize(
     log(f"config:\n{config.describe()}")
     if use_nonlandmark:
         data.require("nonlandmark.csv")
+    if use_nonlandmark or fit_distractors:
         splits["nonlandmark"] = data.csv("nonlandmark.csv")
     stores, summaries = extract_splits(
         extractor, splits, "train", work, dtype=dtype, batch_size=batch_size, decode_threads=decode_threads,
@@ -139,7 +157,9 @@ def recognize(
         searched["train"],
         labels,
         config,
-        nonlandmark=searched.get("nonlandmark"),
+        nonlandmark=searched.get("nonlandmark") if use_nonlandmark else None,
+        confidence_distractors=searched.get("nonlandmark"),
+        log=log,
         verify=verify,
         progress=progress,
         index_factory=None if runner is None else runner.index,
