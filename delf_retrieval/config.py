@@ -531,7 +531,9 @@ PRESETS: dict[str, Config] = {
 # verification, and the best verified candidate alone decides (TOP_K 1): with a shortlist this
 # good, summing three candidates rewards landmarks with many train photos over the best match
 # (benchmarks/two_stage.py: gldv2-mini-dev GAP 0.499 -> 0.717 with lite2, docs/cnn.md).
-PRESETS["cnn-sift"] = PRESETS["opencv-sift"].replace(TOP_K=1)
+# It keeps scores as its confidence: the probability order lost GAP on gldv2-mini-dev (0.717 ->
+# 0.677) and did not gain on paris-dev (0.9869 -> 0.9867; benchmarks/calibration.py).
+PRESETS["cnn-sift"] = PRESETS["opencv-sift"].replace(TOP_K=1, CONFIDENCE="score", LANDMARK_THRESHOLD=0.2)
 # The same with XFeat local features verified by LighterGlue on the CNN's shortlist.
 PRESETS["cnn-xfeat"] = PRESETS["xfeat-lighterglue"].replace(TOP_K=1)
 
