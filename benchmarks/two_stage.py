@@ -30,7 +30,7 @@ except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import delf_retrieval
-from delf_retrieval.config import load_config
+from delf_retrieval.config import load_config, parse_override
 from delf_retrieval.kaggle.metrics import evaluate_recognition, evaluate_retrieval
 
 # name -> (model spec, config preset, config overrides)
@@ -60,7 +60,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="config override for every pipeline")
     parser.add_argument("--no-retrieval", action="store_true")
     args = parser.parse_args()
-    extra = dict(item.split("=", 1) for item in args.set)
+    extra = dict(parse_override(item) for item in args.set)
     print(f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}")
     print(f"{'set':16s} {'pipeline':16s} {'GAP':>6s} {'mAP@100':>8s} {'extract s/img':>13s} {'engine s/q':>10s} {'s/query':>8s}")
     for data in args.data:
