@@ -20,6 +20,7 @@ from delf_retrieval.features.store import FeatureStore
 from delf_retrieval.kaggle.submission import read_recognition_solution
 from delf_retrieval.models.base import Extractor
 from delf_retrieval.models.loader import load_extractor
+from delf_retrieval.search.vlad import searchable
 
 SPLITS = ("train", "test", "index")
 
@@ -47,7 +48,7 @@ def open_stores(
         raise SystemExit(f"no train/test stores of {extractor.family} in {root}: run `delf-retrieval recognize "
                          f"DATA --model ... --work-dir {work_dir}` first")
     delf_retrieval.ensure_global_descriptors(stores["train"], [s for k, s in stores.items() if k != "train"] + list(extra))
-    return extractor, stores
+    return extractor, {split: searchable(store) for split, store in stores.items()}
 
 
 def true_landmarks(data: Path) -> dict[str, frozenset[str]]:

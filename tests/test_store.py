@@ -7,6 +7,7 @@ import pytest
 
 from delf_retrieval.features.containers import ImageFeatures, LocalFeatures, l2_normalize
 from delf_retrieval.features.store import FeatureStore, StoreMismatchError
+from delf_retrieval.search.vlad import searchable
 
 
 def fingerprint(family="fixture", local_dim=4, global_dim=3, **params):
@@ -114,10 +115,18 @@ def test_global_only_and_local_only_stores(tmp_path):
         global_only.local_features("a")
     local_only = FeatureStore(tmp_path / "l", fingerprint(global_dim=0))
     local_only.write_chunk(["a", "b"], [ImageFeatures(features(1, 2).local, None)] * 2)
-    with pytest.raises(ValueError, match="no global descriptors"):
+    with pytest.raises(ValueError, match="local features only"):
         local_only.global_descriptors()
+    with pytest.raises(ValueError, match="no VLAD"):
+        searchable(local_only)
+    # Derived global descriptors belong to the search step, not to the store.
     local_only.write_derived("vlad", np.eye(2, dtype=np.float32), {"codebook": "x"})
-    np.testing.assert_array_equal(local_only.global_descriptors(), np.eye(2))
+    with pytest.raises(ValueError, match="local features only"):
+        local_only.global_descriptors()
+    view = searchable(local_only)
+    np.testing.assert_array_equal(view.global_descriptors(), np.eye(2))
+    assert view.global_descriptors_file() == local_only.path / "derived" / "vlad.npy"
+    assert view.ids == local_only.ids and searchable(global_only) is global_only
     local_only.write_chunk(["c"], [ImageFeatures(features(1, 2).local, None)])
     assert local_only.read_derived("vlad") is None  # ids changed: stale derived arrays are not used
 

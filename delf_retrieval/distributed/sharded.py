@@ -65,7 +65,7 @@ def index_file(
     source: FeatureStore | str | os.PathLike | np.memmap,
 ) -> tuple[str, tuple[int, int], str]:
     """``(path, shape, dtype)`` of the ``.npy`` file behind ``source``."""
-    if isinstance(source, FeatureStore):
+    if hasattr(source, "global_descriptors_file"):  # a store or a view of one
         source = source.global_descriptors_file()
     if isinstance(source, np.ndarray):
         filename = getattr(source, "filename", None)

@@ -581,27 +581,21 @@ class FeatureStore:
         return _read_json(self._gen()["dir"] / "failures.json")
 
     def global_descriptors(self) -> np.ndarray:
-        """Global descriptors ``[N, D]`` (memory-mapped), rows in :attr:`ids` order.
+        """The model's global descriptors ``[N, D]`` (memory-mapped), rows in :attr:`ids` order.
 
-        For local-only models this is the VLAD array written by
-        :func:`delf_retrieval.search.vlad` helpers (see :meth:`write_derived`).
+        The store holds features only: a local-only model has none here, and its derived
+        global descriptors (VLAD) belong to the search step
+        (:func:`delf_retrieval.search.vlad.searchable`).
         """
-        if self.global_dim:
-            return self._array("global")
-        derived = self.read_derived("vlad")
-        if derived is None:
-            raise ValueError(
-                f"store {self.path} has no global descriptors (local-only model) and no VLAD "
-                "aggregation yet; compute one with delf_retrieval.ensure_global_descriptors"
-            )
-        return derived[0]
+        if not self.global_dim:
+            raise ValueError(_LOCAL_ONLY.format(path=self.path))
+        return self._array("global")
 
     def global_descriptors_file(self) -> Path:
         """The ``.npy`` file :meth:`global_descriptors` maps (what other processes open)."""
-        if self.global_dim:
-            return self._gen()["dir"] / "global.npy"
-        self.global_descriptors()  # a clear error when there is no VLAD yet
-        return self.path / "derived" / "vlad.npy"
+        if not self.global_dim:
+            raise ValueError(_LOCAL_ONLY.format(path=self.path))
+        return self._gen()["dir"] / "global.npy"
 
     def local_features(self, image_id: str) -> LocalFeatures:
         """Local features of one image, read without loading the others."""
@@ -699,6 +693,13 @@ def as_stored(features: ImageFeatures, dtype: str) -> ImageFeatures:
         )
     vector = None if features.global_descriptor is None else np.asarray(features.global_descriptor, data_type)
     return ImageFeatures(local=local, global_descriptor=vector)
+
+
+_LOCAL_ONLY = (
+    "feature store {path} holds local features only (a local-only model): its global "
+    "descriptors are derived by the search step, delf_retrieval.ensure_global_descriptors "
+    "then delf_retrieval.search.vlad.searchable(store)"
+)
 
 
 def _stack(parts: list[np.ndarray], empty_shape: tuple[int, ...], dtype: Any) -> np.ndarray:
@@ -884,17 +885,11 @@ class StoreView:
         """Global descriptors ``[N, D]`` of the view's ids, rows in :attr:`ids` order.
 
         Native descriptors are gathered from the store into memory once (N x D of the
-        store dtype); local-only models read the view's VLAD derived array.
+        store dtype); local-only models have none (see :meth:`FeatureStore.global_descriptors`).
         """
         self._sync()
         if not self.global_dim:
-            derived = self.read_derived("vlad")
-            if derived is None:
-                raise ValueError(
-                    f"store {self.path} has no global descriptors (local-only model) and no VLAD "
-                    "aggregation of these ids yet; compute one with delf_retrieval.ensure_global_descriptors"
-                )
-            return derived[0]
+            raise ValueError(_LOCAL_ONLY.format(path=self.path))
         if self._globals is None:
             self._globals = np.asarray(self.store.global_descriptors()[self._rows])
         return self._globals
@@ -902,8 +897,7 @@ class StoreView:
     def global_descriptors_file(self) -> Path:
         """A ``.npy`` file holding exactly :meth:`global_descriptors` (what other processes open)."""
         if not self.global_dim:
-            self.global_descriptors()  # a clear error when there is no VLAD yet
-            return self.path / "derived" / "vlad.npy"
+            raise ValueError(_LOCAL_ONLY.format(path=self.path))
         if self.read_derived("view_global") is None:
             self.write_derived("view_global", self.global_descriptors())
         return self.path / "derived" / "view_global.npy"

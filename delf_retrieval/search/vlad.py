@@ -11,6 +11,7 @@ import hashlib
 import json
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -18,8 +19,10 @@ from delf_retrieval.core.atomic import atomic_write, atomic_write_bytes
 from delf_retrieval.core.log import Log
 from delf_retrieval.features.containers import l2_normalize
 from delf_retrieval.features.store import FeatureStore, ids_hash
+from delf_retrieval.search.stores import SearchView
 
 DEFAULT_NUM_CLUSTERS = 64
+VLAD = "vlad"  # name of the derived array of VLAD global descriptors in a store
 DEFAULT_MAX_SAMPLES = 200_000
 
 
@@ -151,13 +154,29 @@ def ensure_global_descriptors(
     codebook = _vlad_codebook(database, num_clusters, seed, log)
     codebook_hash = hashlib.sha1(codebook.tobytes()).hexdigest()[:16]
     for store in (database, *others):
-        existing = store.read_derived("vlad")
+        existing = store.read_derived(VLAD)
         if existing is not None and existing[1].get("codebook") == codebook_hash:
             continue
         vectors = np.zeros((len(store.ids), codebook.size), np.float32)
         for row, image_id in enumerate(store.ids):
             vectors[row] = vlad(store.local_features(image_id).descriptors, codebook)
-        store.write_derived("vlad", vectors.astype(store.dtype), {"codebook": codebook_hash})
+        store.write_derived(VLAD, vectors.astype(store.dtype), {"codebook": codebook_hash})
+
+
+def searchable(store: Any) -> Any:
+    """The store as the search step sees it: the store itself when its model gives global
+    descriptors, else a view (:class:`~delf_retrieval.search.stores.SearchView`) whose
+    global descriptors are its VLAD array, made by :func:`ensure_global_descriptors`
+    (ValueError when there is none yet). Everything else is the store's."""
+    if store.global_dim or isinstance(store, SearchView):
+        return store
+    derived = store.read_derived(VLAD)
+    if derived is None:
+        raise ValueError(
+            f"feature store {store.path} has no VLAD global descriptors for its images yet: "
+            "compute them with delf_retrieval.ensure_global_descriptors"
+        )
+    return SearchView(store, derived[0], store.path / "derived" / f"{VLAD}.npy")
 
 
 def _vlad_codebook(database: FeatureStore, num_clusters: int, seed: int, log: Log) -> np.ndarray:

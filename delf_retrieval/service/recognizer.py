@@ -57,6 +57,7 @@ from delf_retrieval.scoring.leave_one_out import NotEnoughAnswers, fit_confidenc
 from delf_retrieval.scoring.rerank import rerank
 from delf_retrieval.search import vlad
 from delf_retrieval.search.stores import SearchView
+from delf_retrieval.search.vlad import searchable
 from delf_retrieval.search.whitening import Whitening, ensure_whitening, whiten_stores
 from delf_retrieval.tasks.manifest import (
     IndexFormatError,
@@ -266,10 +267,11 @@ class Recognizer:
         # batch run with use_nonlandmark=False fits it.
         if manifest.counts.get("nonlandmark") and config.NONLANDMARK_PENALTY > 0:
             stores["nonlandmark"] = FeatureStore(path / "nonlandmark").pin()
+        stores = {split: searchable(store) for split, store in stores.items()}  # VLAD of local-only models
         # The searched space, made as the batch run makes it (cached in the index's stores).
         whitening = None
         if config.WHITENING_DIM:
-            whitening = ensure_whitening(train, config.WHITENING_DIM, log=_quiet)
+            whitening = ensure_whitening(stores["train"], config.WHITENING_DIM, log=_quiet)
             searched = whiten_stores(stores, "train", config.WHITENING_DIM, log=_quiet)
         else:
             searched = dict(stores)

@@ -70,7 +70,7 @@ from delf_retrieval.scoring.classifier import Classifier
 from delf_retrieval.scoring.engine import RecognitionIndex
 from delf_retrieval.scoring.leave_one_out import ensure_confidence
 from delf_retrieval.search import whitening
-from delf_retrieval.search.vlad import CODEBOOK_FILE, ensure_global_descriptors
+from delf_retrieval.search.vlad import CODEBOOK_FILE, ensure_global_descriptors, searchable
 from delf_retrieval.tasks.manifest import (
     MANIFEST,
     IndexManifest,
@@ -170,6 +170,8 @@ def build_index(
     if not train.ids:
         raise ValueError(f"no train photo of {data.csv('train.csv')} could be read; the index would be empty")
     ensure_global_descriptors(train, [s for s in stores.values() if s is not train], log=log)
+    stores = {split: searchable(store) for split, store in stores.items()}  # VLAD for local-only models
+    train = stores["train"]
 
     manifest = IndexManifest(
         model=spec,

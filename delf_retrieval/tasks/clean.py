@@ -47,7 +47,7 @@ from delf_retrieval.features.images import (
 from delf_retrieval.features.store import FeatureStore
 from delf_retrieval.kaggle.dataset import KaggleData
 from delf_retrieval.matching.verify import count_inliers_many
-from delf_retrieval.search.vlad import ensure_global_descriptors
+from delf_retrieval.search.vlad import ensure_global_descriptors, searchable
 from delf_retrieval.tasks.run import extract_split, open_run
 from delf_retrieval.viz import plot_neighbours
 
@@ -465,7 +465,7 @@ def clean_dataset(
     globals_ = None
     if mode == "knn":
         ensure_global_descriptors(store, log=log)
-        globals_ = store.global_descriptors()
+        globals_ = searchable(store).global_descriptors()
     seconds = {"extract": time.perf_counter() - started}
     plan = plan_pairs(labels, store.ids, pairs=pairs, max_per_class=max_per_class, global_descriptors=globals_, seed=seed)
     started = time.perf_counter()

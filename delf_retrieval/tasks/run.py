@@ -33,7 +33,7 @@ from delf_retrieval.models.base import Extractor, ExtractorParams
 from delf_retrieval.models.extract import ExtractionSummary, extract_to_store
 from delf_retrieval.search.index import BACKENDS, SearchIndex
 from delf_retrieval.search.stores import exact_index
-from delf_retrieval.search.vlad import ensure_global_descriptors
+from delf_retrieval.search.vlad import ensure_global_descriptors, searchable
 
 # The result a task's run produced (RecognitionResult, RetrievalResult, ...).
 ResultT = TypeVar("ResultT")
@@ -166,7 +166,7 @@ def extract_splits(
             decode_threads=decode_threads, progress=progress, log=log, runner=runner,
         )
     ensure_global_descriptors(stores[database], [s for k, s in stores.items() if k != database], log=log)
-    return stores, summaries
+    return {split: searchable(store) for split, store in stores.items()}, summaries
 
 
 @dataclass
