@@ -42,6 +42,7 @@ from delf_retrieval.kaggle.submission import recognition_dataframe, retrieval_da
 from delf_retrieval.matching import cascade
 from delf_retrieval.models.loader import load_extractor
 from delf_retrieval.scoring.rerank import nonlandmark_similarity
+from delf_retrieval.search.vlad import searchable
 from delf_retrieval.tasks import retrieval
 
 _inliers: dict[tuple[bytes, ...], np.ndarray] = {}
@@ -80,6 +81,7 @@ def main() -> None:
         extractor, distractor_data / "nonlandmark.csv", args.work_dir, f"nonlandmark-{distractor_data.name}", progress=False
     )
     _, stores = open_stores(args.work_dir, extractor, extra=[nl_store])
+    nl_store = searchable(nl_store)  # VLAD of a local-only model (the search step's view)
     labels = read_labels_csv(args.data / "train.csv")
     ids = stores["test"].ids
 

@@ -35,6 +35,7 @@ from delf_retrieval.features.store import FeatureStore
 from delf_retrieval.models.extract import extract_to_store
 from delf_retrieval.models.loader import load_extractor
 from delf_retrieval.search.index import cosine_topk
+from delf_retrieval.search.vlad import searchable
 
 REPO = Path(__file__).resolve().parents[1]
 NODE_OBJECT_STORE = 100 * 2**20  # bytes; small so that a tiny /dev/shm is enough (else /tmp)
@@ -389,7 +390,7 @@ def test_sharded_search_reads_a_feature_store(cluster, reference):
     vlad = rng.standard_normal((len(reference.ids), 16)).astype(np.float32)
     reference.write_derived("vlad", vlad)
     queries = vlad[:5] + np.float32(0.01)
-    with ShardedIndex(reference, 2, block_size=8) as index:
+    with ShardedIndex(searchable(reference), 2, block_size=8) as index:  # the VLAD view of a local-only store
         assert index.path.endswith("vlad.npy") and len(index) == NUM_IMAGES
         sims, ids = index.search(queries, 3)
     ref_sims, ref_ids = cosine_topk(queries, vlad, 3, block_size=8)

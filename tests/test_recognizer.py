@@ -13,6 +13,7 @@ from delf_retrieval.config import Config
 from delf_retrieval.demo.data import build_demo_dataset
 from delf_retrieval.features.images import ImageDecodeError, kaggle_image_path, load_image
 from delf_retrieval.features.store import FeatureStore
+from delf_retrieval.search.vlad import searchable
 from delf_retrieval.service.recognizer import Recognizer
 from delf_retrieval.tasks.manifest import IndexFormatError, read_manifest
 
@@ -61,12 +62,12 @@ def test_index_folder_is_self_describing(dataset, index):
     # The searched vectors: the store's float16 VLAD rows, widened to float32 (exact).
     assert manifest.search_vectors == "search_vectors"
     searched = np.load(index / manifest.derived["search_vectors"]["file"])
-    stored = FeatureStore(index / "train").global_descriptors()
+    stored = searchable(FeatureStore(index / "train")).global_descriptors()
     assert searched.dtype == np.float32 and stored.dtype == np.float16
     np.testing.assert_array_equal(searched, stored.astype(np.float32))
     # The per-train-photo distractor similarity, derived here directly from the two stores.
-    train = FeatureStore(index / "train")
-    distractors = np.asarray(FeatureStore(index / "nonlandmark").global_descriptors(), np.float64)
+    train = searchable(FeatureStore(index / "train"))
+    distractors = np.asarray(searchable(FeatureStore(index / "nonlandmark")).global_descriptors(), np.float64)
     vectors = np.asarray(train.global_descriptors(), np.float64)
     cosines = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)) @ (
         distractors / np.linalg.norm(distractors, axis=1, keepdims=True)
