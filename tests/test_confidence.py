@@ -33,6 +33,7 @@ from delf_retrieval.scoring.calibration import (
 )
 from delf_retrieval.scoring.engine import RecognitionIndex, recognize_queries
 from delf_retrieval.scoring.leave_one_out import (
+    NotEnoughAnswers,
     ensure_confidence,
     fit_confidence,
     leave_one_out_answers,
@@ -258,3 +259,21 @@ def test_batch_run_and_index_give_the_same_probabilities(dataset, tmp_path):
         assert prediction.probability == batch.result.probabilities[query]
         assert prediction.is_landmark == (prediction.probability >= 0.5)
         assert prediction.to_dict()["verdict"].endswith("%")
+
+
+def test_too_few_wrong_answers_keep_the_scores(tmp_path):
+    """A confidence model needs several right and several wrong held-out answers: with a
+    handful of one outcome it would rate every answer alike (the demo without its distractor
+    set recognises every train photo). Tight landmarks, no distractors: all right, no fit."""
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(6, 32))
+    vectors = np.array([c + rng.normal(size=32) * 0.05 for c in centres for _ in range(3)])
+    labels = [str(n) for n in range(6) for _ in range(3)]
+    train = VectorStore(tmp_path / "train", [f"t{i:03d}" for i in range(18)], vectors / np.linalg.norm(vectors, axis=1, keepdims=True))
+    config = load_config("kaggle2020", CONFIDENCE="probability", LANDMARK_THRESHOLD=0.5)
+    index = RecognitionIndex(train, labels, config)
+    _, right, _ = leave_one_out_answers(index, config)
+    assert len(right) == 18 and all(right)
+    with pytest.raises(NotEnoughAnswers, match="18 right and 0 wrong"):
+        fit_confidence(index, config)
+    assert ensure_confidence(index, config, log=lambda _: None) is None  # the run keeps scores

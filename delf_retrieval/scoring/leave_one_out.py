@@ -54,6 +54,12 @@ NOT_IN_RECORD = (
     "MATCH_DEVICE",
 )
 
+# Fewest right and fewest wrong held-out answers a confidence model is fitted on. A model fitted
+# on one outcome only (a train set whose photos are all recognised, with no distractor set, as
+# the demo's run without distractors) rates every answer alike: its order is no better than ties.
+MIN_ANSWERS_EACH = 1
+
+
 class NotEnoughAnswers(ValueError):
     """Fewer than two held-out answers: no confidence model can be fitted."""
 
@@ -189,16 +195,19 @@ def fit_confidence(
     """The confidence model of ``index`` (``CONFIDENCE_MODEL``) fitted on
     :func:`leave_one_out_answers`; ``fitted_on`` holds :func:`fit_record` and the counts.
 
-    :class:`NotEnoughAnswers` when fewer than 2 answers can be made (no landmark with two
-    train photos and no distractor set).
+    :class:`NotEnoughAnswers` when fewer than :data:`MIN_ANSWERS_EACH` right or wrong answers
+    can be made (few landmarks with two train photos, or no wrong answers without a
+    distractor set).
     """
     features, right, names = leave_one_out_answers(index, config, distractors, progress=progress)
     order = sorted(range(len(names)), key=names.__getitem__)  # the same fit whatever the row order
     features, right = [features[i] for i in order], [right[i] for i in order]
-    if len(features) < 2:
+    wrong = len(right) - int(sum(right))
+    if min(int(sum(right)), wrong) < MIN_ANSWERS_EACH:
         raise NotEnoughAnswers(
-            f"cannot fit a confidence model: {len(features)} held-out answer(s); it needs landmarks with at least "
-            "two train photos or a distractor set (nonlandmark.csv); use CONFIDENCE=score"
+            f"cannot fit a confidence model on {int(sum(right))} right and {wrong} wrong held-out answer(s): it "
+            f"needs at least {MIN_ANSWERS_EACH} of each (landmarks with at least two train photos, and wrong "
+            "answers, which a distractor set (nonlandmark.csv) gives); use CONFIDENCE=score"
         )
     model = fit_model(features, right, config.CONFIDENCE_MODEL)
     record = {**fit_record(index, config, distractors), "samples": len(features), "right": int(sum(right))}
