@@ -135,6 +135,15 @@ class RecognitionIndex:
         return cls(database, [labels.get(image_id) for image_id in database.ids], config, **options)
 
 
+def store_queries(store: Any) -> QueryLocal | None:
+    """``query_local`` for the queries of a store, in ``store.ids`` order (None when its
+    model gives no local features)."""
+    if not store.local_dim:
+        return None
+    ids = store.ids
+    return lambda row: store.local_features(ids[row])
+
+
 def recognize_queries(
     query_ids: Sequence[str],
     query_vectors: np.ndarray,

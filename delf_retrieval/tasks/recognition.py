@@ -23,7 +23,12 @@ from delf_retrieval.features.images import read_labels_csv
 from delf_retrieval.kaggle.submission import recognition_dataframe
 from delf_retrieval.models.base import Extractor, ExtractorParams
 from delf_retrieval.scoring import classifier
-from delf_retrieval.scoring.engine import RecognitionIndex, RecognitionResult, recognize_queries
+from delf_retrieval.scoring.engine import (
+    RecognitionIndex,
+    RecognitionResult,
+    recognize_queries,
+    store_queries,
+)
 from delf_retrieval.scoring.leave_one_out import ensure_confidence
 from delf_retrieval.search import whitening
 from delf_retrieval.search.stores import IndexFactory
@@ -75,14 +80,10 @@ def recognize_stores(
             index, config, fit_set if fit_set is not None and len(fit_set.ids) else None, log=log, progress=progress
         )
     query_ids = queries.ids
-    local = None
-    if queries.local_dim:
-        def local(row: int):
-            return queries.local_features(query_ids[row])
     return recognize_queries(
         query_ids,
         queries.global_descriptors(),
-        local,
+        store_queries(queries),
         index,
         config,
         verify=verify,

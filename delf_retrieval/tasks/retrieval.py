@@ -25,7 +25,7 @@ from delf_retrieval.kaggle.submission import retrieval_dataframe
 from delf_retrieval.matching import cascade
 from delf_retrieval.matching.verify import count_inliers_many
 from delf_retrieval.models.base import Extractor, ExtractorParams
-from delf_retrieval.scoring.engine import RecognitionIndex, recognize_queries
+from delf_retrieval.scoring.engine import RecognitionIndex, recognize_queries, store_queries
 from delf_retrieval.scoring.rerank import recognize_one, rerank_retrieval
 from delf_retrieval.search import whitening
 from delf_retrieval.search.stores import IndexFactory, search_store
@@ -128,14 +128,10 @@ def predicted_landmarks(
     index_labels = _votes(similarities[:num_index], rows[:num_index], train, labels, config)
     if not recognise:
         return _votes(similarities[num_index:], rows[num_index:], train, labels, config), index_labels
-    local = None
-    if queries.local_dim:
-        def local(row: int):
-            return queries.local_features(queries.ids[row])
     recognition = recognize_queries(
         queries.ids,
         queries.global_descriptors(),
-        local,
+        store_queries(queries),
         RecognitionIndex.from_labels(train, labels, config),
         config,
         neighbours=(similarities[num_index:], rows[num_index:]),
