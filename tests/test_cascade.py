@@ -7,8 +7,8 @@ import pytest
 
 from delf_retrieval.config import Config, load_config
 from delf_retrieval.features.containers import LocalFeatures
-from delf_retrieval.matching import cascade
-from delf_retrieval.matching import learned as learned_matching
+from delf_retrieval.matching import cascade, verify
+from delf_retrieval.matching.cascade import VerificationSettings
 from delf_retrieval.matching.verify import count_inliers_many
 
 SHIFT = np.array([10.0, 5.0], np.float32)  # candidate = query moved by this many pixels
@@ -40,7 +40,7 @@ def _scene(n: int = 200, seed: int = 0) -> tuple[LocalFeatures, list[LocalFeatur
     return query, candidates
 
 
-def _config(**changes) -> Config:
+def _config(**changes) -> VerificationSettings:
     base = dict(
         MATCHER="lightglue",
         MATCHER_FEATURES="aliked",
@@ -53,26 +53,30 @@ def _config(**changes) -> Config:
         MAX_REPROJECTION_ERROR=10.0,
         WORKERS=1,
     )
-    return Config(**{**base, **changes})
+    return VerificationSettings.from_config(Config(**{**base, **changes}))
 
 
 @pytest.fixture
 def fake_learned(monkeypatch):
-    """Replaces the learned matcher: candidate i of a call gets 1000 + i inliers; records
-    the candidates and configs it was called with."""
+    """Replaces the verification of a pair (``verify._verify_pair``, which the learned
+    matcher goes through; nearest neighbours are batched without it): candidate i of
+    :func:`_scene` gets 1000 + i inliers. Records the ``(candidate, settings)`` pairs, in order."""
+    _, scene = _scene()
+    position = {candidate.keypoints.tobytes(): i for i, candidate in enumerate(scene)}
     calls = []
 
-    def count(query, candidates, config):
-        calls.append((list(candidates), config))
-        return np.arange(1000, 1000 + len(candidates), dtype=np.int64)
+    def pair(query, candidate, settings):
+        calls.append((candidate, settings))
+        count = 1000 + position[candidate.keypoints.tobytes()]
+        return np.zeros((count, 2), np.int64), np.ones(count, bool)
 
-    monkeypatch.setattr(learned_matching, "count_inliers_learned", count)
+    monkeypatch.setattr(verify, "_verify_pair", pair)
     return calls
 
 
 def test_cheap_matcher_finds_the_shared_features():
     query, candidates = _scene()
-    counts = count_inliers_many(query, candidates, _config(MATCHER="nn", MATCHER_FEATURES=""))
+    counts = count_inliers_many(query, candidates, _config(MATCHER="nn", MATCHER_FEATURES="").matching)
     # every copied feature is a mutual nearest neighbour on one translation: all inliers
     assert counts.tolist() == SHARED
 
@@ -109,18 +113,17 @@ def test_cascade_sends_the_best_cheap_candidates_to_the_learned_matcher(fake_lea
     inliers = cascade.verify_candidates(query, candidate, len(candidates), _config())
     # cheap counts [0, 8, 20, 0, 40, 15]: the two best with >= 12 are positions 4 and 2,
     # verified in global order (2, then 4); the others get 0.
-    assert inliers.tolist() == [0, 0, 1000, 0, 1001, 0]
+    assert inliers.tolist() == [0, 0, 1002, 0, 1004, 0]
     assert read == [0, 1, 2, 3, 4, 5]
-    (sent, config), = fake_learned
-    assert [id(c) for c in sent] == [id(candidates[2]), id(candidates[4])]
-    assert config.MATCHER == "lightglue"
+    assert [id(c) for c, _ in fake_learned] == [id(candidates[2]), id(candidates[4])]
+    assert all(settings.matcher == "lightglue" for _, settings in fake_learned)
 
 
 def test_cascade_width_is_capped_by_the_candidates(fake_learned):
     query, candidates = _scene()
     inliers = cascade.verify_candidates(query, candidates.__getitem__, 3, _config(CASCADE_CANDIDATES=30))
     # only positions 0-2 exist: cheap counts [0, 8, 20] -> 2 (evidence), then 0 (global order)
-    assert inliers.tolist() == [1000, 0, 1001]
+    assert inliers.tolist() == [1000, 0, 1002]
 
 
 def test_without_cascade_the_learned_matcher_sees_the_global_top(fake_learned):
@@ -129,7 +132,7 @@ def test_without_cascade_the_learned_matcher_sees_the_global_top(fake_learned):
     inliers = cascade.verify_candidates(query, candidate, len(candidates), _config(CASCADE_CANDIDATES=0))
     assert inliers.tolist() == [1000, 1001, 0, 0, 0, 0]
     assert read == [0, 1]
-    assert [id(c) for c in fake_learned[0][0]] == [id(candidates[0]), id(candidates[1])]
+    assert [id(c) for c, _ in fake_learned] == [id(candidates[0]), id(candidates[1])]
 
 
 def test_cascade_is_ignored_with_nearest_neighbour_matching(fake_learned):
@@ -142,11 +145,11 @@ def test_cascade_is_ignored_with_nearest_neighbour_matching(fake_learned):
 
 
 def test_num_candidates():
-    assert cascade.num_candidates(_config(NUM_TO_RERANK=5, CASCADE_CANDIDATES=30, TOP_K=3)) == 30
-    assert cascade.num_candidates(_config(NUM_TO_RERANK=5, CASCADE_CANDIDATES=0, TOP_K=3)) == 5
-    assert cascade.num_candidates(_config(NUM_TO_RERANK=5, CASCADE_CANDIDATES=4, TOP_K=7)) == 7
-    nn = _config(MATCHER="nn", MATCHER_FEATURES="", NUM_TO_RERANK=5, CASCADE_CANDIDATES=30, TOP_K=3)
-    assert cascade.num_candidates(nn) == 5
+    assert cascade.num_candidates(_config(NUM_TO_RERANK=5, CASCADE_CANDIDATES=30), top_k=3) == 30
+    assert cascade.num_candidates(_config(NUM_TO_RERANK=5, CASCADE_CANDIDATES=0), top_k=3) == 5
+    assert cascade.num_candidates(_config(NUM_TO_RERANK=5, CASCADE_CANDIDATES=4), top_k=7) == 7
+    nn = _config(MATCHER="nn", MATCHER_FEATURES="", NUM_TO_RERANK=5, CASCADE_CANDIDATES=30)
+    assert cascade.num_candidates(nn, top_k=3) == 5
 
 
 def test_config_rejects_negative_cascade_values():
@@ -164,7 +167,8 @@ def test_learned_matcher_presets_give_the_cheap_stage_nearest_neighbour_filters(
 
 def test_the_cascade_is_on_where_it_was_measured_to_help():
     assert load_config("aliked-lightglue").CASCADE_CANDIDATES == 30
-    assert cascade.cascade_active(load_config("aliked-lightglue"))
-    assert cascade.cascade_active(load_config("disk-lightglue"))
-    assert not cascade.cascade_active(load_config("xfeat-lighterglue"))
-    assert not cascade.cascade_active(load_config("aliked"))
+    def active(name: str) -> bool:
+        return cascade.cascade_active(VerificationSettings.from_config(load_config(name)))
+
+    assert active("aliked-lightglue") and active("disk-lightglue")
+    assert not active("xfeat-lighterglue") and not active("aliked")

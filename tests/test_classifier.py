@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from delf_retrieval.config import load_config
 from delf_retrieval.scoring.classifier import (
     Classifier,
     classifier_prediction,
@@ -84,22 +83,21 @@ def test_several_classifiers_the_most_confident_wins() -> None:
 
 
 def test_fusion_sums_cosine_power_times_probability_power() -> None:
-    config = load_config("knn-classifier").replace(TOP_K=4, FUSION_COSINE_POWER=2.0, FUSION_PROB_POWER=0.5)
+    config = dict(top_k=4, cosine_power=2.0, prob_power=0.5)
     labels = ["A", "B", "A", "C", "B"]  # the fifth is beyond TOP_K
     scores = np.array([0.9, 0.8, 0.5, 0.7, 0.95])
     probabilities = {"A": 0.04, "B": 0.36, "C": 0.81}
     # A: (0.81 + 0.25) * 0.2 = 0.212; B: 0.64 * 0.6 = 0.384; C: 0.49 * 0.9 = 0.441
-    label, score = fuse_knn_classifier(labels, scores, probabilities, config)
+    label, score = fuse_knn_classifier(labels, scores, probabilities, **config)
     assert label == "C" and score == pytest.approx(0.441)
     # A landmark the classifier does not know gets nothing; negative scores count as 0.
-    label, score = fuse_knn_classifier(["Z", "A", None], np.array([0.99, -0.5, 0.9]), {"A": 1.0}, config)
+    label, score = fuse_knn_classifier(["Z", "A", None], np.array([0.99, -0.5, 0.9]), {"A": 1.0}, **config)
     assert (label, score) == ("Z", 0.0)  # all zero: the first seen, with confidence 0
-    assert fuse_knn_classifier([None], np.array([0.5]), {}, config) == (None, 0.0)
+    assert fuse_knn_classifier([None], np.array([0.5]), {}, **config) == (None, 0.0)
 
 
 def test_fusion_with_powers_one_is_the_probability_weighted_vote() -> None:
-    config = load_config("knn-classifier").replace(TOP_K=3)
-    label, score = fuse_knn_classifier(["A", "B", "A"], np.array([0.5, 0.9, 0.4]), {"A": 0.5, "B": 0.4}, config)
+    label, score = fuse_knn_classifier(["A", "B", "A"], np.array([0.5, 0.9, 0.4]), {"A": 0.5, "B": 0.4}, top_k=3)
     assert label == "A" and score == pytest.approx(0.45)  # A: 0.9 * 0.5 = 0.45 > B: 0.9 * 0.4 = 0.36
 
 

@@ -8,6 +8,7 @@ around their own centre, seeded); the slow ones extract a generated demo dataset
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +32,9 @@ from delf_retrieval.scoring.calibration import (
     fit_isotonic,
     fit_model,
 )
-from delf_retrieval.scoring.engine import RecognitionIndex, recognize_queries
+from delf_retrieval.scoring.engine import RecognitionIndex, RecognitionSettings, recognize_queries
 from delf_retrieval.scoring.leave_one_out import (
+    ConfidenceSettings,
     NotEnoughAnswers,
     ensure_confidence,
     fit_confidence,
@@ -105,10 +107,10 @@ def test_logistic_orders_by_evidence_and_reloads_bit_for_bit():
 def test_absent_features_are_absent_not_zero():
     labels = ["a", "b", "a"]
     cosine = np.array([0.9, 0.8, 0.7], np.float32)
-    config = load_config("opencv-sift")
-    global_only = answer_features("a", 1.6, labels, cosine, None, None, config)
+    scoring = RecognitionSettings.from_config(load_config("opencv-sift")).scoring
+    global_only = answer_features("a", 1.6, labels, cosine, None, None, scoring)
     assert set(global_only) == {"score", "cosine", "margin"}
-    verified = answer_features("a", 2.0, labels, cosine, np.array([30, 12, 3]), 0.4, config)
+    verified = answer_features("a", 2.0, labels, cosine, np.array([30, 12, 3]), 0.4, scoring)
     assert verified["verified"] == 1.0 and verified["inliers"] == pytest.approx(np.log1p(30))
     assert verified["nonlandmark"] == pytest.approx(0.4)
     # margin: best score of a (30/40 + 0.9) minus best of b (12/40 + 0.8)
@@ -152,25 +154,27 @@ def synthetic(tmp_path: Path, seed: int = 0):
 def test_leave_one_out_separates_right_from_distractors(tmp_path, penalty):
     train, labels, nonlandmark = synthetic(tmp_path)
     config = load_config("kaggle2020", CONFIDENCE="probability", LANDMARK_THRESHOLD=0.5, NONLANDMARK_PENALTY=penalty)
-    index = RecognitionIndex(train, labels, config, nonlandmark=nonlandmark.global_descriptors())
-    features, right, names = leave_one_out_answers(index, config, nonlandmark)
+    settings, fit = RecognitionSettings.from_config(config), ConfidenceSettings.from_config(config)
+    index = RecognitionIndex(train, labels, settings, nonlandmark=nonlandmark.global_descriptors())
+    features, right, names = leave_one_out_answers(index, settings, fit, nonlandmark)
     assert len(names) == 60 + 30 and all(not r for r, n in zip(right, names, strict=True) if n.startswith("distractor"))
     assert ("nonlandmark" in features[0]) == (penalty > 0)
-    model = fit_confidence(index, config, nonlandmark)
+    model = fit_confidence(index, settings, fit, nonlandmark)
     assert model.fitted_on["samples"] == 90 and model.fitted_on["right"] == sum(right)
     p = np.array([model.probability(f) for f in features])
     held_right = np.array([n.startswith("train") and r for n, r in zip(names, right, strict=True)])
     distractor = np.array([n.startswith("distractor") for n in names])
     assert p[held_right].mean() > 0.7 and p[distractor].mean() < 0.3
     # deterministic: the same fit again, to the bit
-    assert fit_confidence(index, config, nonlandmark).digest() == model.digest()
+    assert fit_confidence(index, settings, fit, nonlandmark).digest() == model.digest()
 
 
 def test_the_held_out_photo_is_not_its_own_candidate(tmp_path):
     train, labels, _ = synthetic(tmp_path)
     config = load_config("kaggle2020", CONFIDENCE_SAMPLES=7)
-    index = RecognitionIndex(train, labels, config)
-    features, right, names = leave_one_out_answers(index, config)
+    settings, fit = RecognitionSettings.from_config(config), ConfidenceSettings.from_config(config)
+    index = RecognitionIndex(train, labels, settings)
+    features, right, names = leave_one_out_answers(index, settings, fit)
     assert len(names) == 7  # a sample, bounded by CONFIDENCE_SAMPLES
     # with itself among the candidates every cosine would be 1
     assert max(f["cosine"] for f in features) < 0.999
@@ -179,17 +183,18 @@ def test_the_held_out_photo_is_not_its_own_candidate(tmp_path):
 def test_engine_applies_the_model_and_caches_it(tmp_path):
     train, labels, nonlandmark = synthetic(tmp_path)
     config = load_config("kaggle2020", CONFIDENCE="probability", LANDMARK_THRESHOLD=0.5)
-    index = RecognitionIndex(train, labels, config)
-    index.confidence = ensure_confidence(index, config, nonlandmark, log=lambda _: None)
+    settings, fit = RecognitionSettings.from_config(config), ConfidenceSettings.from_config(config)
+    index = RecognitionIndex(train, labels, settings)
+    index.confidence = ensure_confidence(index, settings, fit, nonlandmark, log=lambda _: None)
     cached = list((tmp_path / "train" / "derived").glob("confidence-*.json"))
     assert len(cached) == 1
-    assert ensure_confidence(index, config, nonlandmark, log=print).digest() == index.confidence.digest()
+    assert ensure_confidence(index, settings, fit, nonlandmark, log=print).digest() == index.confidence.digest()
     queries = nonlandmark.global_descriptors()[:3]
-    result = recognize_queries(["a", "b", "c"], queries, None, index, config)
+    result = recognize_queries(["a", "b", "c"], queries, None, index, settings)
     for query in "abc":
         assert result.predictions[query][1] == result.probabilities[query]
         assert result.probabilities[query] == index.confidence.probability(result.features[query])
-    scored = recognize_queries(["a", "b", "c"], queries, None, index, config.replace(CONFIDENCE="score"))
+    scored = recognize_queries(["a", "b", "c"], queries, None, index, replace(settings, confidence="score"))
     assert scored.predictions == {q: (result.predictions[q][0], result.scores[q]) for q in "abc"}
     assert scored.probabilities == {}
 
@@ -271,9 +276,10 @@ def test_too_few_wrong_answers_keep_the_scores(tmp_path):
     labels = [str(n) for n in range(6) for _ in range(3)]
     train = VectorStore(tmp_path / "train", [f"t{i:03d}" for i in range(18)], vectors / np.linalg.norm(vectors, axis=1, keepdims=True))
     config = load_config("kaggle2020", CONFIDENCE="probability", LANDMARK_THRESHOLD=0.5)
-    index = RecognitionIndex(train, labels, config)
-    _, right, _ = leave_one_out_answers(index, config)
+    settings, fit = RecognitionSettings.from_config(config), ConfidenceSettings.from_config(config)
+    index = RecognitionIndex(train, labels, settings)
+    _, right, _ = leave_one_out_answers(index, settings, fit)
     assert len(right) == 18 and all(right)
     with pytest.raises(NotEnoughAnswers, match="18 right and 0 wrong"):
-        fit_confidence(index, config)
-    assert ensure_confidence(index, config, log=lambda _: None) is None  # the run keeps scores
+        fit_confidence(index, settings, fit)
+    assert ensure_confidence(index, settings, fit, log=lambda _: None) is None  # the run keeps scores

@@ -16,7 +16,7 @@ import pytest
 
 from delf_retrieval.config import PRESETS, Config, default_preset, load_config
 from delf_retrieval.demo.data import bundled_photo
-from delf_retrieval.matching.verify import count_inliers_many, match_and_verify
+from delf_retrieval.matching.verify import MatchingSettings, count_inliers_many, match_and_verify
 from delf_retrieval.models.base import ExtractorParams
 from delf_retrieval.models.loader import list_models, load_extractor
 
@@ -82,7 +82,8 @@ def test_keypoints_come_back_in_original_pixels(name, images):
     # Keypoints cover the original 320 and 400 px images, not the 256 px ones.
     assert photo.keypoints.max() > 280 and view.keypoints.max() > 340
     assert photo.keypoints.min() > -1 and photo.keypoints.max() < 320
-    matches, inliers = match_and_verify(photo.keypoints, photo.descriptors, view.keypoints, view.descriptors, load_config(name))
+    settings = MatchingSettings.from_config(load_config(name))
+    matches, inliers = match_and_verify(photo.keypoints, photo.descriptors, view.keypoints, view.descriptors, settings)
     errors = np.linalg.norm(_project(photo.keypoints[matches[inliers, 0]]) - view.keypoints[matches[inliers, 1]], axis=1)
     assert inliers.sum() >= 30
     # Sub-2-pixel agreement with the true homography; forgetting the 256 -> 320/400 px
@@ -95,13 +96,15 @@ def test_learned_matcher_separates_true_and_unrelated_pairs(name, images):
     _needs_extra()
     features = _features(name, images)
     config = load_config(MATCHER_PRESET[name])
-    true_pair, unrelated = count_inliers_many(features["photo"], [features["view"], features["other"]], config)
+    learned = MatchingSettings.from_config(config)
+    true_pair, unrelated = count_inliers_many(features["photo"], [features["view"], features["other"]], learned)
     assert true_pair >= 2 * config.MIN_INLIERS
     assert unrelated < config.MIN_INLIERS
-    nn_true, nn_unrelated = count_inliers_many(features["photo"], [features["view"], features["other"]], load_config(name))
+    nn = MatchingSettings.from_config(load_config(name))
+    nn_true, nn_unrelated = count_inliers_many(features["photo"], [features["view"], features["other"]], nn)
     assert nn_true >= 30 and nn_unrelated < load_config(name).MIN_INLIERS
     # The same pair again comes from the cache with the same count.
-    assert count_inliers_many(features["photo"], [features["view"]], config)[0] == true_pair
+    assert count_inliers_many(features["photo"], [features["view"]], learned)[0] == true_pair
 
 
 def test_batched_extraction_equals_one_by_one(images):

@@ -23,7 +23,12 @@ from delf_retrieval.matching import (
 from delf_retrieval.matching.device import resolve_device
 from delf_retrieval.matching.nn import match_batch, quantize_int8
 from delf_retrieval.matching.reduced_precision import exact_dots
-from delf_retrieval.matching.verify import count_inliers, count_inliers_many, putative_matches
+from delf_retrieval.matching.verify import (
+    MatchingSettings,
+    count_inliers,
+    count_inliers_many,
+    putative_matches,
+)
 
 RULES = {
     "baseline bound": dict(max_distance=0.9, mutual=False, ratio=1.0),
@@ -305,17 +310,18 @@ def test_count_inliers_many_bounds_blas_threads_and_restores_them(monkeypatch):
     pytest.importorskip("threadpoolctl", reason="bounding BLAS threads needs threadpoolctl (scipy/scikit-image stacks bring it)")
     query, candidates = shifted_views()
     config = Config(MUTUAL_NEAREST_NEIGHBOR=True, RATIO_TEST=0.8, MAX_DESCRIPTOR_DISTANCE=float("inf"))
+    settings = MatchingSettings.from_config(config)
     before = blas_threads()
-    serial = count_inliers_many(query, candidates, config.replace(WORKERS=1))
+    serial = count_inliers_many(query, candidates, MatchingSettings.from_config(config.replace(WORKERS=1)))
     np.testing.assert_array_equal(serial, [15 + 8 * c for c in range(6)])
     seen = []
-    real = verify._ransac_for  # runs inside the jobs on either path (tiles with Numba, shares without)
-    monkeypatch.setattr(verify, "_ransac_for", lambda *a, **k: seen.append(blas_threads()) or real(*a, **k))
-    threaded = count_inliers_many(query, candidates, config.replace(WORKERS=2))
+    real = verify._inliers  # runs inside the jobs on either path (tiles with Numba, shares without)
+    monkeypatch.setattr(verify, "_inliers", lambda *a, **k: seen.append(blas_threads()) or real(*a, **k))
+    threaded = count_inliers_many(query, candidates, MatchingSettings.from_config(config.replace(WORKERS=2)))
     np.testing.assert_array_equal(threaded, serial)
     assert len(seen) == len(candidates) and all(set(threads) == {1} for threads in seen)
     assert blas_threads() == before  # restored
-    loop = [count_inliers(query.keypoints, query.descriptors, c.keypoints, c.descriptors, config) for c in candidates]
+    loop = [count_inliers(query.keypoints, query.descriptors, c.keypoints, c.descriptors, settings) for c in candidates]
     np.testing.assert_array_equal(serial, loop)
 
 
@@ -333,6 +339,6 @@ def test_count_inliers_many_int8_equals_float32():
     query, candidates = shifted_views(3)
     config = Config(MUTUAL_NEAREST_NEIGHBOR=True, RATIO_TEST=0.8, MAX_DESCRIPTOR_DISTANCE=float("inf"))
     np.testing.assert_array_equal(
-        count_inliers_many(query, candidates, config.replace(MATCH_DTYPE="int8")),
-        count_inliers_many(query, candidates, config),
+        count_inliers_many(query, candidates, MatchingSettings.from_config(config.replace(MATCH_DTYPE="int8"))),
+        count_inliers_many(query, candidates, MatchingSettings.from_config(config)),
     )

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
 from delf_retrieval.config import Config
-from delf_retrieval.scoring.rerank import candidate_scores, recognize_one
+from delf_retrieval.scoring.rerank import ScoringSettings, candidate_scores, recognize_one
 from delf_retrieval.search.expansion import (
     alpha_query_expansion,
     database_augmentation,
@@ -77,8 +79,8 @@ def test_unverified_rule_penalises_only_where_no_match_is_verified():
     cosine = np.array([0.5, 0.3, 0.2])
     inliers = np.array([3, 40, 0])
     nonlandmark = np.array([0.4, 0.45, 0.1])
-    subtract = Config(NONLANDMARK_PENALTY=2.0, MIN_INLIERS=10, MAX_INLIER_SCORE=40)
-    unverified = subtract.replace(NONLANDMARK_RULE="unverified")
+    subtract = ScoringSettings.from_config(Config(NONLANDMARK_PENALTY=2.0, MIN_INLIERS=10, MAX_INLIER_SCORE=40))
+    unverified = replace(subtract, nonlandmark_rule="unverified")
     # subtract: every candidate loses 2 * nl; inlier terms 0 (3 < 10), 1.0, 0.
     np.testing.assert_allclose(
         candidate_scores(cosine, inliers, subtract, nonlandmark), [0.5 - 0.8, 0.3 + 1.0 - 0.9, 0.2 - 0.2], atol=1e-6
@@ -92,11 +94,11 @@ def test_unverified_rule_penalises_only_where_no_match_is_verified():
         candidate_scores(cosine, None, unverified, nonlandmark), candidate_scores(cosine, None, subtract, nonlandmark)
     )
     labels = ["a", "b", "c"]
-    top1 = unverified.replace(TOP_K=1)
+    top1 = replace(unverified, top_k=1)
     # Landmark b wins with a verified vote: the query's similarity to the distractors is ignored.
     assert recognize_one(labels, cosine, inliers, top1, nonlandmark, 0.7) == ("b", pytest.approx(1.3))
     # Nothing verified: b's 40 inliers are under a gate of 50, so the query loses 2 * 0.7.
-    gated = top1.replace(MIN_INLIERS=50)
+    gated = replace(top1, min_inliers=50)
     label, confidence = recognize_one(labels, cosine, inliers, gated, None, 0.7)
     assert label == "a" and confidence == pytest.approx(0.5 - 1.4)
 
@@ -104,10 +106,10 @@ def test_unverified_rule_penalises_only_where_no_match_is_verified():
 def test_excess_rule_penalises_only_what_exceeds_the_landmark_evidence():
     cosine = np.array([0.5, 0.3])
     nonlandmark = np.array([0.4, 0.45])
-    excess = Config(NONLANDMARK_PENALTY=2.0, NONLANDMARK_RULE="excess")
+    excess = ScoringSettings.from_config(Config(NONLANDMARK_PENALTY=2.0, NONLANDMARK_RULE="excess"))
     # Candidate 0 is nearer to the query than the distractors are: no penalty; 1 loses 2 * 0.15.
     np.testing.assert_allclose(candidate_scores(cosine, None, excess, nonlandmark), [0.5, 0.3 - 0.3], atol=1e-6)
-    top1 = excess.replace(TOP_K=1)
+    top1 = replace(excess, top_k=1)
     assert recognize_one(["a", "b"], cosine, None, top1, None, 0.45) == ("a", 0.5)
     # 0.7 exceeds the best cosine 0.5 by 0.2: the confidence loses 2 * 0.2.
     label, confidence = recognize_one(["a", "b"], cosine, None, top1, None, 0.7)

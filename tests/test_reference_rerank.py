@@ -13,6 +13,7 @@ plain scipy/scikit-image; the library's ``count_inliers`` with the
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -21,9 +22,9 @@ from skimage import data, measure, transform
 
 from delf_retrieval.config import load_config
 from delf_retrieval.matching.ransac import ransac_inliers
-from delf_retrieval.matching.verify import count_inliers
+from delf_retrieval.matching.verify import MatchingSettings, count_inliers
 
-PRESET = load_config("delf-matchfeatures")
+PRESET = MatchingSettings.from_config(load_config("delf-matchfeatures"))
 
 
 def _reference_ransac(index_points, query_points, seed, threshold=10.0):
@@ -211,7 +212,7 @@ def test_real_pairs_equal_the_reference(photo_features):
         keypoints_i = index.keypoints.astype(np.float64)
         descriptors_q = query.descriptors.astype(np.float64)
         descriptors_i = index.descriptors.astype(np.float64)
-        config = PRESET.replace(RANSAC_SEED=seed)
+        config = replace(PRESET, ransac=replace(PRESET.ransac, seed=seed))
         ours = count_inliers(keypoints_q, descriptors_q, keypoints_i, descriptors_i, config)
         reference = _reference_match_features(
             keypoints_q, descriptors_q, keypoints_i, descriptors_i, seed

@@ -8,6 +8,7 @@ import pytest
 
 from delf_retrieval.config import Config
 from delf_retrieval.scoring.rerank import (
+    ScoringSettings,
     aggregate_landmarks,
     candidate_scores,
     nonlandmark_similarity,
@@ -17,7 +18,13 @@ from delf_retrieval.scoring.rerank import (
     rerank_retrieval,
 )
 
-BASE = Config(MAX_INLIER_SCORE=20, TOP_K=3)
+
+def scoring(**changes) -> ScoringSettings:
+    """The scoring settings of ``Config(MAX_INLIER_SCORE=20, TOP_K=3, **changes)``."""
+    return ScoringSettings.from_config(Config(**{"MAX_INLIER_SCORE": 20, "TOP_K": 3, **changes}))
+
+
+BASE = scoring()
 
 
 # ----------------------------------------------------------------------------- scores
@@ -34,12 +41,12 @@ def test_candidate_scores_baseline_and_clipping():
 
 def test_candidate_scores_min_inliers_gate():
     scores = candidate_scores(
-        [0.5, 0.25, 0.75, -0.5], [10, 40, 0, 20], BASE.replace(MIN_INLIERS=15)
+        [0.5, 0.25, 0.75, -0.5], [10, 40, 0, 20], scoring(MIN_INLIERS=15)
     )
     np.testing.assert_array_equal(scores, [0.5, 1.25, 0.75, 0.5])
     # exactly MIN_INLIERS keeps its term
     np.testing.assert_array_equal(
-        candidate_scores([0.0], [15], BASE.replace(MIN_INLIERS=15)), [0.75]
+        candidate_scores([0.0], [15], scoring(MIN_INLIERS=15)), [0.75]
     )
 
 
@@ -49,7 +56,7 @@ def test_candidate_scores_without_inliers_is_cosine():
 
 def test_candidate_scores_nonlandmark_penalty():
     cosine, inliers, nl = [0.5, 0.25, 0.75, -0.5], [10, 40, 0, 20], [0.5, 0.0, 1.0, 0.25]
-    scores = candidate_scores(cosine, inliers, BASE.replace(NONLANDMARK_PENALTY=0.5), nl)
+    scores = candidate_scores(cosine, inliers, scoring(NONLANDMARK_PENALTY=0.5), nl)
     np.testing.assert_array_equal(scores, [0.75, 1.25, 0.25, 0.375])
     # penalty 0 ignores the similarities
     np.testing.assert_array_equal(
@@ -82,7 +89,7 @@ def test_candidate_scores_bad_input(cosine, inliers, match):
 
 def test_candidate_scores_nonlandmark_length_checked():
     with pytest.raises(ValueError, match="nonlandmark has 1 entries"):
-        candidate_scores([0.5, 0.1], None, BASE.replace(NONLANDMARK_PENALTY=1.0), [0.2])
+        candidate_scores([0.5, 0.1], None, scoring(NONLANDMARK_PENALTY=1.0), [0.2])
 
 
 def test_empty_candidates():
@@ -118,8 +125,7 @@ def test_rerank_stable_on_many_ties():
     expected = sorted(range(64), key=lambda i: -(cosine[i] + inliers[i] / 20))
     order, _ = rerank(cosine, inliers, BASE)
     np.testing.assert_array_equal(order, expected)
-    config = BASE.replace(RETRIEVAL_NUM_TO_RERANK=64)
-    np.testing.assert_array_equal(rerank_retrieval(cosine, inliers, None, None, config), expected)
+    np.testing.assert_array_equal(rerank_retrieval(cosine, inliers, None, None, BASE, num_to_rerank=64), expected)
 
 
 # ----------------------------------------------------------------------------- votes
@@ -221,25 +227,23 @@ def test_penalize_frequent_landmarks():
     labels = ["a", "b", "a", None, "a", "c", "c"]
     confidences = np.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0])
     ln2, ln3 = math.log(2), math.log(3)
-    config = BASE.replace(FREQUENT_LANDMARK_PENALTY=1.0)
-    result = penalize_frequent_landmarks(labels, confidences, config)
+    result = penalize_frequent_landmarks(labels, confidences, weight=1.0)
     np.testing.assert_allclose(
         result, [1 - ln3, 2, 3 - ln3, 4, 5 - ln3, 6 - ln2, 7 - ln2], rtol=0, atol=1e-12
     )
-    config = BASE.replace(FREQUENT_LANDMARK_PENALTY=2.0, FREQUENT_LANDMARK_MIN_COUNT=2)
-    result = penalize_frequent_landmarks(labels, confidences, config)
+    result = penalize_frequent_landmarks(labels, confidences, weight=2.0, min_count=2)
     ln15 = 2 * math.log(1.5)
     np.testing.assert_allclose(
         result, [1 - ln15, 2, 3 - ln15, 4, 5 - ln15, 6, 7], rtol=0, atol=1e-12
     )
     # off by default, and the input is never changed
     np.testing.assert_array_equal(
-        penalize_frequent_landmarks(labels, confidences, BASE), confidences
+        penalize_frequent_landmarks(labels, confidences, weight=0.0), confidences
     )
     np.testing.assert_array_equal(confidences, [1, 2, 3, 4, 5, 6, 7])
-    assert penalize_frequent_landmarks([], [], config).shape == (0,)
+    assert penalize_frequent_landmarks([], [], weight=2.0, min_count=2).shape == (0,)
     with pytest.raises(ValueError, match="labels has 1 entries"):
-        penalize_frequent_landmarks(["a"], [1.0, 2.0], config)
+        penalize_frequent_landmarks(["a"], [1.0, 2.0], weight=2.0, min_count=2)
 
 
 # ----------------------------------------------------------------------------- one query
@@ -257,7 +261,7 @@ def test_recognize_one_global_only():
 
 
 def test_recognize_one_nonlandmark():
-    config = BASE.replace(NONLANDMARK_PENALTY=0.5)
+    config = scoring(NONLANDMARK_PENALTY=0.5)
     labels, cosine, inliers = ["x", "y", "x", "y"], [0.75, 0.5, 0.5, 0.25], [0, 20, 0, 20]
     # scores 0.75, 1.0, 0.5, 0.75 -> order 1, 0, 3 -> y: 1.0 + 0.75 = 1.75, minus 0.5 * 0.5
     result = recognize_one(labels, cosine, inliers, config, [0.0, 1.0, 0.0, 1.0], 0.5)
@@ -271,10 +275,10 @@ def test_verified_first_ranks_a_verified_answer_above_summed_unverified_votes():
     # with 10 of MAX_INLIER_SCORE 20 inliers (term 0.5) at cosine 0.2, and one of z.
     a = (["x", "x", "x"], [0.5, 0.5, 0.5], [0, 3, 0])
     b = (["y", "z"], [0.2, 0.1], [10, 0])
-    baseline = BASE.replace(MIN_INLIERS=5)
+    baseline = scoring(MIN_INLIERS=5)
     assert recognize_one(*a, baseline) == ("x", 1.5)
     assert recognize_one(*b, baseline) == ("y", pytest.approx(0.7))  # below A: the baseline's order
-    first = baseline.replace(VERIFIED_FIRST=True)
+    first = scoring(MIN_INLIERS=5, VERIFIED_FIRST=True)
     # unverified: 1.5 - 2 * TOP_K (no non-landmark penalty) = 1.5 - 6
     assert recognize_one(*a, first) == ("x", -4.5)
     assert recognize_one(*b, first) == ("y", pytest.approx(0.7))
@@ -289,15 +293,15 @@ def test_verified_first_holds_at_the_extremes_of_every_score(rule):
     # similarities are drawn from {-1, 1} and uniform [-1, 1], penalties up to 3.
     rng = np.random.default_rng(7)
     for _ in range(200):
-        config = BASE.replace(
+        config = scoring(
             VERIFIED_FIRST=True,
             MIN_INLIERS=int(rng.integers(0, 4)),
             TOP_K=int(rng.integers(1, 5)),
             NONLANDMARK_PENALTY=float(rng.choice([0.0, 0.5, 3.0])),
             NONLANDMARK_RULE=rule,
         )
-        gate = max(config.MIN_INLIERS, 1)
-        size = config.TOP_K
+        gate = max(config.min_inliers, 1)
+        size = config.top_k
 
         def draw(verified, size=size, gate=gate, config=config):
             extreme = rng.random() < 0.5
@@ -323,42 +327,40 @@ def test_recognize_one_length_mismatch():
 
 
 def test_rerank_retrieval_verification_and_labels():
-    config = BASE.replace(RETRIEVAL_NUM_TO_RERANK=3, RETRIEVAL_LABEL_BOOST=1.0)
+    options = dict(num_to_rerank=3, label_boost=1.0)
     cosine = [0.875, 0.75, 0.625, 0.5, 0.375]
     inliers = [0, 20, 10, 20, 20]
     labels = ["a", "b", "a", "b", "a"]
     # head scores 0.875 + 1, 0.75 + 1, 0.625 + 0.5 + 1; tail 3, 4 unchanged
     np.testing.assert_array_equal(
-        rerank_retrieval(cosine, inliers, labels, "a", config), [2, 0, 1, 3, 4]
+        rerank_retrieval(cosine, inliers, labels, "a", BASE, **options), [2, 0, 1, 3, 4]
     )
     # verification only: 0.875, 1.75, 1.125
     np.testing.assert_array_equal(
-        rerank_retrieval(cosine, inliers, None, None, config), [1, 2, 0, 3, 4]
+        rerank_retrieval(cosine, inliers, None, None, BASE, **options), [1, 2, 0, 3, 4]
     )
     np.testing.assert_array_equal(
-        rerank_retrieval(cosine, inliers, labels, None, config), [1, 2, 0, 3, 4]
+        rerank_retrieval(cosine, inliers, labels, None, BASE, **options), [1, 2, 0, 3, 4]
     )
     np.testing.assert_array_equal(
-        rerank_retrieval(cosine, inliers[:3], labels, "b", config), [1, 2, 0, 3, 4]
+        rerank_retrieval(cosine, inliers[:3], labels, "b", BASE, **options), [1, 2, 0, 3, 4]
     )
     # labels only: 0.875 + 1, 0.75, 0.625 + 1
     np.testing.assert_array_equal(
-        rerank_retrieval(cosine, None, labels, "a", config), [0, 2, 1, 3, 4]
+        rerank_retrieval(cosine, None, labels, "a", BASE, **options), [0, 2, 1, 3, 4]
     )
 
 
 def test_rerank_retrieval_stable_and_bounds():
-    config = BASE.replace(RETRIEVAL_NUM_TO_RERANK=10)
     np.testing.assert_array_equal(
-        rerank_retrieval([0.5, 0.5, 0.5], None, None, None, config), [0, 1, 2]
+        rerank_retrieval([0.5, 0.5, 0.5], None, None, None, BASE, num_to_rerank=10), [0, 1, 2]
     )
     # nothing to re-rank keeps the input order
-    config = BASE.replace(RETRIEVAL_NUM_TO_RERANK=0)
     np.testing.assert_array_equal(
-        rerank_retrieval([0.25, 0.5], [20, 0], ["a", "a"], "a", config), [0, 1]
+        rerank_retrieval([0.25, 0.5], [20, 0], ["a", "a"], "a", BASE, num_to_rerank=0), [0, 1]
     )
     with pytest.raises(ValueError, match="cand_inliers has 1 entries"):
-        rerank_retrieval([0.25, 0.5], [20], None, None, BASE.replace(RETRIEVAL_NUM_TO_RERANK=2))
+        rerank_retrieval([0.25, 0.5], [20], None, None, BASE, num_to_rerank=2)
 
 
 def test_config_new_fields_checked():

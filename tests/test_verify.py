@@ -11,11 +11,17 @@ from delf_retrieval.config import Config
 from delf_retrieval.features.containers import LocalFeatures
 from delf_retrieval.matching.ransac import ransac_inliers
 from delf_retrieval.matching.verify import (
+    MatchingSettings,
     count_inliers,
     count_inliers_many,
     match_and_verify,
     putative_matches,
 )
+
+
+def matching(**fields) -> MatchingSettings:
+    """The matching settings of ``Config(**fields)``."""
+    return MatchingSettings.from_config(Config(**fields))
 
 # Image 1 holds [1,0], [0,1], [-1,0]; image 2 holds [0.6,0.8], [1,0].
 # Nearest neighbours 1->2: 0->1 (distance 0), 1->0 (sqrt(0.4)=0.632), 2->0 (sqrt(3.2)=1.789).
@@ -247,24 +253,24 @@ def pair_features(seed: int = 0, matching: bool = True):
 
 def test_count_inliers_on_a_known_pair():
     image1, image2, order = pair_features()
-    config = Config()  # the kaggle2020 preset: distance bound 0.9, MAGSAC
+    config = matching()  # the kaggle2020 preset: distance bound 0.9, MAGSAC
     args = (image1.keypoints, image1.descriptors, image2.keypoints, image2.descriptors)
     assert count_inliers(*args, config) == 40
     matches, inliers = match_and_verify(*args, config)
     np.testing.assert_array_equal(matches[:, 0], np.arange(60))
     np.testing.assert_array_equal(order[matches[:, 1]], np.arange(60))
     np.testing.assert_array_equal(inliers, np.arange(60) < 40)
-    assert count_inliers(*args, config.replace(RANSAC_METHOD="opencv-ransac")) == 40
+    assert count_inliers(*args, matching(RANSAC_METHOD="opencv-ransac")) == 40
 
 
 def test_count_inliers_follows_the_match_settings():
     image1, image2, _ = pair_features()
     args = (image1.keypoints, image1.descriptors, image2.keypoints, image2.descriptors)
     # Fewer than MIN_MATCHES + 1 putative matches: 0 without running RANSAC.
-    assert count_inliers(*args, Config(MIN_MATCHES=60)) == 0
-    assert count_inliers(*args, Config(MIN_MATCHES=59)) == 40
+    assert count_inliers(*args, matching(MIN_MATCHES=60)) == 0
+    assert count_inliers(*args, matching(MIN_MATCHES=59)) == 40
     few = (image1.keypoints[:4], image1.descriptors[:4], image2.keypoints, image2.descriptors)
-    assert count_inliers(*few, Config(MIN_MATCHES=0)) == 0
+    assert count_inliers(*few, matching(MIN_MATCHES=0)) == 0
     # Descriptors from unrelated images: nothing within the baseline's distance bound.
     rng = np.random.default_rng(9)
     noise = rng.standard_normal((60, 128)).astype(np.float32)
@@ -311,7 +317,7 @@ def test_count_inliers_many_equals_the_serial_loop():
         LocalFeatures.empty(128),
         shuffled_view(query, shift, 60, seed=5),
     ]
-    config = Config(WORKERS=2)
+    config = matching(WORKERS=2)
     counts = count_inliers_many(query, candidates, config)
     serial = [
         count_inliers(query.keypoints, query.descriptors, c.keypoints, c.descriptors, config)
@@ -320,7 +326,7 @@ def test_count_inliers_many_equals_the_serial_loop():
     assert counts.dtype == np.int64
     np.testing.assert_array_equal(counts, serial)
     np.testing.assert_array_equal(counts, [40, 25, 20, 0, 0, 60])
-    np.testing.assert_array_equal(count_inliers_many(query, candidates, Config(WORKERS=1)), counts)
+    np.testing.assert_array_equal(count_inliers_many(query, candidates, matching(WORKERS=1)), counts)
     assert count_inliers_many(query, [], config).shape == (0,)
 
 
@@ -350,8 +356,8 @@ def test_missing_pydegensac_names_the_package(monkeypatch):
 # --- non-finite rows -----------------------------------------------------------------------
 
 NAN_CONFIGS = [
-    Config(),  # kaggle2020: distance bound
-    Config(MUTUAL_NEAREST_NEIGHBOR=True, RATIO_TEST=0.8, MAX_DESCRIPTOR_DISTANCE=float("inf")),
+    matching(),  # kaggle2020: distance bound
+    matching(MUTUAL_NEAREST_NEIGHBOR=True, RATIO_TEST=0.8, MAX_DESCRIPTOR_DISTANCE=float("inf")),
 ]
 
 

@@ -9,7 +9,12 @@ import pytest
 
 from delf_retrieval.features.containers import ImageFeatures
 from delf_retrieval.features.store import FeatureStore
-from delf_retrieval.search.whitening import fit_whitening, whiten_for_run, whiten_stores
+from delf_retrieval.search.whitening import (
+    ensure_whitening,
+    fit_whitening,
+    whiten_for_run,
+    whiten_stores,
+)
 
 
 def _direct(train: np.ndarray, queries: np.ndarray, dim: int) -> np.ndarray:
@@ -69,15 +74,16 @@ def test_whitened_stores_are_fitted_on_the_database_and_cached(tmp_path: Path) -
     train, queries = rng.normal(size=(40, 8)), rng.normal(size=(6, 8))
     stores = {"train": _store(tmp_path / "train", train), "test": _store(tmp_path / "test", queries)}
     logged: list[str] = []
-    views = whiten_stores(stores, "train", 3, log=logged.append)
+    views = whiten_for_run(stores, "train", 3, log=logged.append)
     np.testing.assert_allclose(
         _gram(np.asarray(views["test"].global_descriptors())), _gram(_direct(train, queries, 3)), atol=1e-5
     )
     assert views["test"].ids == stores["test"].ids  # everything else is the store's
     assert (tmp_path / "train" / "derived" / "whitening.npz").is_file()
     assert len(logged) == 1 and "8 -> 3 dims" in logged[0]
-    again = whiten_stores(stores, "train", 3, log=logged.append)  # cached: no new fit
+    fit = ensure_whitening(stores["train"], 3, log=logged.append)  # cached: no new fit
+    again = whiten_stores(stores, fit)  # the fit given, not loaded again
     assert len(logged) == 1
     np.testing.assert_array_equal(again["test"].global_descriptors(), views["test"].global_descriptors())
-    whiten_stores(stores, "train", 5, log=logged.append)  # another dimension: refitted
+    whiten_for_run(stores, "train", 5, log=logged.append)  # another dimension: refitted
     assert len(logged) == 2 and whiten_for_run(stores, "train", 0) is stores

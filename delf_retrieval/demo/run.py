@@ -10,7 +10,7 @@ from delf_retrieval.config import load_config
 from delf_retrieval.demo.data import build_demo_dataset
 from delf_retrieval.features.images import kaggle_image_path, load_image
 from delf_retrieval.kaggle.metrics import evaluate_recognition
-from delf_retrieval.matching.verify import match_and_verify
+from delf_retrieval.matching.verify import MatchingSettings, match_and_verify
 from delf_retrieval.tasks.recognition import recognize
 from delf_retrieval.tasks.run import RunOutput
 from delf_retrieval.viz import plot_matches
@@ -86,8 +86,8 @@ def _draw_best_match(output: RunOutput, data_dir: Path, path: Path) -> Path | No
     train_id = result.neighbours[query_id][best]
     query = output.stores["test"].local_features(query_id)
     train = output.stores["train"].local_features(train_id)
-    config = load_config("opencv-sift")
-    matches, inliers = match_and_verify(query.keypoints, query.descriptors, train.keypoints, train.descriptors, config)
+    settings = MatchingSettings.from_config(load_config("opencv-sift"))
+    matches, inliers = match_and_verify(query.keypoints, query.descriptors, train.keypoints, train.descriptors, settings)
     figure = plot_matches(
         load_image(kaggle_image_path(data_dir / "test", query_id)),
         query.keypoints,

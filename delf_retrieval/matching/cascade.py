@@ -1,6 +1,6 @@
 """Verification cascade: a cheap matcher picks which candidates the learned matcher sees.
 
-A learned matcher (LightGlue, LighterGlue; :mod:`.learned_matching`) costs 0.5-3 s per
+A learned matcher (LightGlue, LighterGlue; :mod:`.learned`) costs 0.5-3 s per
 pair on a CPU, so it verifies only ``NUM_TO_RERANK`` candidates; a true database photo
 that the global descriptor ranks lower is never seen. With ``CASCADE_CANDIDATES = W >
 NUM_TO_RERANK`` and a learned ``MATCHER``, the first ``W`` candidates by global
@@ -23,27 +23,59 @@ ones not chosen keeping their global similarity as score.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from delf_retrieval.config import Config
 from delf_retrieval.features.containers import LocalFeatures
-from delf_retrieval.matching.verify import count_inliers_many
+from delf_retrieval.matching.verify import MatchingSettings, count_inliers_many
 
-__all__ = ["cascade_active", "cascade_choice", "num_candidates", "verify_candidates"]
-
-
-def cascade_active(config: Config) -> bool:
-    """Whether ``config`` verifies with the cascade: a learned ``MATCHER`` and
-    ``CASCADE_CANDIDATES > NUM_TO_RERANK``."""
-    return config.MATCHER != "nn" and config.CASCADE_CANDIDATES > config.NUM_TO_RERANK > 0
+__all__ = ["VerificationSettings", "cascade_active", "cascade_choice", "num_candidates", "verify_candidates"]
 
 
-def num_candidates(config: Config) -> int:
-    """Global candidates a recognition query needs: ``max(NUM_TO_RERANK, TOP_K)``, or
-    ``CASCADE_CANDIDATES`` when larger and the cascade is active."""
-    width = max(config.NUM_TO_RERANK, config.TOP_K)
-    return max(width, config.CASCADE_CANDIDATES) if cascade_active(config) else width
+@dataclass(frozen=True)
+class VerificationSettings:
+    """Which candidates of a recognition query are verified, and how: what this step reads
+    of :class:`~delf_retrieval.config.Config` (defaults: ``kaggle2020``).
+
+    Attributes
+    ----------
+    matching : how a pair is verified (:class:`~delf_retrieval.matching.verify.MatchingSettings`:
+        ``MATCHER``, the nearest-neighbour filters, ``MIN_MATCHES``, ``RANSAC_*``, ...).
+    num_to_rerank : ``NUM_TO_RERANK``, candidates verified per query (by global similarity,
+        or chosen by the cascade).
+    cascade_candidates : ``CASCADE_CANDIDATES``, candidates the cascade's cheap stage verifies.
+    cascade_min_inliers : ``CASCADE_MIN_INLIERS``, cheap inlier counts below this are no evidence.
+    """
+
+    matching: MatchingSettings = field(default_factory=MatchingSettings)
+    num_to_rerank: int = 3
+    cascade_candidates: int = 0
+    cascade_min_inliers: int = 12
+
+    @classmethod
+    def from_config(cls, config: Any) -> VerificationSettings:
+        return cls(
+            matching=MatchingSettings.from_config(config),
+            num_to_rerank=config.NUM_TO_RERANK,
+            cascade_candidates=config.CASCADE_CANDIDATES,
+            cascade_min_inliers=config.CASCADE_MIN_INLIERS,
+        )
+
+
+def cascade_active(settings: VerificationSettings) -> bool:
+    """Whether verification runs the cascade: a learned matcher and ``cascade_candidates >
+    num_to_rerank``."""
+    return settings.matching.learned and settings.cascade_candidates > settings.num_to_rerank > 0
+
+
+def num_candidates(settings: VerificationSettings, top_k: int) -> int:
+    """Global candidates a recognition query needs: ``max(num_to_rerank, top_k)`` (``top_k``:
+    ``TOP_K``, the candidates that vote), or ``cascade_candidates`` when larger and the
+    cascade is active."""
+    width = max(settings.num_to_rerank, top_k)
+    return max(width, settings.cascade_candidates) if cascade_active(settings) else width
 
 
 def cascade_choice(cheap_inliers: np.ndarray, count: int, min_inliers: int) -> np.ndarray:
@@ -74,7 +106,7 @@ def verify_candidates(
     query: LocalFeatures,
     candidate: Callable[[int], LocalFeatures],
     size: int,
-    config: Config,
+    settings: VerificationSettings,
 ) -> np.ndarray:
     """Inlier counts of one query's candidates, as recognition uses them.
 
@@ -87,9 +119,9 @@ def verify_candidates(
         (global order); only the positions that are verified are read.
     size : int
         Number of candidates R.
-    config : Config
-        Without the cascade (:func:`cascade_active`), the first ``NUM_TO_RERANK`` are
-        verified with ``MATCHER``; with it, see the module docstring.
+    settings : VerificationSettings
+        Without the cascade (:func:`cascade_active`), the first ``num_to_rerank`` are
+        verified with ``settings.matching``; with it, see the module docstring.
 
     Returns
     -------
@@ -97,14 +129,15 @@ def verify_candidates(
         Inliers of the verified candidates, 0 for the others.
     """
     inliers = np.zeros(size, np.int64)
-    if not cascade_active(config):
-        verified = min(config.NUM_TO_RERANK, size)
+    matching = settings.matching
+    if not cascade_active(settings):
+        verified = min(settings.num_to_rerank, size)
         if verified:
-            inliers[:verified] = count_inliers_many(query, [candidate(p) for p in range(verified)], config)
+            inliers[:verified] = count_inliers_many(query, [candidate(p) for p in range(verified)], matching)
         return inliers
-    width = min(config.CASCADE_CANDIDATES, size)
+    width = min(settings.cascade_candidates, size)
     features = [candidate(p) for p in range(width)]
-    cheap = count_inliers_many(query, features, config.replace(MATCHER="nn", MATCHER_FEATURES=""))
-    chosen = np.sort(cascade_choice(cheap, config.NUM_TO_RERANK, config.CASCADE_MIN_INLIERS))
-    inliers[chosen] = count_inliers_many(query, [features[p] for p in chosen], config)
+    cheap = count_inliers_many(query, features, matching.nearest_neighbours())
+    chosen = np.sort(cascade_choice(cheap, settings.num_to_rerank, settings.cascade_min_inliers))
+    inliers[chosen] = count_inliers_many(query, [features[p] for p in chosen], matching)
     return inliers

@@ -1,10 +1,11 @@
 """Learned matchers as a verification method: LightGlue (ALIKED, DISK) and LighterGlue (XFeat).
 
-``Config(MATCHER="lightglue", MATCHER_FEATURES="aliked")`` makes
+``Config(MATCHER="lightglue", MATCHER_FEATURES="aliked")`` (its
+:class:`~delf_retrieval.matching.verify.MatchingSettings`) makes
 :func:`delf_retrieval.matching.verify.count_inliers_many` match each pair with the learned matcher
-instead of nearest neighbours, drop matches whose matcher confidence is below
-``MATCH_CONFIDENCE``, and count RANSAC inliers over the rest (``RANSAC_METHOD`` and
-friends, as for nearest-neighbour matches). It needs only what the feature store keeps:
+(:func:`learned_matches`) instead of nearest neighbours, drop matches whose matcher
+confidence is below ``MATCH_CONFIDENCE``, and count RANSAC inliers over the rest
+(``RANSAC_METHOD`` and friends, as for nearest-neighbour matches). It needs only what the feature store keeps:
 keypoints (original pixels) and descriptors of both images. The image size, which the
 matchers use to normalise keypoints (``normalize_keypoints`` in cvg/LightGlue
 ``lightglue.py``: centre at size / 2, divide by max(size) / 2), is not stored; it is
@@ -24,17 +25,14 @@ from __future__ import annotations
 import copy
 import hashlib
 from collections import OrderedDict
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from delf_retrieval.config import Config
 from delf_retrieval.features.containers import LocalFeatures
-from delf_retrieval.matching.ransac import ransac_inliers
 from delf_retrieval.models.learned import require_torch, torch_device
 
-__all__ = ["LearnedMatcher", "count_inliers_learned", "get_matcher", "learned_matches", "verify_learned"]
+__all__ = ["LearnedMatcher", "get_matcher", "learned_matches"]
 
 MATCHERS = ("lightglue", "lighterglue")
 _CACHE_SIZE = 50_000
@@ -185,55 +183,23 @@ def _digest(local: LocalFeatures) -> bytes:
     return digest.digest()
 
 
-def learned_matches(query: LocalFeatures, candidate: LocalFeatures, config: Config) -> tuple[np.ndarray, np.ndarray]:
-    """Learned-matcher matches ``[M, 2]`` and confidences ``[M]`` of one pair (cached)."""
-    features = config.MATCHER_FEATURES or ("xfeat" if config.MATCHER == "lighterglue" else "")
-    key = (config.MATCHER, features, _digest(query), _digest(candidate))
+def learned_matches(
+    query: LocalFeatures, candidate: LocalFeatures, matcher: str, features: str = ""
+) -> tuple[np.ndarray, np.ndarray]:
+    """Learned-matcher matches ``[M, 2]`` and confidences ``[M]`` of one pair (cached).
+
+    ``matcher`` is ``MATCHER`` (``"lightglue"`` or ``"lighterglue"``), ``features``
+    ``MATCHER_FEATURES`` (``""`` with LighterGlue means ``"xfeat"``).
+    """
+    features = features or ("xfeat" if matcher == "lighterglue" else "")
+    key = (matcher, features, _digest(query), _digest(candidate))
     if key in _pair_cache:
         _pair_cache.move_to_end(key)
         return _pair_cache[key]
-    matcher = get_matcher(config.MATCHER, features)
-    result = matcher.match(query.keypoints, query.descriptors, candidate.keypoints, candidate.descriptors)
+    result = get_matcher(matcher, features).match(
+        query.keypoints, query.descriptors, candidate.keypoints, candidate.descriptors
+    )
     _pair_cache[key] = result
     if len(_pair_cache) > _CACHE_SIZE:
         _pair_cache.popitem(last=False)
     return result
-
-
-def verify_learned(
-    query: LocalFeatures, candidate: LocalFeatures, config: Config
-) -> tuple[np.ndarray, np.ndarray]:
-    """Learned matches of one pair and their RANSAC inlier mask, per ``config``.
-
-    Matches with confidence below ``MATCH_CONFIDENCE`` are dropped; with ``MIN_MATCHES``
-    matches or fewer no RANSAC runs (all False), else the inliers of ``RANSAC_METHOD``
-    with ``MAX_REPROJECTION_ERROR``, ... as for nearest-neighbour matches.
-
-    Returns
-    -------
-    matches : int64 [M, 2]
-        ``(index into query, index into candidate)``.
-    inliers : bool [M]
-    """
-
-    matches, confidence = learned_matches(query, candidate, config)
-    matches = matches[confidence >= config.MATCH_CONFIDENCE]
-    if matches.shape[0] <= config.MIN_MATCHES:
-        return matches, np.zeros(matches.shape[0], bool)
-    inliers = ransac_inliers(
-        np.asarray(query.keypoints, np.float64)[matches[:, 0]],
-        np.asarray(candidate.keypoints, np.float64)[matches[:, 1]],
-        method=config.RANSAC_METHOD,
-        max_reprojection_error=config.MAX_REPROJECTION_ERROR,
-        max_iterations=config.MAX_RANSAC_ITERATIONS,
-        confidence=config.HOMOGRAPHY_CONFIDENCE,
-        seed=config.RANSAC_SEED,
-    )
-    return matches, inliers
-
-
-def count_inliers_learned(
-    query: LocalFeatures, candidates: Sequence[LocalFeatures], config: Config
-) -> np.ndarray:
-    """Inlier counts (:func:`verify_learned`) of one query against each candidate: int64 [C]."""
-    return np.array([int(verify_learned(query, c, config)[1].sum()) for c in candidates], np.int64)

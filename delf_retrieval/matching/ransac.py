@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import inspect
 import warnings
+from dataclasses import dataclass
+from typing import Any
 
 import cv2
 import numpy as np
 
-from delf_retrieval.config import RANSAC_METHODS, Config
-
 # Points that define a model: a homography always fits its 4 sample points exactly and an
 # affine map its 3, so a model supported by no more than these is no evidence at all.
 _SAMPLE_SIZE = {"magsac": 4, "opencv-ransac": 4, "degensac": 4, "skimage-affine": 3}
+# The estimators (``Config.RANSAC_METHOD`` accepts the same names, tests/test_settings.py).
+RANSAC_METHODS = tuple(_SAMPLE_SIZE)
 
 
 # Point sets whose second singular value (after centring) is below this fraction of the
@@ -123,16 +125,47 @@ def ransac_inliers(
     return mask
 
 
-def _ransac_for(points1: np.ndarray, points2: np.ndarray, config: Config) -> np.ndarray:
-    return ransac_inliers(
-        points1,
-        points2,
-        method=config.RANSAC_METHOD,
-        max_reprojection_error=config.MAX_REPROJECTION_ERROR,
-        max_iterations=config.MAX_RANSAC_ITERATIONS,
-        confidence=config.HOMOGRAPHY_CONFIDENCE,
-        seed=config.RANSAC_SEED,
-    )
+@dataclass(frozen=True)
+class RansacSettings:
+    """What RANSAC reads of :class:`~delf_retrieval.config.Config` (defaults: ``kaggle2020``).
+
+    Attributes
+    ----------
+    method : ``RANSAC_METHOD``, the estimator (see :func:`ransac_inliers`).
+    max_reprojection_error : ``MAX_REPROJECTION_ERROR``, the inlier threshold in pixels.
+    max_iterations : ``MAX_RANSAC_ITERATIONS``, the iteration cap.
+    confidence : ``HOMOGRAPHY_CONFIDENCE``, the stopping confidence in (0, 1] (1 only with
+        ``"skimage-affine"``).
+    seed : ``RANSAC_SEED``, the random state.
+    """
+
+    method: str = "magsac"
+    max_reprojection_error: float = 4.0
+    max_iterations: int = 1000
+    confidence: float = 0.99
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, config: Any) -> RansacSettings:
+        return cls(
+            method=config.RANSAC_METHOD,
+            max_reprojection_error=config.MAX_REPROJECTION_ERROR,
+            max_iterations=config.MAX_RANSAC_ITERATIONS,
+            confidence=config.HOMOGRAPHY_CONFIDENCE,
+            seed=config.RANSAC_SEED,
+        )
+
+    def inliers(self, points1: np.ndarray, points2: np.ndarray) -> np.ndarray:
+        """:func:`ransac_inliers` of matched points [M, 2] with these settings: bool [M]."""
+        return ransac_inliers(
+            points1,
+            points2,
+            method=self.method,
+            max_reprojection_error=self.max_reprojection_error,
+            max_iterations=self.max_iterations,
+            confidence=self.confidence,
+            seed=self.seed,
+        )
 
 
 def _magsac(p1, p2, threshold, iterations, confidence, seed):

@@ -23,26 +23,25 @@ Tie rule: a descriptor whose nearest neighbour is tied picks the smaller index.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from delf_retrieval.config import Config
 from delf_retrieval.core.threads import bounded_blas_threads
 from delf_retrieval.features.containers import LocalFeatures, l2_normalize
 from delf_retrieval.matching import learned as learned_matching
 from delf_retrieval.matching.kernels import numba_available
 from delf_retrieval.matching.nn import match_batch, match_products, match_products_threaded
-from delf_retrieval.matching.ransac import (
-    _as_points,
-    _ransac_for,
-    ransac_inliers,
-)
+from delf_retrieval.matching.ransac import RansacSettings, _as_points, ransac_inliers
 
 __all__ = [
+    "MatchingSettings",
     "bounded_blas_threads",
     "count_inliers",
     "count_inliers_many",
@@ -50,6 +49,69 @@ __all__ = [
     "putative_matches",
     "ransac_inliers",
 ]
+
+
+@dataclass(frozen=True)
+class MatchingSettings:
+    """What verifying a pair reads of :class:`~delf_retrieval.config.Config` (defaults:
+    ``kaggle2020``); built once from the user's config (:meth:`from_config`).
+
+    Attributes
+    ----------
+    matcher : ``MATCHER``: ``"nn"`` (nearest neighbours) or a learned matcher,
+        ``"lightglue"`` / ``"lighterglue"`` (:mod:`delf_retrieval.matching.learned`).
+    matcher_features : ``MATCHER_FEATURES``, the learned matcher's weights (``""`` with ``"nn"``).
+    match_confidence : ``MATCH_CONFIDENCE``, learned matches below this confidence (in
+        [0, 1]) are dropped.
+    max_distance : ``MAX_DESCRIPTOR_DISTANCE``, L2 bound of a nearest-neighbour match
+        between unit descriptors (``inf``: none).
+    mutual : ``MUTUAL_NEAREST_NEIGHBOR``.
+    ratio : ``RATIO_TEST``, Lowe's ratio in (0, 1] (1: off).
+    min_matches : ``MIN_MATCHES``, pairs with this many putative matches or fewer count 0
+        inliers (no RANSAC).
+    dtype : ``MATCH_DTYPE``, precision of :func:`count_inliers_many`'s descriptor products.
+    device : ``MATCH_DEVICE``, where those products run (``"cpu"``, ``"gpu"``, ``"auto"``).
+    workers : ``WORKERS``, threads of :func:`count_inliers_many` (0: all cores).
+    ransac : the ``RANSAC_*`` fields, ``MAX_REPROJECTION_ERROR``, ``MAX_RANSAC_ITERATIONS``
+        and ``HOMOGRAPHY_CONFIDENCE`` (:class:`~delf_retrieval.matching.ransac.RansacSettings`).
+    """
+
+    matcher: str = "nn"
+    matcher_features: str = ""
+    match_confidence: float = 0.1
+    max_distance: float = 0.9
+    mutual: bool = False
+    ratio: float = 1.0
+    min_matches: int = 4
+    dtype: str = "float32"
+    device: str = "cpu"
+    workers: int = 0
+    ransac: RansacSettings = field(default_factory=RansacSettings)
+
+    @classmethod
+    def from_config(cls, config: Any) -> MatchingSettings:
+        return cls(
+            matcher=config.MATCHER,
+            matcher_features=config.MATCHER_FEATURES,
+            match_confidence=config.MATCH_CONFIDENCE,
+            max_distance=config.MAX_DESCRIPTOR_DISTANCE,
+            mutual=config.MUTUAL_NEAREST_NEIGHBOR,
+            ratio=config.RATIO_TEST,
+            min_matches=config.MIN_MATCHES,
+            dtype=config.MATCH_DTYPE,
+            device=config.MATCH_DEVICE,
+            workers=config.WORKERS,
+            ransac=RansacSettings.from_config(config),
+        )
+
+    @property
+    def learned(self) -> bool:
+        """Whether a learned matcher finds the matches (extra ``[learned]``)."""
+        return self.matcher != "nn"
+
+    def nearest_neighbours(self) -> MatchingSettings:
+        """The same settings with nearest-neighbour matching (the cascade's cheap stage)."""
+        return dataclasses.replace(self, matcher="nn", matcher_features="")
 
 
 def putative_matches(
@@ -109,9 +171,9 @@ def match_and_verify(
     descriptors1: np.ndarray,
     keypoints2: np.ndarray,
     descriptors2: np.ndarray,
-    config: Config | None = None,
+    settings: MatchingSettings | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Putative matches and their RANSAC inlier mask, per ``config`` (for drawing).
+    """Putative matches and their RANSAC inlier mask, per ``settings`` (for drawing).
 
     Parameters
     ----------
@@ -121,12 +183,12 @@ def match_and_verify(
     keypoints2 : float array [N2, 2]
         Train/index-image ``(x, y)`` pixels.
     descriptors2 : float array [N2, D]
-    config : Config, optional
-        Uses MAX_DESCRIPTOR_DISTANCE, MUTUAL_NEAREST_NEIGHBOR, RATIO_TEST, MIN_MATCHES,
-        RANSAC_METHOD, MAX_REPROJECTION_ERROR, MAX_RANSAC_ITERATIONS,
-        HOMOGRAPHY_CONFIDENCE and RANSAC_SEED. Default: ``Config()`` (kaggle2020).
-        ``MATCHER="lightglue"`` / ``"lighterglue"`` finds the matches with a learned
-        matcher instead (:func:`delf_retrieval.matching.learned.verify_learned`).
+    settings : MatchingSettings, optional
+        ``MatchingSettings.from_config(config)``; default ``MatchingSettings()``
+        (kaggle2020). Uses the nearest-neighbour filters, ``min_matches`` and ``ransac``;
+        a learned ``matcher`` finds the matches instead
+        (:func:`delf_retrieval.matching.learned.learned_matches`), keeping those of
+        ``match_confidence`` or more.
 
     Returns
     -------
@@ -135,19 +197,9 @@ def match_and_verify(
     inliers : bool [M]
         All False when ``M <= MIN_MATCHES``.
     """
-    config = Config() if config is None else config
     k1, d1 = _as_features(keypoints1, descriptors1, "1")
     k2, d2 = _as_features(keypoints2, descriptors2, "2")
-    if config.MATCHER != "nn":  # a learned matcher (extra [learned])
-        return learned_matching.verify_learned(_local(k1, d1), _local(k2, d2), config)
-    if d1.shape[1] != d2.shape[1]:
-        raise ValueError(f"descriptor widths differ: {d1.shape[1]} and {d2.shape[1]}")
-    (d1, k1), rows1 = _finite_features(k1, l2_normalize(d1))
-    (d2, k2), rows2 = _finite_features(k2, l2_normalize(d2))
-    if d1.shape[0] == 0 or d2.shape[0] == 0:
-        return np.zeros((0, 2), np.int64), np.zeros(0, bool)
-    matches, inliers = _verify_normalized(k1, d1, k2, d2, config)
-    return _original_rows(matches, rows1, rows2), inliers
+    return _verify_pair(_local(k1, d1), _local(k2, d2), MatchingSettings() if settings is None else settings)
 
 
 def count_inliers(
@@ -155,36 +207,37 @@ def count_inliers(
     descriptors1: np.ndarray,
     keypoints2: np.ndarray,
     descriptors2: np.ndarray,
-    config: Config | None = None,
+    settings: MatchingSettings | None = None,
 ) -> int:
     """Number of RANSAC inliers between two images, as the baseline's ``get_num_inliers``.
 
     Same arguments as :func:`match_and_verify`; 0 when there are ``MIN_MATCHES`` putative
     matches or fewer.
     """
-    _, inliers = match_and_verify(keypoints1, descriptors1, keypoints2, descriptors2, config)
+    _, inliers = match_and_verify(keypoints1, descriptors1, keypoints2, descriptors2, settings)
     return int(inliers.sum())
 
 
 def count_inliers_many(
     query: LocalFeatures,
     candidates: Sequence[LocalFeatures],
-    config: Config | None = None,
+    settings: MatchingSettings | None = None,
 ) -> np.ndarray:
     """Inlier counts of one query image against several candidates, in parallel.
 
     Matching is batched: the candidates' descriptors are stacked and multiplied with the
     query's in one product per group, then nearest neighbours, mutual and ratio tests are
     taken per candidate segment (:func:`delf_retrieval.matching.nn.match_batch`, precision
-    ``config.MATCH_DTYPE`` on ``config.MATCH_DEVICE``); RANSAC follows per pair. With
-    ``config.WORKERS`` threads (0 = ``os.cpu_count()``) and float32 on the CPU with Numba,
+    ``settings.dtype`` on ``settings.device``); RANSAC follows per pair. With
+    ``settings.workers`` threads (0 = ``os.cpu_count()``) and float32 on the CPU with Numba,
     the threads share every candidate's product in 256-row tiles and run RANSAC on a
     candidate as soon as its matches are known
     (:func:`delf_retrieval.matching.nn.match_products_threaded`); otherwise the candidates
     are split between threads that each match and verify their share. BLAS is held to one
     thread meanwhile (``threadpoolctl``; restored on return) so the two levels do not
     over-subscribe the cores. Every pair is seeded the same way: with float32 the result
-    equals calling :func:`count_inliers` in a loop.
+    equals calling :func:`count_inliers` in a loop. A learned matcher verifies pair by pair
+    (as :func:`match_and_verify`).
 
     Parameters
     ----------
@@ -192,18 +245,18 @@ def count_inliers_many(
         Image 1 of every pair.
     candidates : sequence of LocalFeatures, length C
         Image 2 of each pair.
-    config : Config, optional
-        As for :func:`match_and_verify`, plus WORKERS, MATCH_DTYPE and MATCH_DEVICE.
+    settings : MatchingSettings, optional
+        As for :func:`match_and_verify`, plus ``workers``, ``dtype`` and ``device``.
 
     Returns
     -------
     int64 [C]
     """
-    config = Config() if config is None else config
+    settings = MatchingSettings() if settings is None else settings
     if len(candidates) == 0:
         return np.zeros(0, np.int64)
-    if config.MATCHER != "nn":  # a learned matcher (extra [learned])
-        return learned_matching.count_inliers_learned(query, candidates, config)
+    if settings.learned:  # no batching: pair by pair
+        return np.array([int(_verify_pair(query, c, settings)[1].sum()) for c in candidates], np.int64)
     k1, d1 = _as_features(query.keypoints, query.descriptors, "of the query")
     (d1, k1), _ = _finite_features(k1, l2_normalize(d1))
     checked = []
@@ -218,9 +271,7 @@ def count_inliers_many(
         return k2, d2
 
     def inlier_count(k2: np.ndarray, matches: np.ndarray) -> int:
-        if matches.shape[0] <= config.MIN_MATCHES:
-            return 0
-        return int(_ransac_for(k1[matches[:, 0]], k2[matches[:, 1]], config).sum())
+        return int(_inliers(matches, k1, k2, settings).sum())
 
     def share(positions: range) -> list[int]:
         if d1.shape[0] == 0:
@@ -229,25 +280,25 @@ def count_inliers_many(
         found = match_batch(
             d1,
             [features[p][1] for p in positions],
-            max_distance=config.MAX_DESCRIPTOR_DISTANCE,
-            mutual=config.MUTUAL_NEAREST_NEIGHBOR,
-            ratio=config.RATIO_TEST,
-            dtype=config.MATCH_DTYPE,
-            device=config.MATCH_DEVICE,
+            max_distance=settings.max_distance,
+            mutual=settings.mutual,
+            ratio=settings.ratio,
+            dtype=settings.dtype,
+            device=settings.device,
         )
         return [inlier_count(features[p][0], matches) for p, matches in zip(positions, found, strict=True)]
 
-    workers = min(config.WORKERS or os.cpu_count() or 1, len(candidates))
+    workers = min(settings.workers or os.cpu_count() or 1, len(candidates))
     if workers <= 1:
         return np.asarray(share(range(len(candidates))), dtype=np.int64)
-    if config.MATCH_DTYPE == "float32" and config.MATCH_DEVICE == "cpu" and numba_available() and d1.shape[0]:
+    if settings.dtype == "float32" and settings.device == "cpu" and numba_available() and d1.shape[0]:
         sizes = [len(descriptors) for _, descriptors in checked]
-        return _count_tiled(d1, sizes, prepared, inlier_count, config, workers)
+        return _count_tiled(d1, sizes, prepared, inlier_count, settings, workers)
     # Jobs are taken by whichever thread is free and the call waits for the last one, so
     # float32 without Numba runs one candidate per job (measured: 8.8 against 9.6 ms per
     # pair with two shares per thread on 2 cores, benchmarks/verification.py pairs); the
     # other dtypes quantise the query once per job, so they keep two shares per thread.
-    per_worker = len(candidates) if config.MATCH_DTYPE == "float32" else 2
+    per_worker = len(candidates) if settings.dtype == "float32" else 2
     step = max(1, -(-len(candidates) // (per_worker * workers)))
     shares = [range(s, min(s + step, len(candidates))) for s in range(0, len(candidates), step)]
     with bounded_blas_threads(1):
@@ -260,7 +311,7 @@ def _count_tiled(
     sizes: list[int],
     prepared: Callable[[int], tuple[np.ndarray, np.ndarray]],
     inlier_count: Callable[[np.ndarray, np.ndarray], int],
-    config: Config,
+    settings: MatchingSettings,
     workers: int,
 ) -> np.ndarray:
     """count_inliers_many's float32 path on several threads: the threads share every
@@ -284,9 +335,9 @@ def _count_tiled(
             d1,
             sizes,
             prepare,
-            max_distance=config.MAX_DESCRIPTOR_DISTANCE,
-            mutual=config.MUTUAL_NEAREST_NEIGHBOR,
-            ratio=config.RATIO_TEST,
+            max_distance=settings.max_distance,
+            mutual=settings.mutual,
+            ratio=settings.ratio,
             workers=workers,
             run=lambda worker, count: list(pool.map(worker, range(count))),
             consume=consume,
@@ -309,6 +360,39 @@ def _thread_pool(workers: int) -> ThreadPoolExecutor:
 
 
 # --- matching ------------------------------------------------------------------------------
+
+
+def _verify_pair(
+    query: LocalFeatures, candidate: LocalFeatures, settings: MatchingSettings
+) -> tuple[np.ndarray, np.ndarray]:
+    """Matches ``[M, 2]`` of one pair and their inlier mask ``[M]``: the one place where
+    the matcher is chosen (:func:`count_inliers_many` batches nearest neighbours itself)."""
+    if settings.learned:  # extra [learned]
+        matches, confidence = learned_matching.learned_matches(
+            query, candidate, settings.matcher, settings.matcher_features
+        )
+        matches = matches[confidence >= settings.match_confidence]
+        return matches, _inliers(matches, query.keypoints, candidate.keypoints, settings)
+    k1, d1, k2, d2 = query.keypoints, query.descriptors, candidate.keypoints, candidate.descriptors
+    if d1.shape[1] != d2.shape[1]:
+        raise ValueError(f"descriptor widths differ: {d1.shape[1]} and {d2.shape[1]}")
+    (d1, k1), rows1 = _finite_features(k1, l2_normalize(d1))
+    (d2, k2), rows2 = _finite_features(k2, l2_normalize(d2))
+    if d1.shape[0] == 0 or d2.shape[0] == 0:
+        return np.zeros((0, 2), np.int64), np.zeros(0, bool)
+    matches = _match_normalized(d1, d2, settings.max_distance, settings.mutual, settings.ratio)
+    inliers = _inliers(matches, k1, k2, settings)
+    return _original_rows(matches, rows1, rows2), inliers
+
+
+def _inliers(
+    matches: np.ndarray, keypoints1: np.ndarray, keypoints2: np.ndarray, settings: MatchingSettings
+) -> np.ndarray:
+    """RANSAC inlier mask of ``matches`` [M, 2] between the keypoints; all False when
+    ``M <= min_matches``."""
+    if matches.shape[0] <= settings.min_matches:
+        return np.zeros(matches.shape[0], bool)
+    return settings.ransac.inliers(keypoints1[matches[:, 0]], keypoints2[matches[:, 1]])
 
 
 def _match_normalized(
@@ -351,24 +435,6 @@ def _original_rows(matches: np.ndarray, rows1: np.ndarray | None, rows2: np.ndar
     if rows2 is not None:
         matches[:, 1] = rows2[matches[:, 1]]
     return matches
-
-
-def _verify_normalized(
-    k1: np.ndarray, d1: np.ndarray, k2: np.ndarray, d2: np.ndarray, config: Config
-) -> tuple[np.ndarray, np.ndarray]:
-    matches = _matches_for(d1, d2, config)
-    if matches.shape[0] <= config.MIN_MATCHES:
-        return matches, np.zeros(matches.shape[0], bool)
-    return matches, _ransac_for(k1[matches[:, 0]], k2[matches[:, 1]], config)
-
-
-def _matches_for(d1: np.ndarray, d2: np.ndarray, config: Config) -> np.ndarray:
-    return _match_normalized(
-        d1, d2, config.MAX_DESCRIPTOR_DISTANCE, config.MUTUAL_NEAREST_NEIGHBOR, config.RATIO_TEST
-    )
-
-
-# --- RANSAC back ends ----------------------------------------------------------------------
 
 
 # --- input checks --------------------------------------------------------------------------

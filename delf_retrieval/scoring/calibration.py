@@ -50,8 +50,7 @@ from typing import Any
 
 import numpy as np
 
-from delf_retrieval.config import Config
-from delf_retrieval.scoring.rerank import candidate_scores
+from delf_retrieval.scoring.rerank import ScoringSettings, candidate_scores
 
 __all__ = [
     "FEATURES",
@@ -100,7 +99,7 @@ def answer_features(
     cosine: np.ndarray,
     inliers: np.ndarray | None,
     query_nonlandmark: float | None,
-    config: Config,
+    settings: ScoringSettings,
 ) -> dict[str, float]:
     """The features of one answer (see the module doc); absent ones are not in the dict.
 
@@ -112,7 +111,8 @@ def answer_features(
     cosine : float [R] their global cosines.
     inliers : int [R] their inlier counts (None: not verified).
     query_nonlandmark : the query's non-landmark similarity (None: no distractor penalty).
-    config : ``MIN_INLIERS``, ``MAX_INLIER_SCORE`` (candidate scores).
+    settings : ``min_inliers``, ``max_inlier_score`` (candidate scores, without a
+        non-landmark penalty).
 
     Returns
     -------
@@ -121,7 +121,7 @@ def answer_features(
     if label is None or len(candidate_labels) == 0:
         return {}
     cos = np.asarray(cosine, np.float64)
-    scores = candidate_scores(cos, inliers, config.replace(NONLANDMARK_PENALTY=0.0)).astype(np.float64)
+    scores = candidate_scores(cos, inliers, settings).astype(np.float64)
     mine = np.array([name == label for name in candidate_labels], bool)
     others = np.array([name is not None and name != label for name in candidate_labels], bool)
     features = {"score": float(score)}
@@ -131,7 +131,7 @@ def answer_features(
     if inliers is not None:
         counts = np.asarray(inliers, np.float64)
         features["inliers"] = math.log1p(float(counts[mine].max())) if mine.any() else 0.0
-        features["verified"] = float(np.sum(mine & (counts >= max(config.MIN_INLIERS, 1))))
+        features["verified"] = float(np.sum(mine & (counts >= max(settings.min_inliers, 1))))
     if query_nonlandmark is not None:
         features["nonlandmark"] = float(query_nonlandmark)
     return features

@@ -35,7 +35,6 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from delf_retrieval.config import Config
 from delf_retrieval.features.images import ImageDecodeError, ImageSource, list_images
 from delf_retrieval.features.store import fingerprint_key
 from delf_retrieval.models.extract import decode_for_model, iter_decoded
@@ -207,7 +206,10 @@ def fuse_knn_classifier(
     cand_labels: Sequence[str | None],
     cand_scores: np.ndarray,
     probabilities: dict[str, float],
-    config: Config,
+    *,
+    top_k: int,
+    cosine_power: float = 1.0,
+    prob_power: float = 1.0,
 ) -> tuple[str | None, float]:
     """Fuse re-ranked neighbours with classifier probabilities (see the module docstring).
 
@@ -216,7 +218,8 @@ def fuse_knn_classifier(
     cand_labels : landmark of each candidate, best first (None: no vote).
     cand_scores : float [R], the candidates' scores in that order.
     probabilities : landmark -> classifier probability for this query (absent = 0).
-    config : ``TOP_K`` candidates vote; ``FUSION_COSINE_POWER`` (a), ``FUSION_PROB_POWER`` (b).
+    top_k : the first ``top_k`` candidates vote (``TOP_K``).
+    cosine_power, prob_power : ``a`` (``FUSION_COSINE_POWER``) and ``b`` (``FUSION_PROB_POWER``).
 
     Returns
     -------
@@ -228,10 +231,10 @@ def fuse_knn_classifier(
         raise ValueError(f"{len(cand_labels)} labels but {scores.shape[0]} scores")
     terms = [
         0.0 if label is None
-        else max(score, 0.0) ** config.FUSION_COSINE_POWER * probabilities.get(label, 0.0) ** config.FUSION_PROB_POWER
+        else max(score, 0.0) ** cosine_power * probabilities.get(label, 0.0) ** prob_power
         for label, score in zip(cand_labels, scores.tolist(), strict=True)
     ]
-    return aggregate_landmarks(list(cand_labels), np.asarray(terms, np.float64), config.TOP_K)
+    return aggregate_landmarks(list(cand_labels), np.asarray(terms, np.float64), top_k)
 
 
 def store_class_probabilities(

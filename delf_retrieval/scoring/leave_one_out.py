@@ -22,22 +22,34 @@ that change answers), so a rerun reloads it bit for bit (:func:`ensure_confidenc
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from delf_retrieval.config import Config
 from delf_retrieval.core.atomic import atomic_write_bytes
 from delf_retrieval.features.store import fingerprint_key, ids_hash
-from delf_retrieval.matching import cascade
 from delf_retrieval.scoring.calibration import ConfidenceModel, fit_model, method_key
-from delf_retrieval.scoring.engine import RecognitionIndex, answer_features_of, recognize_queries
+from delf_retrieval.scoring.engine import (
+    RecognitionIndex,
+    RecognitionSettings,
+    answer_features_of,
+    recognize_queries,
+)
 from delf_retrieval.search.index import cosine_topk
 
-__all__ = ["NotEnoughAnswers", "ensure_confidence", "fit_confidence", "fit_record", "leave_one_out_answers"]
+__all__ = [
+    "ConfidenceSettings",
+    "NotEnoughAnswers",
+    "ensure_confidence",
+    "fit_confidence",
+    "fit_record",
+    "leave_one_out_answers",
+]
 
 SEED = 0
 # Config fields that do not change an answer or its features: they stay out of the record.
@@ -71,20 +83,44 @@ def _digest(value: Any) -> str:
     return hashlib.sha1(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def fit_record(index: RecognitionIndex, config: Config, distractors: Any | None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class ConfidenceSettings:
+    """What fitting the confidence model reads of :class:`~delf_retrieval.config.Config`.
+
+    Attributes
+    ----------
+    answers_key : digest of the config fields that change answers (every field but
+        :data:`NOT_IN_RECORD`, ``WHITENING_DIM`` and the extraction preset included), part
+        of :func:`fit_record`.
+    model : ``CONFIDENCE_MODEL``, ``"logistic"`` or ``"isotonic"``.
+    samples : ``CONFIDENCE_SAMPLES``, at most this many held-out train photos (and as many
+        distractors).
+    """
+
+    answers_key: str
+    model: str = "logistic"
+    samples: int = 2000
+
+    @classmethod
+    def from_config(cls, config: Any) -> ConfidenceSettings:
+        fields = {k: v for k, v in config.to_dict().items() if k not in NOT_IN_RECORD}
+        return cls(answers_key=_digest(fields), model=config.CONFIDENCE_MODEL, samples=config.CONFIDENCE_SAMPLES)
+
+
+def fit_record(index: RecognitionIndex, fit: ConfidenceSettings, distractors: Any | None) -> dict[str, Any]:
     """What a confidence model is fitted on: the database's ids and feature fingerprint,
-    its labels, the distractor set's ids, the config fields that change answers (all but
-    :data:`NOT_IN_RECORD`) and the fitting method (:func:`.calibration.method_key`). Equal records give equal models."""
+    its labels, the distractor set's ids, the config fields that change answers
+    (``fit.answers_key``) and the fitting method (:func:`.calibration.method_key`). Equal
+    records give equal models."""
     database = index.database
-    fields = {k: v for k, v in config.to_dict().items() if k not in NOT_IN_RECORD}
     return {
-        "method": method_key(config.CONFIDENCE_MODEL),
+        "method": method_key(fit.model),
         "ids_hash": ids_hash(database.ids),
         "labels_hash": _digest([label or "" for label in index.labels]),
         "features": _digest(json.loads(fingerprint_key(database.fingerprint))),
         "vectors": hashlib.sha1(np.ascontiguousarray(database.global_descriptors()[:64], np.float32).tobytes()).hexdigest()[:16],
         "distractors": ids_hash(distractors.ids) if distractors is not None else "",
-        "config": _digest(fields),
+        "config": fit.answers_key,
     }
 
 
@@ -103,7 +139,8 @@ def _local_of(store: Any, ids: Sequence[str]) -> Callable[[int], Any] | None:
 
 def leave_one_out_answers(
     index: RecognitionIndex,
-    config: Config,
+    settings: RecognitionSettings,
+    fit: ConfidenceSettings,
     distractors: Any | None = None,
     *,
     progress: bool = False,
@@ -113,7 +150,8 @@ def leave_one_out_answers(
     Parameters
     ----------
     index : the database and its labels (``index.confidence`` is not used).
-    config : the run's config; ``CONFIDENCE_SAMPLES`` bounds each of the two sets.
+    settings : the run's recognition settings (answers are made with confidence ``"score"``).
+    fit : ``fit.samples`` bounds each of the two sets.
     distractors : store-like of the distractor set in the searched space (``ids``,
         ``global_descriptors()`` [M, D], ``local_dim``, ``local_features``), or None; when
         the index has a distractor penalty, the same set as ``index.nonlandmark``.
@@ -124,7 +162,8 @@ def leave_one_out_answers(
     right : list of bool, aligned.
     ids : the query ids, aligned (``train:<id>`` / ``distractor:<id>``).
     """
-    config = config.replace(CONFIDENCE="score")
+    settings = dataclasses.replace(settings, confidence="score")
+    scoring = settings.scoring
     database = index.database
     labels = index.labels
     counts: dict[str, int] = {}
@@ -134,13 +173,13 @@ def leave_one_out_answers(
     # Rows in id order, so the sample and the fit do not depend on the store's row order.
     by_id = sorted(range(len(labels)), key=lambda row: database.ids[row])
     eligible = np.array([row for row in by_id if labels[row] is not None and counts[labels[row]] >= 2], np.int64)
-    held_out = eligible[_sample(len(eligible), config.CONFIDENCE_SAMPLES, SEED)]
+    held_out = eligible[_sample(len(eligible), fit.samples, SEED)]
     features: list[dict[str, float]] = []
     right: list[bool] = []
     names: list[str] = []
     if len(held_out) and len(database.ids) > 1:
         vectors = np.asarray(database.global_descriptors()[held_out])
-        width = cascade.num_candidates(config)
+        width = settings.num_candidates
         similarities, rows = index.search.search(vectors, width + 1)
         keep = rows != held_out[:, None]
         keep[keep.all(axis=1), -1] = False  # own row not found: drop the last candidate instead
@@ -148,27 +187,27 @@ def leave_one_out_answers(
         neighbours = (similarities[keep].reshape(shape), rows[keep].reshape(shape))
         ids = [database.ids[row] for row in held_out]
         result = recognize_queries(
-            ids, vectors, _local_of(database, ids), index, config, neighbours=neighbours,
+            ids, vectors, _local_of(database, ids), index, settings, neighbours=neighbours,
             whole_query_set=False, progress=progress,
         )
-        for row, image_id, answer in zip(held_out, ids, (answer_features_of(result, i, index.labels, config) for i in ids), strict=True):
+        for row, image_id, answer in zip(held_out, ids, (answer_features_of(result, i, index.labels, scoring) for i in ids), strict=True):
             if answer:
                 features.append(answer)
                 right.append(result.predictions[image_id][0] == labels[row])
                 names.append(f"train:{image_id}")
     if distractors is not None and len(distractors.ids):
         in_order = np.array(sorted(range(len(distractors.ids)), key=lambda row: distractors.ids[row]), np.int64)
-        chosen = in_order[_sample(len(in_order), config.CONFIDENCE_SAMPLES, SEED + 1)]
+        chosen = in_order[_sample(len(in_order), fit.samples, SEED + 1)]
         ids = [distractors.ids[i] for i in chosen]
         vectors = np.asarray(distractors.global_descriptors()[chosen])
         own = None
         if index.nonlandmark is not None and len(index.nonlandmark) == len(distractors.ids):  # the same set
-            own = _nonlandmark_without_self(index.nonlandmark, chosen, config.NONLANDMARK_TOP_K)
+            own = _nonlandmark_without_self(index.nonlandmark, chosen, settings.nonlandmark_top_k)
         result = recognize_queries(
-            ids, vectors, _local_of(distractors, ids), index, config, query_nonlandmark=own,
+            ids, vectors, _local_of(distractors, ids), index, settings, query_nonlandmark=own,
             whole_query_set=False, progress=progress,
         )
-        for image_id, answer in zip(ids, (answer_features_of(result, i, index.labels, config) for i in ids), strict=True):
+        for image_id, answer in zip(ids, (answer_features_of(result, i, index.labels, scoring) for i in ids), strict=True):
             if answer:
                 features.append(answer)
                 right.append(False)
@@ -190,16 +229,21 @@ def _nonlandmark_without_self(nonlandmark: np.ndarray, rows: np.ndarray, top_k: 
 
 
 def fit_confidence(
-    index: RecognitionIndex, config: Config, distractors: Any | None = None, *, progress: bool = False
+    index: RecognitionIndex,
+    settings: RecognitionSettings,
+    fit: ConfidenceSettings,
+    distractors: Any | None = None,
+    *,
+    progress: bool = False,
 ) -> ConfidenceModel:
-    """The confidence model of ``index`` (``CONFIDENCE_MODEL``) fitted on
+    """The confidence model of ``index`` (``fit.model``) fitted on
     :func:`leave_one_out_answers`; ``fitted_on`` holds :func:`fit_record` and the counts.
 
     :class:`NotEnoughAnswers` when fewer than :data:`MIN_ANSWERS_EACH` right or wrong answers
     can be made (few landmarks with two train photos, or no wrong answers without a
     distractor set).
     """
-    features, right, names = leave_one_out_answers(index, config, distractors, progress=progress)
+    features, right, names = leave_one_out_answers(index, settings, fit, distractors, progress=progress)
     order = sorted(range(len(names)), key=names.__getitem__)  # the same fit whatever the row order
     features, right = [features[i] for i in order], [right[i] for i in order]
     wrong = len(right) - int(sum(right))
@@ -209,14 +253,15 @@ def fit_confidence(
             f"needs at least {MIN_ANSWERS_EACH} of each (landmarks with at least two train photos, and wrong "
             "answers, which a distractor set (nonlandmark.csv) gives); use CONFIDENCE=score"
         )
-    model = fit_model(features, right, config.CONFIDENCE_MODEL)
-    record = {**fit_record(index, config, distractors), "samples": len(features), "right": int(sum(right))}
+    model = fit_model(features, right, fit.model)
+    record = {**fit_record(index, fit, distractors), "samples": len(features), "right": int(sum(right))}
     return ConfidenceModel(**{**vars(model), "fitted_on": record})
 
 
 def ensure_confidence(
     index: RecognitionIndex,
-    config: Config,
+    settings: RecognitionSettings,
+    fit: ConfidenceSettings,
     distractors: Any | None = None,
     *,
     log: Callable[[str], None] = print,
@@ -225,7 +270,7 @@ def ensure_confidence(
     """:func:`fit_confidence`, cached in the database store's ``derived/`` folder
     (``confidence-<record hash>.json``): reloaded when the record matches. None (and a
     log line) when there is nothing to fit on: the confidences stay scores."""
-    record = fit_record(index, config, distractors)
+    record = fit_record(index, fit, distractors)
     path = index.database.path / "derived" / f"confidence-{_digest(record)}.json"
     if path.is_file():
         try:
@@ -235,7 +280,7 @@ def ensure_confidence(
         except (ValueError, KeyError, json.JSONDecodeError):
             pass  # damaged or another version: fit again
     try:
-        model = fit_confidence(index, config, distractors, progress=progress)
+        model = fit_confidence(index, settings, fit, distractors, progress=progress)
     except NotEnoughAnswers as error:
         log(f"confidence: {error}; the confidences stay scores")
         return None

@@ -30,14 +30,51 @@ of being dropped; confidences may become negative, which submissions and GAP acc
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from delf_retrieval.config import Config
 from delf_retrieval.search.index import cosine_topk
 
 Label = str
+
+
+@dataclass(frozen=True)
+class ScoringSettings:
+    """What scoring and voting read of :class:`~delf_retrieval.config.Config` (defaults:
+    ``kaggle2020``); see the module docstring for the formulas.
+
+    Attributes
+    ----------
+    top_k : ``TOP_K``, candidates whose scores are summed per landmark.
+    max_inlier_score : ``MAX_INLIER_SCORE``, inlier counts are clipped here before scaling
+        to [0, 1].
+    min_inliers : ``MIN_INLIERS``, fewer inliers give no inlier term; ``max(min_inliers, 1)``
+        inliers make a candidate verified.
+    nonlandmark_penalty : ``NONLANDMARK_PENALTY``, weight of the non-landmark similarity
+        (0: off).
+    nonlandmark_rule : ``NONLANDMARK_RULE``, ``"subtract"``, ``"unverified"`` or ``"excess"``.
+    verified_first : ``VERIFIED_FIRST``, every verified prediction above every unverified one.
+    """
+
+    top_k: int = 3
+    max_inlier_score: int = 20
+    min_inliers: int = 0
+    nonlandmark_penalty: float = 0.0
+    nonlandmark_rule: str = "subtract"
+    verified_first: bool = False
+
+    @classmethod
+    def from_config(cls, config: Any) -> ScoringSettings:
+        return cls(
+            top_k=config.TOP_K,
+            max_inlier_score=config.MAX_INLIER_SCORE,
+            min_inliers=config.MIN_INLIERS,
+            nonlandmark_penalty=config.NONLANDMARK_PENALTY,
+            nonlandmark_rule=config.NONLANDMARK_RULE,
+            verified_first=config.VERIFIED_FIRST,
+        )
 
 
 def _vector(values: Any, name: str, dtype: Any = np.float64) -> np.ndarray:
@@ -77,7 +114,7 @@ def _labels(labels: Any, name: str) -> list[Label | None]:
 def candidate_scores(
     cosine: np.ndarray,
     inliers: np.ndarray | None,
-    config: Config,
+    settings: ScoringSettings,
     nonlandmark: np.ndarray | None = None,
 ) -> np.ndarray:
     """Score candidates as the host baseline does, with the optional gates and penalty.
@@ -88,8 +125,9 @@ def candidate_scores(
         Global cosine similarity of the query to each candidate.
     inliers : int array [R] or None
         RANSAC inlier count of each candidate; None scores by ``cosine`` alone.
-    config : Config
-        Uses ``MAX_INLIER_SCORE``, ``MIN_INLIERS`` and ``NONLANDMARK_PENALTY``.
+    settings : ScoringSettings
+        Uses ``max_inlier_score``, ``min_inliers``, ``nonlandmark_penalty`` and
+        ``nonlandmark_rule``.
     nonlandmark : float array [R] or None
         Non-landmark similarity of each candidate's train image
         (:func:`nonlandmark_similarity`); subtracted times ``NONLANDMARK_PENALTY``
@@ -109,26 +147,26 @@ def candidate_scores(
     verified = np.zeros(cos.shape[0], bool)
     if inliers is not None:
         counts = _inlier_counts(inliers, cos.shape[0])
-        verified = counts >= max(config.MIN_INLIERS, 1)
-        term = np.minimum(counts, config.MAX_INLIER_SCORE) / config.MAX_INLIER_SCORE
-        if config.MIN_INLIERS > 0:
-            term = np.where(counts < config.MIN_INLIERS, 0.0, term)
+        verified = counts >= max(settings.min_inliers, 1)
+        term = np.minimum(counts, settings.max_inlier_score) / settings.max_inlier_score
+        if settings.min_inliers > 0:
+            term = np.where(counts < settings.min_inliers, 0.0, term)
         scores += term
-    if nonlandmark is not None and config.NONLANDMARK_PENALTY > 0:
+    if nonlandmark is not None and settings.nonlandmark_penalty > 0:
         similarity = _vector(nonlandmark, "nonlandmark")
         _same_length(cos, similarity, "nonlandmark")
-        if config.NONLANDMARK_RULE == "unverified":
+        if settings.nonlandmark_rule == "unverified":
             similarity = np.where(verified, 0.0, similarity)
-        elif config.NONLANDMARK_RULE == "excess":
+        elif settings.nonlandmark_rule == "excess":
             similarity = np.maximum(similarity - cos, 0.0)
-        scores -= config.NONLANDMARK_PENALTY * similarity
+        scores -= settings.nonlandmark_penalty * similarity
     return scores.astype(np.float32)
 
 
 def rerank(
     cosine: np.ndarray,
     inliers: np.ndarray | None,
-    config: Config,
+    settings: ScoringSettings,
     nonlandmark: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Sort candidates by :func:`candidate_scores`, best first.
@@ -140,7 +178,7 @@ def rerank(
     inliers : int array [R] or None
         Inlier counts; None ranks by global similarity only (predictions before
         verification).
-    config : Config
+    settings : ScoringSettings
         See :func:`candidate_scores`.
     nonlandmark : float array [R] or None
         Non-landmark similarity of each candidate's train image.
@@ -153,7 +191,7 @@ def rerank(
     scores : float32 [R]
         The scores in that order: ``scores[i]`` belongs to candidate ``order[i]``.
     """
-    scores = candidate_scores(cosine, inliers, config, nonlandmark)
+    scores = candidate_scores(cosine, inliers, settings, nonlandmark)
     order = np.argsort(-scores, kind="stable").astype(np.int64)
     return order, scores[order]
 
@@ -258,7 +296,7 @@ def nonlandmark_similarity(
 
 
 def penalize_frequent_landmarks(
-    labels: Sequence[Label | None], confidences: np.ndarray, config: Config
+    labels: Sequence[Label | None], confidences: np.ndarray, *, weight: float, min_count: int = 1
 ) -> np.ndarray:
     """Lower the confidence of landmarks predicted for implausibly many queries.
 
@@ -276,8 +314,10 @@ def penalize_frequent_landmarks(
         Predicted landmark per query; None (no prediction) is neither counted nor changed.
     confidences : float array [Q]
         Confidence per query.
-    config : Config
-        Uses ``FREQUENT_LANDMARK_PENALTY`` and ``FREQUENT_LANDMARK_MIN_COUNT``.
+    weight : float
+        ``w``, ``FREQUENT_LANDMARK_PENALTY``.
+    min_count : int
+        ``c``, ``FREQUENT_LANDMARK_MIN_COUNT`` (>= 1).
 
     Returns
     -------
@@ -289,7 +329,6 @@ def penalize_frequent_landmarks(
     if len(names) != values.shape[0]:
         raise ValueError(f"labels has {len(names)} entries but confidences has {values.shape[0]}")
     result = values.copy()
-    weight = config.FREQUENT_LANDMARK_PENALTY
     if weight == 0 or not names:
         return result
     counts: dict[Label, int] = {}
@@ -298,7 +337,7 @@ def penalize_frequent_landmarks(
             counts[label] = counts.get(label, 0) + 1
     for i, label in enumerate(names):
         if label is not None:
-            excess = np.log(counts[label] / config.FREQUENT_LANDMARK_MIN_COUNT)
+            excess = np.log(counts[label] / min_count)
             result[i] -= weight * max(0.0, float(excess))
     return result
 
@@ -307,7 +346,7 @@ def recognize_one(
     cand_labels: Sequence[Label | None],
     cand_cosine: np.ndarray,
     cand_inliers: np.ndarray | None,
-    config: Config,
+    settings: ScoringSettings,
     cand_nonlandmark: np.ndarray | None = None,
     query_nonlandmark: float | None = None,
 ) -> tuple[Label | None, float]:
@@ -321,8 +360,8 @@ def recognize_one(
         Global cosine similarity of each candidate.
     cand_inliers : int array [R] or None
         Inlier counts; None predicts from global similarity only.
-    config : Config
-        ``TOP_K`` candidates vote; see :func:`candidate_scores` for the rest.
+    settings : ScoringSettings
+        ``top_k`` candidates vote; see :func:`candidate_scores` for the rest.
     cand_nonlandmark : float array [R] or None
         Non-landmark similarity of each candidate's train image.
     query_nonlandmark : float or None
@@ -350,26 +389,26 @@ def recognize_one(
         raise ValueError(
             f"cand_labels has {len(names)} entries but cand_cosine has {cosine.shape[0]}"
         )
-    order, scores = rerank(cosine, cand_inliers, config, cand_nonlandmark)
-    label, confidence = aggregate_landmarks([names[i] for i in order], scores, config.TOP_K)
+    order, scores = rerank(cosine, cand_inliers, settings, cand_nonlandmark)
+    label, confidence = aggregate_landmarks([names[i] for i in order], scores, settings.top_k)
     if label is None:
         return None, 0.0
-    verified = _label_verified(label, names, order, cand_inliers, config)
-    if query_nonlandmark is not None and config.NONLANDMARK_PENALTY > 0:
+    verified = _label_verified(label, names, order, cand_inliers, settings)
+    if query_nonlandmark is not None and settings.nonlandmark_penalty > 0:
         if not np.isfinite(query_nonlandmark):
             raise ValueError("query_nonlandmark must be finite")
         penalty = float(query_nonlandmark)
-        if config.NONLANDMARK_RULE == "unverified" and verified:
+        if settings.nonlandmark_rule == "unverified" and verified:
             penalty = 0.0
-        elif config.NONLANDMARK_RULE == "excess":
+        elif settings.nonlandmark_rule == "excess":
             penalty = max(penalty - float(cosine.max()), 0.0)
-        confidence -= config.NONLANDMARK_PENALTY * penalty
-    if config.VERIFIED_FIRST and cand_inliers is not None and not verified:
-        confidence -= unverified_offset(config)
+        confidence -= settings.nonlandmark_penalty * penalty
+    if settings.verified_first and cand_inliers is not None and not verified:
+        confidence -= unverified_offset(settings)
     return label, confidence
 
 
-def unverified_offset(config: Config) -> float:
+def unverified_offset(settings: ScoringSettings) -> float:
     """What ``VERIFIED_FIRST`` subtracts from the confidence of an unverified prediction.
 
     ``S = 2 * TOP_K * (1 + 2 * P) + 2 * P`` with ``P = NONLANDMARK_PENALTY``: the smallest
@@ -381,19 +420,19 @@ def unverified_offset(config: Config) -> float:
     penalty of at most ``2P``. So ``TOP_K - S < -TOP_K * (1 + 2P) - 2P <`` any verified
     confidence. (:func:`penalize_frequent_landmarks`, applied later, can still reorder.)
     """
-    penalty = config.NONLANDMARK_PENALTY
-    return 2.0 * config.TOP_K * (1.0 + 2.0 * penalty) + 2.0 * penalty
+    penalty = settings.nonlandmark_penalty
+    return 2.0 * settings.top_k * (1.0 + 2.0 * penalty) + 2.0 * penalty
 
 
 def _label_verified(
-    label: Label, names: list[Label | None], order: np.ndarray, inliers: np.ndarray | None, config: Config
+    label: Label, names: list[Label | None], order: np.ndarray, inliers: np.ndarray | None, settings: ScoringSettings
 ) -> bool:
     """Whether a voting candidate (first ``TOP_K`` of ``order``) of ``label`` is verified."""
     if inliers is None:
         return False
     counts = np.asarray(inliers)
-    gate = max(config.MIN_INLIERS, 1)
-    return any(names[i] == label and counts[i] >= gate for i in order[: config.TOP_K])
+    gate = max(settings.min_inliers, 1)
+    return any(names[i] == label and counts[i] >= gate for i in order[: settings.top_k])
 
 
 def rerank_retrieval(
@@ -401,13 +440,16 @@ def rerank_retrieval(
     cand_inliers: np.ndarray | None,
     cand_labels: Sequence[Label | None] | None,
     query_label: Label | None,
-    config: Config,
+    settings: ScoringSettings,
+    *,
+    num_to_rerank: int = 20,
+    label_boost: float = 0.5,
 ) -> np.ndarray:
     """Re-order a retrieval list by verification and landmark agreement.
 
-    The first ``n = min(RETRIEVAL_NUM_TO_RERANK, R)`` candidates are sorted by::
+    The first ``n = min(num_to_rerank, R)`` candidates are sorted by::
 
-        candidate_scores(cosine, inliers) + RETRIEVAL_LABEL_BOOST * [label_j == query_label]
+        candidate_scores(cosine, inliers) + label_boost * [label_j == query_label]
 
     (stable: equal scores keep the retrieval order); the other ``R - n`` follow in their
     input (retrieval) order. The boost rewards index images whose predicted landmark is the
@@ -426,9 +468,12 @@ def rerank_retrieval(
         Predicted landmark of each index image (None entries never agree).
     query_label : str or None
         Predicted landmark of the query; None disables the boost.
-    config : Config
-        Uses ``RETRIEVAL_NUM_TO_RERANK``, ``RETRIEVAL_LABEL_BOOST`` and the fields of
-        :func:`candidate_scores` (not its non-landmark penalty).
+    settings : ScoringSettings
+        The fields of :func:`candidate_scores` (no non-landmark penalty applies here).
+    num_to_rerank : int
+        ``RETRIEVAL_NUM_TO_RERANK``.
+    label_boost : float
+        ``RETRIEVAL_LABEL_BOOST`` (0: off).
 
     Returns
     -------
@@ -437,7 +482,7 @@ def rerank_retrieval(
     """
     cosine = _vector(cand_cosine, "cand_cosine")
     size = cosine.shape[0]
-    head = min(config.RETRIEVAL_NUM_TO_RERANK, size)
+    head = min(num_to_rerank, size)
     inliers = None
     if cand_inliers is not None:
         inliers = _vector(cand_inliers, "cand_inliers")
@@ -446,15 +491,15 @@ def rerank_retrieval(
                 f"cand_inliers has {inliers.shape[0]} entries; expected {head} or {size}"
             )
         inliers = inliers[:head]
-    scores = candidate_scores(cosine[:head], inliers, config.replace(NONLANDMARK_PENALTY=0.0))
+    scores = candidate_scores(cosine[:head], inliers, settings)
     scores = scores.astype(np.float64)
     if cand_labels is not None:
         names = _labels(cand_labels, "cand_labels")
         if len(names) != size:
             raise ValueError(f"cand_labels has {len(names)} entries but there are {size}")
-        if query_label is not None and config.RETRIEVAL_LABEL_BOOST > 0:
+        if query_label is not None and label_boost > 0:
             query = str(query_label)
             agree = np.array([name == query for name in names[:head]], dtype=bool)
-            scores += config.RETRIEVAL_LABEL_BOOST * agree
+            scores += label_boost * agree
     order = np.argsort(-scores, kind="stable")
     return np.concatenate([order, np.arange(head, size)]).astype(np.int64)

@@ -152,21 +152,15 @@ def ensure_whitening(database: FeatureStore, dim: int, *, log: Callable[[str], N
     return whitening
 
 
-def whiten_stores(
-    stores: Mapping[str, FeatureStore],
-    database_split: str,
-    dim: int,
-    *,
-    log: Callable[[str], None] = print,
-) -> dict[str, WhitenedStore]:
-    """Whitened views of every store, with the whitening fitted on ``stores[database_split]``.
+def whiten_stores(stores: Mapping[str, FeatureStore], whitening: Whitening) -> dict[str, WhitenedStore]:
+    """Whitened views of every store with ``whitening``, the fit of the database store
+    (:func:`ensure_whitening`; the caller keeps it, e.g. to whiten query photos alike).
 
     The run hook of ``Config.WHITENING_DIM``: call it after
     :func:`delf_retrieval.ensure_global_descriptors` and pass the returned views
     to the search (queries, database and distractors all whitened alike). Whitened arrays
     are cached in each store (``derived/whitened.npy``).
     """
-    whitening = ensure_whitening(stores[database_split], dim, log=log)
     key = whitening.digest()
     views = {}
     for split, store in stores.items():
@@ -183,5 +177,6 @@ def whiten_stores(
 def whiten_for_run(
     stores: Mapping[str, FeatureStore], database_split: str, dim: int, *, log: Callable[[str], None] = print
 ) -> Mapping[str, FeatureStore | WhitenedStore]:
-    """The run hook: :func:`whiten_stores` when ``dim`` (``Config.WHITENING_DIM``) is not 0, else ``stores``."""
-    return whiten_stores(stores, database_split, dim, log=log) if dim else stores
+    """The run hook: :func:`whiten_stores` with the fit of ``stores[database_split]`` when
+    ``dim`` (``Config.WHITENING_DIM``) is not 0, else ``stores``."""
+    return whiten_stores(stores, ensure_whitening(stores[database_split], dim, log=log)) if dim else stores

@@ -64,7 +64,11 @@ def draw_prediction(
         if photo is not None:
             train = recognizer.train.local_features(neighbour.image_id)
             matches, inliers = match_and_verify(
-                local.keypoints, local.descriptors, train.keypoints, train.descriptors, recognizer.config
+                local.keypoints,
+                local.descriptors,
+                train.keypoints,
+                train.descriptors,
+                recognizer.settings.verification.matching,
             )
             picture, factor = photo
             figure = plot_matches(

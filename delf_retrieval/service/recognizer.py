@@ -52,8 +52,18 @@ from delf_retrieval.scoring.classifier import (
     image_class_probabilities,
     read_class_mapping,
 )
-from delf_retrieval.scoring.engine import RecognitionIndex, RecognitionResult, recognize_queries
-from delf_retrieval.scoring.leave_one_out import NotEnoughAnswers, fit_confidence, fit_record
+from delf_retrieval.scoring.engine import (
+    RecognitionIndex,
+    RecognitionResult,
+    RecognitionSettings,
+    recognize_queries,
+)
+from delf_retrieval.scoring.leave_one_out import (
+    ConfidenceSettings,
+    NotEnoughAnswers,
+    fit_confidence,
+    fit_record,
+)
 from delf_retrieval.scoring.rerank import rerank
 from delf_retrieval.search import vlad
 from delf_retrieval.search.stores import SearchView
@@ -183,7 +193,9 @@ class Prediction:
 class Recognizer:
     """A loaded recognition index: model, train features, labels, derived data, config.
 
-    Build one with :meth:`load`; then :meth:`predict` / :meth:`predict_many`.
+    Build one with :meth:`load`; then :meth:`predict` / :meth:`predict_many`. ``config`` is
+    the user's :class:`~delf_retrieval.config.Config`, ``settings`` the engine's
+    :class:`~delf_retrieval.scoring.engine.RecognitionSettings` read from it.
     """
 
     def __init__(
@@ -193,6 +205,7 @@ class Recognizer:
         extractor: Extractor,
         train: FeatureStore,
         config: Config,
+        settings: RecognitionSettings,
         index: RecognitionIndex,
         names: dict[str, str],
         derived: dict[str, np.ndarray],
@@ -206,6 +219,7 @@ class Recognizer:
         self.extractor = extractor
         self.train = train
         self.config = config
+        self.settings = settings
         self.index = index
         self.labels = index.labels
         self.names = names
@@ -272,7 +286,7 @@ class Recognizer:
         whitening = None
         if config.WHITENING_DIM:
             whitening = ensure_whitening(stores["train"], config.WHITENING_DIM, log=_quiet)
-            searched = whiten_stores(stores, "train", config.WHITENING_DIM, log=_quiet)
+            searched = whiten_stores(stores, whitening)
         else:
             searched = dict(stores)
             if manifest.search_vectors:  # the same values as float32: no conversion per search
@@ -283,18 +297,20 @@ class Recognizer:
             space = whitening.digest() if whitening is not None else "raw"
             if entry.get("top_k") == config.NONLANDMARK_TOP_K and entry.get("space", "raw") == space:
                 database_nonlandmark = derived[manifest.train_nonlandmark]
+        settings = RecognitionSettings.from_config(config)
         index = RecognitionIndex(
             searched["train"],
             labels,
-            config,
+            settings,
             nonlandmark=searched["nonlandmark"].global_descriptors() if "nonlandmark" in searched else None,
             database_nonlandmark=database_nonlandmark,
         )
         if config.CONFIDENCE == "probability":
-            index.confidence = _confidence_model(path, manifest, index, config, searched.get("nonlandmark"))
+            fit = ConfidenceSettings.from_config(config)
+            index.confidence = _confidence_model(path, manifest, index, settings, fit, searched.get("nonlandmark"))
         classifiers = _load_classifiers(path, manifest, extractor) if config.CLASSIFIER_MODE != "off" else []
         recognizer = cls(
-            path, manifest, extractor, train, config, index, names, derived, images,
+            path, manifest, extractor, train, config, settings, index, names, derived, images,
             whitening=whitening, classifiers=classifiers,
         )
         if train.local_dim and recognizer.ids:  # map the local arrays now, not in the first request
@@ -331,7 +347,7 @@ class Recognizer:
             vectors,
             lambda row: photos[row][1].local,
             self.index,
-            self.config,
+            self.settings,
             verify=verify,
             class_probabilities=None if photos[0][2] is None else [p[2] for p in photos],
             whole_query_set=False,
@@ -410,11 +426,12 @@ class Recognizer:
         rows, cosine = result.rows[query], np.asarray(result.similarities[query], np.float64)
         inliers = result.inliers.get(query)
         penalty = None if self.index.database_nonlandmark is None else self.index.database_nonlandmark[rows]
-        order, scores = rerank(cosine, inliers, self.config, penalty)
+        order, scores = rerank(cosine, inliers, self.settings.scoring, penalty)
         shown = np.zeros(len(rows), bool)  # candidates whose inlier count is reported
         if inliers is not None:
-            shown[: min(self.config.NUM_TO_RERANK, len(rows))] = True
-            if cascade_active(self.config):  # the cheap matcher chose them: report the matched
+            verification = self.settings.verification
+            shown[: min(verification.num_to_rerank, len(rows))] = True
+            if cascade_active(verification):  # the cheap matcher chose them: report the matched
                 shown = np.asarray(inliers) > 0
         neighbours = []
         for position, score in zip(order, scores, strict=True):
@@ -552,7 +569,12 @@ def percent(probability: float) -> str:
 
 
 def _confidence_model(
-    path: Path, manifest: IndexManifest, index: RecognitionIndex, config: Config, distractors: Any | None
+    path: Path,
+    manifest: IndexManifest,
+    index: RecognitionIndex,
+    settings: RecognitionSettings,
+    fit: ConfidenceSettings,
+    distractors: Any | None,
 ) -> ConfidenceModel | None:
     """The index's confidence model when it was fitted for these answers (its record
     equals :func:`.leave_one_out.fit_record` of this config), else one fitted now in
@@ -563,11 +585,11 @@ def _confidence_model(
             saved = ConfidenceModel.from_dict(json.loads((path / manifest.confidence).read_text()))
         except (OSError, ValueError, KeyError) as error:
             raise IndexFormatError(f"{path}: the confidence model {manifest.confidence} is damaged ({error}); rebuild the index") from None
-        record = fit_record(index, config, distractors)
+        record = fit_record(index, fit, distractors)
         if all(saved.fitted_on.get(key) == value for key, value in record.items()):
             return saved
     try:
-        return fit_confidence(index, config, distractors)
+        return fit_confidence(index, settings, fit, distractors)
     except NotEnoughAnswers:
         return None
 

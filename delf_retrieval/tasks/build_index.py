@@ -67,8 +67,8 @@ from delf_retrieval.kaggle.dataset import KaggleData
 from delf_retrieval.models.base import Extractor, ExtractorParams
 from delf_retrieval.models.loader import model_spec
 from delf_retrieval.scoring.classifier import Classifier
-from delf_retrieval.scoring.engine import RecognitionIndex
-from delf_retrieval.scoring.leave_one_out import ensure_confidence
+from delf_retrieval.scoring.engine import RecognitionIndex, RecognitionSettings
+from delf_retrieval.scoring.leave_one_out import ConfidenceSettings, ensure_confidence
 from delf_retrieval.search import whitening
 from delf_retrieval.search.vlad import CODEBOOK_FILE, ensure_global_descriptors, searchable
 from delf_retrieval.tasks.manifest import (
@@ -193,12 +193,14 @@ def build_index(
         _save_float32_copy(manifest, out, "search_vectors", train.global_descriptors())
         manifest.search_vectors = "search_vectors"
     # The searched space as the batch run makes it: whitened (cached in the stores) or not.
-    searched = whitening.whiten_for_run(stores, "train", config.WHITENING_DIM, log=log)
+    fit = whitening.ensure_whitening(train, config.WHITENING_DIM, log=log) if config.WHITENING_DIM else None
+    searched = stores if fit is None else whitening.whiten_stores(stores, fit)
+    settings = RecognitionSettings.from_config(config)
     if "nonlandmark" in stores:
         recognition = RecognitionIndex(
-            searched["train"], [None] * len(train.ids), config, nonlandmark=searched["nonlandmark"].global_descriptors()
+            searched["train"], [None] * len(train.ids), settings, nonlandmark=searched["nonlandmark"].global_descriptors()
         )
-        space = whitening.ensure_whitening(train, config.WHITENING_DIM, log=log).digest() if config.WHITENING_DIM else "raw"
+        space = "raw" if fit is None else fit.digest()
         _save_derived(
             manifest,
             out,
@@ -216,11 +218,12 @@ def build_index(
     if config.CONFIDENCE == "probability":
         distractors = searched.get("nonlandmark")
         recognition = RecognitionIndex.from_labels(
-            searched["train"], labels, config,
+            searched["train"], labels, settings,
             nonlandmark=None if distractors is None else distractors.global_descriptors(),
         )
         model = ensure_confidence(
-            recognition, config, distractors if distractors is not None and len(distractors.ids) else None,
+            recognition, settings, ConfidenceSettings.from_config(config),
+            distractors if distractors is not None and len(distractors.ids) else None,
             log=log, progress=progress,
         )
         if model is not None:

@@ -46,7 +46,7 @@ from delf_retrieval.features.images import (
 )
 from delf_retrieval.features.store import FeatureStore
 from delf_retrieval.kaggle.dataset import KaggleData
-from delf_retrieval.matching.verify import count_inliers_many
+from delf_retrieval.matching.verify import MatchingSettings, count_inliers_many
 from delf_retrieval.search.vlad import ensure_global_descriptors, searchable
 from delf_retrieval.tasks.run import extract_split, open_run
 from delf_retrieval.viz import plot_neighbours
@@ -214,12 +214,13 @@ def verify_chunk(store: FeatureStore, pairs: np.ndarray, config: Config) -> np.n
     if len(pairs) == 0:
         return counts
     ids = store.ids
+    settings = MatchingSettings.from_config(config)
     starts = np.flatnonzero(np.r_[True, pairs[1:, 0] != pairs[:-1, 0]])
     stops = np.r_[starts[1:], len(pairs)]
     for start, stop in zip(starts, stops, strict=True):
         query = store.local_features(ids[pairs[start, 0]])
         candidates = [store.local_features(ids[b]) for b in pairs[start:stop, 1]]
-        counts[start:stop] = count_inliers_many(query, candidates, config)
+        counts[start:stop] = count_inliers_many(query, candidates, settings)
     return counts
 
 

@@ -26,10 +26,11 @@ from delf_retrieval.scoring import classifier
 from delf_retrieval.scoring.engine import (
     RecognitionIndex,
     RecognitionResult,
+    RecognitionSettings,
     recognize_queries,
     store_queries,
 )
-from delf_retrieval.scoring.leave_one_out import ensure_confidence
+from delf_retrieval.scoring.leave_one_out import ConfidenceSettings, ensure_confidence
 from delf_retrieval.search import whitening
 from delf_retrieval.search.stores import IndexFactory
 from delf_retrieval.tasks.run import Runner, RunOutput, extract_splits, finish_run, open_run
@@ -58,7 +59,8 @@ def recognize_stores(
     ----------
     queries, database : stores of the same model (database = labelled train images).
     labels : train id -> landmark id.
-    config : NUM_TO_RERANK candidates are verified, TOP_K vote (see :mod:`.rerank`).
+    config : NUM_TO_RERANK candidates are verified, TOP_K vote (see :mod:`.rerank`); read
+        once into the engine's :class:`~delf_retrieval.scoring.engine.RecognitionSettings`.
     nonlandmark : store of distractor images; used when ``NONLANDMARK_PENALTY > 0``.
     verify : False predicts from global similarity only.
     index_factory : builds the search index of ``database`` (default: exact, local;
@@ -71,13 +73,19 @@ def recognize_stores(
     distractors = None
     if nonlandmark is not None and len(nonlandmark.ids):
         distractors = nonlandmark.global_descriptors()
+    settings = RecognitionSettings.from_config(config)
     index = RecognitionIndex.from_labels(
-        database, labels, config, nonlandmark=distractors, index_factory=index_factory
+        database, labels, settings, nonlandmark=distractors, index_factory=index_factory
     )
     if config.CONFIDENCE == "probability":
         fit_set = nonlandmark if confidence_distractors is None else confidence_distractors
         index.confidence = ensure_confidence(
-            index, config, fit_set if fit_set is not None and len(fit_set.ids) else None, log=log, progress=progress
+            index,
+            settings,
+            ConfidenceSettings.from_config(config),
+            fit_set if fit_set is not None and len(fit_set.ids) else None,
+            log=log,
+            progress=progress,
         )
     query_ids = queries.ids
     return recognize_queries(
@@ -85,7 +93,7 @@ def recognize_stores(
         queries.global_descriptors(),
         store_queries(queries),
         index,
-        config,
+        settings,
         verify=verify,
         class_probabilities=class_probabilities,
         progress=progress,

@@ -22,11 +22,15 @@ from delf_retrieval.core.log import Log
 from delf_retrieval.features.images import read_labels_csv
 from delf_retrieval.features.store import FeatureStore
 from delf_retrieval.kaggle.submission import retrieval_dataframe
-from delf_retrieval.matching import cascade
 from delf_retrieval.matching.verify import count_inliers_many
 from delf_retrieval.models.base import Extractor, ExtractorParams
-from delf_retrieval.scoring.engine import RecognitionIndex, recognize_queries, store_queries
-from delf_retrieval.scoring.rerank import recognize_one, rerank_retrieval
+from delf_retrieval.scoring.engine import (
+    RecognitionIndex,
+    RecognitionSettings,
+    recognize_queries,
+    store_queries,
+)
+from delf_retrieval.scoring.rerank import ScoringSettings, recognize_one, rerank_retrieval
 from delf_retrieval.search import whitening
 from delf_retrieval.search.stores import IndexFactory, search_store
 from delf_retrieval.tasks.run import Runner, RunOutput, extract_splits, finish_run, open_run
@@ -65,6 +69,8 @@ def retrieve_stores(
     ``index_factory`` builds the search index of a store (default: exact, local;
     ``RayRunner.index`` shards it over Ray).
     """
+    settings = RecognitionSettings.from_config(config)
+    matching, scoring = settings.verification.matching, settings.scoring
     started = time.perf_counter()
     index_ids = index.ids
     similarities, rows = search_store(
@@ -88,10 +94,18 @@ def retrieve_stores(
         if use_local:
             verified = candidates[: config.RETRIEVAL_NUM_TO_RERANK]
             inliers = count_inliers_many(
-                queries.local_features(query_id), [index.local_features(index_ids[c]) for c in verified], config
+                queries.local_features(query_id), [index.local_features(index_ids[c]) for c in verified], matching
             )
         candidate_labels = None if index_labels is None else [index_labels[c] for c in candidates]
-        order = rerank_retrieval(similarities[row], inliers, candidate_labels, query_labels[row], config)
+        order = rerank_retrieval(
+            similarities[row],
+            inliers,
+            candidate_labels,
+            query_labels[row],
+            scoring,
+            num_to_rerank=config.RETRIEVAL_NUM_TO_RERANK,
+            label_boost=config.RETRIEVAL_LABEL_BOOST,
+        )
         result.global_rankings[query_id] = [index_ids[c] for c in candidates]
         result.rankings[query_id] = [index_ids[candidates[o]] for o in order]
     seconds["verify"] = time.perf_counter() - started
@@ -120,20 +134,21 @@ def predicted_landmarks(
     Returns ``(query_labels, index_labels)``, aligned with ``queries.ids`` and
     ``index.ids`` (None: no landmark).
     """
+    settings = RecognitionSettings.from_config(config)
     recognise = verify and bool(train.local_dim) and config.NUM_TO_RERANK > 0
-    k = cascade.num_candidates(config) if recognise else config.TOP_K
+    k = settings.num_candidates if recognise else config.TOP_K
     num_index = len(index.ids)
     vectors = np.concatenate([index.global_descriptors(), queries.global_descriptors()], dtype=np.float32)
     similarities, rows = search_store(vectors, train, k, config, index_factory)
-    index_labels = _votes(similarities[:num_index], rows[:num_index], train, labels, config)
+    index_labels = _votes(similarities[:num_index], rows[:num_index], train, labels, settings.scoring)
     if not recognise:
-        return _votes(similarities[num_index:], rows[num_index:], train, labels, config), index_labels
+        return _votes(similarities[num_index:], rows[num_index:], train, labels, settings.scoring), index_labels
     recognition = recognize_queries(
         queries.ids,
         queries.global_descriptors(),
         store_queries(queries),
-        RecognitionIndex.from_labels(train, labels, config),
-        config,
+        RecognitionIndex.from_labels(train, labels, settings),
+        settings,
         neighbours=(similarities[num_index:], rows[num_index:]),
     )
     gate = max(config.MIN_INLIERS, 1)
@@ -145,13 +160,14 @@ def predicted_landmarks(
 
 
 def _votes(
-    similarities: np.ndarray, rows: np.ndarray, train: FeatureStore, labels: dict[str, str], config: Config
+    similarities: np.ndarray, rows: np.ndarray, train: FeatureStore, labels: dict[str, str], scoring: ScoringSettings
 ) -> Labels:
     """Landmark of each search result row by global voting of its first ``TOP_K``."""
     ids = train.ids
+    top = scoring.top_k
     return [
-        recognize_one([labels.get(ids[c]) for c in row_ids], row_sims.astype(np.float64), None, config)[0]
-        for row_sims, row_ids in zip(similarities[:, : config.TOP_K], rows[:, : config.TOP_K], strict=True)
+        recognize_one([labels.get(ids[c]) for c in row_ids], row_sims.astype(np.float64), None, scoring)[0]
+        for row_sims, row_ids in zip(similarities[:, :top], rows[:, :top], strict=True)
     ]
 
 
