@@ -37,13 +37,13 @@ _seconds: dict[str, float] = defaultdict(float)
 _count = cascade.count_inliers_many
 
 
-def timed_count_inliers_many(query, candidates, config):
+def timed_count_inliers_many(query, candidates, settings):
     """``count_inliers_many`` that adds its wall time to ``_seconds[MATCHER]``."""
     started = time.perf_counter()
     try:
-        return _count(query, candidates, config)
+        return _count(query, candidates, settings)
     finally:
-        _seconds[config.MATCHER] += time.perf_counter() - started
+        _seconds[settings.matcher] += time.perf_counter() - started
 
 
 def main() -> None:

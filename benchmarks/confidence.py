@@ -33,7 +33,7 @@ from delf_retrieval.config import load_config
 from delf_retrieval.features.images import read_labels_csv
 from delf_retrieval.kaggle.metrics import evaluate_recognition
 from delf_retrieval.kaggle.submission import recognition_dataframe
-from delf_retrieval.scoring.rerank import recognize_one
+from delf_retrieval.scoring.rerank import ScoringSettings, recognize_one
 
 
 def main() -> None:
@@ -54,6 +54,7 @@ def main() -> None:
         queries, train = stores["test"], stores["train"]
         on = load_config(preset).replace(VERIFIED_FIRST=True)
         off = on.replace(VERIFIED_FIRST=False)
+        scoring_on, scoring_off = ScoringSettings.from_config(on), ScoringSettings.from_config(off)
         started = time.perf_counter()
         result = delf_retrieval.recognize_stores(queries, train, labels, on, progress=False)
         seconds = time.perf_counter() - started
@@ -63,8 +64,8 @@ def main() -> None:
             names = [labels.get(i) for i in result.neighbours[query_id]]
             cosine = np.asarray(result.similarities[query_id], np.float64)
             inliers = result.inliers.get(query_id)
-            orders["off"][query_id] = recognize_one(names, cosine, inliers, off)
-            orders["on"][query_id] = label, confidence = recognize_one(names, cosine, inliers, on)
+            orders["off"][query_id] = recognize_one(names, cosine, inliers, scoring_off)
+            orders["on"][query_id] = label, confidence = recognize_one(names, cosine, inliers, scoring_on)
             tally = counts[confidence == orders["off"][query_id][1]]  # the rule lowers exactly the unverified
             tally[0] += 1
             tally[1] += bool(truth.get(query_id))

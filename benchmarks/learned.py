@@ -29,7 +29,7 @@ except ImportError:  # run from a checkout without installing
 
 from delf_retrieval.config import load_config
 from delf_retrieval.features.images import kaggle_image_path, load_image, read_labels_csv
-from delf_retrieval.matching.verify import count_inliers_many
+from delf_retrieval.matching.verify import MatchingSettings, count_inliers_many
 from delf_retrieval.models.loader import load_extractor
 
 MODELS = {
@@ -73,7 +73,7 @@ def main() -> None:
             continue
         keypoints = sum(len(f) for f in features) / len(features)
         for preset in MODELS[name]:
-            config = load_config(preset)
+            config = MatchingSettings.from_config(load_config(preset))
             count_inliers_many(features[1], [features[0]], config)  # warm-up (matcher load; not a timed pair)
             started = time.perf_counter()
             counts = [int(count_inliers_many(features[a], [features[b]], config)[0]) for a, b in pairs]

@@ -53,13 +53,11 @@ def _digest(local) -> bytes:
     return hashlib.blake2b(np.ascontiguousarray(local.keypoints).tobytes(), digest_size=12).digest()
 
 
-def cached_count_inliers_many(query, candidates, config):
+def cached_count_inliers_many(query, candidates, settings):
     """``count_inliers_many`` with results cached by pair content and matching settings."""
-    key = (repr(config.replace(NUM_TO_RERANK=0, RETRIEVAL_NUM_TO_RERANK=0, QE_TOP_K=0, DBA_TOP_K=0,
-                               NONLANDMARK_PENALTY=0.0, NONLANDMARK_RULE="subtract")),
-           _digest(query), *[_digest(c) for c in candidates])
+    key = (repr(settings), _digest(query), *[_digest(c) for c in candidates])
     if key not in _inliers:
-        _inliers[key] = _count(query, candidates, config)
+        _inliers[key] = _count(query, candidates, settings)
     return _inliers[key]
 
 

@@ -62,7 +62,13 @@ from delf_retrieval.features.containers import LocalFeatures, l2_normalize
 from delf_retrieval.features.images import kaggle_image_path, load_image, read_labels_csv
 from delf_retrieval.matching.kernels import _TILE_ROWS
 from delf_retrieval.matching.nn import match_batch, select_matches
-from delf_retrieval.matching.verify import count_inliers, count_inliers_many, putative_matches
+from delf_retrieval.matching.ransac import RansacSettings
+from delf_retrieval.matching.verify import (
+    MatchingSettings,
+    count_inliers,
+    count_inliers_many,
+    putative_matches,
+)
 from delf_retrieval.models.opencv_sift import OpenCVSiftExtractor
 
 # --- the host baseline (Kaggle 2020), written from its description ------------------------
@@ -168,17 +174,20 @@ def time_many(
     for position, (a, _) in enumerate(pairs):
         groups[a].append(position)
     counts = np.zeros(len(pairs), np.int64)
+    settings = MatchingSettings.from_config(config)
     start = time.perf_counter()
     for query_id, positions in groups.items():
         candidates = [features[pairs[p][1]] for p in positions]
-        counts[positions] = count_inliers_many(features[query_id], candidates, config)
+        counts[positions] = count_inliers_many(features[query_id], candidates, settings)
     return counts, time.perf_counter() - start
 
 
 def library(config) -> Callable[[LocalFeatures, LocalFeatures], int]:
+    settings = MatchingSettings.from_config(config)
+
     def fn(query: LocalFeatures, train: LocalFeatures) -> int:
         return count_inliers(
-            query.keypoints, query.descriptors, train.keypoints, train.descriptors, config
+            query.keypoints, query.descriptors, train.keypoints, train.descriptors, settings
         )
 
     return fn
@@ -358,9 +367,10 @@ def baseline_on_processes(pairs, features, processes: int) -> tuple[np.ndarray, 
 
 def many(pairs, features, config) -> np.ndarray:
     counts = np.zeros(len(pairs), np.int64)
+    settings = MatchingSettings.from_config(config)
     for query_id, positions in by_query(pairs).items():
         candidates = [features[pairs[p][1]] for p in positions]
-        counts[positions] = count_inliers_many(features[query_id], candidates, config)
+        counts[positions] = count_inliers_many(features[query_id], candidates, settings)
     return counts
 
 
@@ -475,14 +485,13 @@ def int8_products(pairs, unit) -> Callable[[], list]:
 
 def ransac_jobs(pairs, features, matches, config) -> Callable[[], list]:
     """RANSAC alone on given putative matches (as count_inliers_many runs it)."""
-    from delf_retrieval.matching.ransac import _ransac_for
-
+    ransac = RansacSettings.from_config(config)
     jobs = [
         (features[a].keypoints[m[:, 0]], features[b].keypoints[m[:, 1]])
         for (a, b), m in zip(pairs, matches, strict=True)
         if len(m) > config.MIN_MATCHES
     ]
-    return lambda: [_ransac_for(p1, p2, config).sum() for p1, p2 in jobs]
+    return lambda: [ransac.inliers(p1, p2).sum() for p1, p2 in jobs]
 
 
 def exact_matches(d1, d2, rule) -> np.ndarray:

@@ -164,3 +164,34 @@ def test_the_console_script_points_at_a_function():
     assert target is not None
     function = getattr(importlib.import_module(target.group(1)), target.group(2))
     assert callable(function) and function.__module__ == "delf_retrieval.cli.main"
+
+
+# The steps that read per-step settings, never the user's Config (built at the task level).
+SETTINGS_STEPS = ("matching", "scoring")
+
+
+def test_matching_and_scoring_never_see_a_config():
+    """No module of ``matching/`` or ``scoring/`` imports ``delf_retrieval.config``, and no
+    function there has a parameter annotated ``Config``: each step takes its own settings
+    object (``XSettings.from_config(config)``, built by the task) or keyword arguments."""
+    problems = []
+    for step in SETTINGS_STEPS:
+        for path in sorted((PACKAGE / step).rglob("*.py")):
+            source = module_name(path)
+            problems += [f"{source}:{line} imports {target}" for target, _, line in imports_of(path) if target == "delf_retrieval.config"]
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    arguments = node.args.posonlyargs + node.args.args + node.args.kwonlyargs
+                    problems += [
+                        f"{source}:{node.lineno} {node.name}({argument.arg}: {ast.unparse(argument.annotation)})"
+                        for argument in arguments
+                        if argument.annotation is not None and _names_config(argument.annotation)
+                    ]
+    assert problems == []
+
+
+def _names_config(annotation: ast.expr) -> bool:
+    return any(
+        (isinstance(node, ast.Name) and node.id == "Config") or (isinstance(node, ast.Attribute) and node.attr == "Config")
+        for node in ast.walk(annotation)
+    )
