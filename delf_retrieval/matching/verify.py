@@ -195,11 +195,12 @@ def match_and_verify(
     matches : int64 [M, 2]
         ``(index into image 1, index into image 2)``.
     inliers : bool [M]
-        All False when ``M <= MIN_MATCHES``.
+        All False when ``M <= settings.min_matches``.
     """
+    settings = MatchingSettings() if settings is None else settings
     k1, d1 = _as_features(keypoints1, descriptors1, "1")
     k2, d2 = _as_features(keypoints2, descriptors2, "2")
-    return _verify_pair(_local(k1, d1), _local(k2, d2), MatchingSettings() if settings is None else settings)
+    return _verify_pair(_local(k1, d1), _local(k2, d2), settings)
 
 
 def count_inliers(
@@ -211,8 +212,8 @@ def count_inliers(
 ) -> int:
     """Number of RANSAC inliers between two images, as the baseline's ``get_num_inliers``.
 
-    Same arguments as :func:`match_and_verify`; 0 when there are ``MIN_MATCHES`` putative
-    matches or fewer.
+    Same arguments as :func:`match_and_verify`; 0 when there are ``settings.min_matches``
+    putative matches or fewer.
     """
     _, inliers = match_and_verify(keypoints1, descriptors1, keypoints2, descriptors2, settings)
     return int(inliers.sum())

@@ -193,14 +193,14 @@ def build_index(
         _save_float32_copy(manifest, out, "search_vectors", train.global_descriptors())
         manifest.search_vectors = "search_vectors"
     # The searched space as the batch run makes it: whitened (cached in the stores) or not.
-    fit = whitening.ensure_whitening(train, config.WHITENING_DIM, log=log) if config.WHITENING_DIM else None
-    searched = stores if fit is None else whitening.whiten_stores(stores, fit)
+    whitening_fit = whitening.ensure_whitening(train, config.WHITENING_DIM, log=log) if config.WHITENING_DIM else None
+    searched = stores if whitening_fit is None else whitening.whiten_stores(stores, whitening_fit)
     settings = RecognitionSettings.from_config(config)
     if "nonlandmark" in stores:
         recognition = RecognitionIndex(
             searched["train"], [None] * len(train.ids), settings, nonlandmark=searched["nonlandmark"].global_descriptors()
         )
-        space = "raw" if fit is None else fit.digest()
+        space = "raw" if whitening_fit is None else whitening_fit.digest()
         _save_derived(
             manifest,
             out,
