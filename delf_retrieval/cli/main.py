@@ -62,12 +62,32 @@ USER_ERRORS = (ValueError, OSError, ImportError, DelfError)
 
 def _positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
+    return _int_from(text, 1)
+
+
+def _non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    return _int_from(text, 0)
+
+
+def _int_from(text: str, lowest: int) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected an integer >= {lowest}, got {text!r}") from None
+    if value < lowest:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {lowest}, got {text!r}")
+    return value
+
+
+def _unit_float(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
     return value
 
 
@@ -553,6 +573,8 @@ def _cmd_clean(args: argparse.Namespace) -> int:
             max_per_class=args.max_per_class,
             min_inliers=args.min_inliers,
             small_classes=args.small_classes,
+            global_neighbours=args.global_neighbours,
+            global_quantile=args.global_quantile,
             chunk_size=args.chunk_size,
             dtype=args.dtype,
             batch_size=args.batch_size,
@@ -697,6 +719,16 @@ def make_parser() -> argparse.ArgumentParser:
     clean.add_argument("--pairs", default="all", help="'all' (each photo against up to --max-per-class of its class) or 'knn:K' (its K nearest by global cosine)")
     clean.add_argument("--max-per-class", type=_positive_int, default=100, help="reference photos per class for --pairs all (default 100)")
     clean.add_argument("--min-inliers", type=int, default=11, help="inliers needed against some other photo of the class (default 11)")
+    clean.add_argument(
+        "--global-neighbours", type=_non_negative_int, default=2,
+        help="keep a photo that fails verification when its K nearest photos by the model's own global "
+        "descriptor are of its landmark, the nearest verified (default 2; 0: inliers alone; no effect "
+        "for models without a global descriptor, e.g. opencv-sift)",
+    )
+    clean.add_argument(
+        "--global-quantile", type=_unit_float, default=0.1,
+        help="that nearest photo's cosine must reach this quantile of the verified pairs' cosines (default 0.1)",
+    )
     clean.add_argument("--small-classes", choices=("keep", "drop"), default="keep", help="classes left with < 2 verified photos: keep them as they were or drop them")
     clean.add_argument("--report", type=Path, default=None, help="report CSV (default <output stem>_report.csv)")
     clean.add_argument("--pictures", type=Path, default=None, help="folder of per-class pictures of removed photos (default <output stem>_removed/)")

@@ -48,6 +48,7 @@ from delf_retrieval.features.store import FeatureStore
 from delf_retrieval.kaggle.dataset import KaggleData
 from delf_retrieval.matching.verify import MatchingSettings, count_inliers_many
 from delf_retrieval.search.vlad import ensure_global_descriptors, searchable
+from delf_retrieval.tasks.clean_similarity import SimilarityEvidence, similarity_evidence
 from delf_retrieval.tasks.run import extract_split, open_run
 from delf_retrieval.viz import plot_neighbours
 
@@ -65,6 +66,7 @@ __all__ = [
 ]
 
 SMALL_CLASS_POLICIES = ("keep", "drop")
+REPORT_COLUMNS = ["id", "landmark_id", "best_inliers", "best_partner", "nearest", "nearest_cosine", "kept", "reason"]
 DEFAULT_CHUNK_SIZE = 1024
 # Config fields that change an inlier count; they name the cache folder of pair results.
 _VERIFY_FIELDS = (
@@ -321,7 +323,9 @@ class CleanResult:
     """What cleaning decided.
 
     ``report`` has one row per labelled photo: ``id``, ``landmark_id``, ``best_inliers``
-    (-1: never verified), ``best_partner`` ("" if none), ``kept`` (bool) and ``reason``.
+    (-1: never verified), ``best_partner`` ("" if none), ``nearest`` and
+    ``nearest_cosine`` (its nearest photo by global cosine, for photos that failed
+    verification and were looked up; "" and NaN otherwise), ``kept`` (bool) and ``reason``.
     ``small_classes`` lists the landmarks left with fewer than 2 verified photos.
     """
 
@@ -347,8 +351,10 @@ def decide(
     *,
     min_inliers: int = 11,
     small_classes: str = "keep",
+    similar: SimilarityEvidence | None = None,
 ) -> CleanResult:
-    """Keep photos with at least ``min_inliers`` inliers against some photo of their class.
+    """Keep photos with at least ``min_inliers`` inliers against some photo of their class,
+    and, with ``similar``, photos that failed but whose global neighbourhood vouches for them.
 
     Parameters
     ----------
@@ -362,6 +368,10 @@ def decide(
         A class left with fewer than 2 verified photos (e.g. a class of one photo, or one
         whose photos match nothing) is listed in ``small_classes``; ``"keep"`` keeps all
         its photos unchanged (there is no evidence against them), ``"drop"`` removes them.
+    similar : SimilarityEvidence, optional
+        Nearest photos by global cosine of (some of) the photos that failed verification
+        (:func:`~delf_retrieval.tasks.clean_similarity.similarity_evidence`, rows of
+        ``plan.ids``); those it supports are kept (see that module for the rule).
 
     Best partner ties: more inliers first, then the smaller partner id.
     """
@@ -381,19 +391,23 @@ def decide(
     first = order[np.r_[True, me[order][1:] != me[order][:-1]]] if len(order) else order
     best = {plan.ids[m]: (int(c), plan.ids[o]) for m, c, o in zip(me[first], both[first], other[first], strict=True)}
     featured = {i for members in plan.classes.values() for i in members}
+    nearest, vouched = _similar_photos(labels, plan, best, min_inliers, similar)
     rows = []
     for image_id in sorted(labels):
         count, partner = best.get(image_id, (-1, ""))
+        near_id, near_cosine = nearest.get(image_id, ("", float("nan")))
         if image_id not in featured:
             reason, kept = "no features (image unreadable)", False
         elif count < 0:
             reason, kept = "no other photo in its class", False
         elif count >= min_inliers:
             reason, kept = "verified", True
+        elif image_id in vouched:
+            reason, kept = vouched[image_id], True
         else:
             reason, kept = f"fewer than {min_inliers} inliers with every other photo", False
-        rows.append([image_id, labels[image_id], count, partner, kept, reason])
-    report = pd.DataFrame(rows, columns=["id", "landmark_id", "best_inliers", "best_partner", "kept", "reason"])
+        rows.append([image_id, labels[image_id], count, partner, near_id, near_cosine, kept, reason])
+    report = pd.DataFrame(rows, columns=REPORT_COLUMNS)
     verified_per_class = report[report["kept"]].groupby("landmark_id").size()
     small = sorted(set(report["landmark_id"]) - set(verified_per_class[verified_per_class >= 2].index))
     if small:
@@ -406,6 +420,31 @@ def decide(
             report.loc[in_small, "kept"] = False
             report.loc[in_small, "reason"] = "class left with < 2 verified photos: dropped"
     return CleanResult(report=report, small_classes=small, pairs=plan.pairs, inliers=inliers)
+
+
+def _similar_photos(
+    labels: dict[str, str],
+    plan: PairPlan,
+    best: dict[str, tuple[int, str]],
+    min_inliers: int,
+    similar: SimilarityEvidence | None,
+) -> tuple[dict[str, tuple[str, float]], dict[str, str]]:
+    """(id -> (nearest id, cosine) of the looked-up photos, id -> reason of those kept)."""
+    if similar is None:
+        return {}, {}
+    row_labels = np.array([labels.get(image_id, "") for image_id in plan.ids], dtype=object)
+    verified = np.array([best.get(image_id, (-1, ""))[0] >= min_inliers for image_id in plan.ids], bool)
+    supported = similar.supported(row_labels, verified)
+    nearest, vouched = {}, {}
+    for row, neighbours, cosines, keep in zip(similar.rows, similar.neighbours, similar.cosines, supported, strict=True):
+        image_id = plan.ids[row]
+        nearest[image_id] = (plan.ids[neighbours[0]], float(cosines[0]))
+        if keep:
+            vouched[image_id] = (
+                f"fewer than {min_inliers} inliers, but its {len(neighbours)} nearest photos by global cosine "
+                f"are of its landmark, the nearest verified ({cosines[0]:.3f} >= {similar.threshold:.3f})"
+            )
+    return nearest, vouched
 
 
 # --------------------------------------------------------------------------- whole run
@@ -427,6 +466,8 @@ def clean_dataset(
     batch_size: int = 64,
     decode_threads: int = 2,
     seed: int = 0,
+    global_neighbours: int = 2,
+    global_quantile: float = 0.1,
     progress: bool = True,
     log: Log = print,
     runner: Any = None,
@@ -439,11 +480,18 @@ def clean_dataset(
     :class:`delf_retrieval.tasks.run.Runner`; default local); pair results are cached below that
     store and computed by ``run_chunks`` (see :func:`verify_pairs`).
 
+    A photo that fails verification is still kept when the model's own global descriptor
+    vouches for it: its ``global_neighbours`` nearest photos are of its landmark, the
+    nearest verified and at least as similar as the ``global_quantile`` of the verified
+    pairs (:mod:`delf_retrieval.tasks.clean_similarity`). ``global_neighbours=0``, or a
+    model without a global descriptor of its own (VLAD is not used), decides on inliers
+    alone.
+
     Writes
     ------
     output : ``train.csv`` with the kept rows (same columns and order as the input).
-    report_path : per photo ``id, landmark_id, best_inliers, best_partner, kept, reason``
-        (default: ``<output stem>_report.csv``).
+    report_path : per photo ``id, landmark_id, best_inliers, best_partner, nearest,
+        nearest_cosine, kept, reason`` (default: ``<output stem>_report.csv``).
     pictures_dir : ``<landmark_id>.png`` per class that lost photos: a kept photo next to
         the removed ones with their best inlier counts (default
         ``<output stem>_removed/``; ``""`` writes none).
@@ -451,6 +499,10 @@ def clean_dataset(
 
     started = time.perf_counter()
     KaggleData(Path(data_dir)).require("train.csv")
+    if global_neighbours < 0:
+        raise ValueError(f"global_neighbours must be >= 0, got {global_neighbours}")
+    if not 0.0 <= global_quantile <= 1.0:
+        raise ValueError(f"global_quantile must be in [0, 1], got {global_quantile}")
     mode, _ = parse_pairs(pairs)
     if small_classes not in SMALL_CLASS_POLICIES:
         raise ValueError(f"small_classes must be one of {SMALL_CLASS_POLICIES}, got {small_classes!r}")
@@ -472,7 +524,19 @@ def clean_dataset(
     started = time.perf_counter()
     inliers = verify_pairs(store, plan, config, chunk_size=chunk_size, run_chunks=run_chunks, progress=progress, log=log)
     seconds["verify"] = time.perf_counter() - started
-    result = decide(labels, plan, inliers, min_inliers=min_inliers, small_classes=small_classes)
+    similar = None
+    if global_neighbours and store.global_dim:
+        started = time.perf_counter()
+        similar, message = similarity_evidence(
+            store.global_descriptors(), _unverified_rows(plan, inliers, min_inliers), plan.pairs, inliers,
+            min_inliers=min_inliers, neighbours=global_neighbours, quantile=global_quantile,
+        )
+        seconds["global similarity"] = time.perf_counter() - started
+        log(message)
+    elif global_neighbours:
+        log("global similarity not used: the model has no global descriptor of its own "
+            "(VLAD of the local features that failed to match is no independent evidence)")
+    result = decide(labels, plan, inliers, min_inliers=min_inliers, small_classes=small_classes, similar=similar)
     result.seconds = seconds
 
     output = Path(output)
@@ -498,6 +562,15 @@ def clean_dataset(
             log(f"pictures of removed photos: {written} in {folder}")
     log("time: " + ", ".join(f"{name} {value:.2f} s" for name, value in seconds.items()))
     return result
+
+
+def _unverified_rows(plan: PairPlan, inliers: np.ndarray, min_inliers: int) -> np.ndarray:
+    """int64 rows of the photos that were verified against some photo of their class and
+    never reached ``min_inliers``."""
+    best = np.full(len(plan.ids), -1, np.int64)
+    np.maximum.at(best, plan.pairs[:, 0], inliers)
+    np.maximum.at(best, plan.pairs[:, 1], inliers)
+    return np.flatnonzero((best >= 0) & (best < min_inliers))
 
 
 def _write_csv(frame: pd.DataFrame, path: Path) -> None:
