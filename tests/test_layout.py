@@ -167,11 +167,11 @@ def test_the_console_script_points_at_a_function():
 
 
 # The steps that read per-step settings, never the user's Config (built at the task level).
-SETTINGS_STEPS = ("matching", "scoring")
+SETTINGS_STEPS = ("search", "matching", "scoring")
 
 
-def test_matching_and_scoring_never_see_a_config():
-    """No module of ``matching/`` or ``scoring/`` imports ``delf_retrieval.config``, and no
+def test_search_matching_and_scoring_never_see_a_config():
+    """No module of ``search/``, ``matching/`` or ``scoring/`` imports ``delf_retrieval.config``, and no
     function there has a parameter annotated ``Config``: each step takes its own settings
     object (``XSettings.from_config(config)``, built by the task) or keyword arguments."""
     problems = []

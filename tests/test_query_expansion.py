@@ -9,11 +9,8 @@ import pytest
 
 from delf_retrieval.config import Config
 from delf_retrieval.scoring.rerank import ScoringSettings, candidate_scores, recognize_one
-from delf_retrieval.search.expansion import (
-    alpha_query_expansion,
-    database_augmentation,
-    expand_globals,
-)
+from delf_retrieval.search.expansion import alpha_query_expansion, database_augmentation
+from delf_retrieval.search.stores import SearchSettings, StoreSearch
 
 
 def _unit(*values: float) -> np.ndarray:
@@ -57,16 +54,29 @@ def test_dba_with_a_duplicate_row_adds_the_duplicate_once():
     np.testing.assert_allclose(augmented[2], [0.0, 1.0], atol=1e-6)
 
 
-def test_expand_globals_runs_dba_first_then_qe_against_the_augmented_database():
+class _Vectors:
+    """The one thing a search needs of a store: its global descriptors."""
+
+    def __init__(self, vectors: np.ndarray) -> None:
+        self.vectors = vectors
+
+    def global_descriptors(self) -> np.ndarray:
+        return self.vectors
+
+
+def test_the_store_search_runs_dba_first_then_qe_against_the_augmented_database():
     database = np.array([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]], np.float32)
     query = np.array([[0.0, 1.0]], np.float32)
-    config = Config(DBA_TOP_K=1, DBA_ALPHA=1.0, QE_TOP_K=1, QE_ALPHA=1.0)
-    expanded, augmented = expand_globals(query, database, config)
+    settings = SearchSettings.from_config(Config(DBA_TOP_K=1, DBA_ALPHA=1.0, QE_TOP_K=1, QE_ALPHA=1.0))
+    search = StoreSearch(_Vectors(database), settings)
     row2 = _unit(0.48, 1.36)  # DBA of (0, 1), see the test above
-    np.testing.assert_allclose(augmented[2], row2, atol=1e-6)
-    np.testing.assert_allclose(expanded[0], _unit(row2[0] * row2[1], 1.0 + row2[1] * row2[1]), atol=1e-6)
-    same_q, same_db = expand_globals(query, database, Config())
-    assert same_q is query and same_db is database
+    np.testing.assert_allclose(search.augmented()[2], row2, atol=1e-6)
+    expanded = _unit(row2[0] * row2[1], 1.0 + row2[1] * row2[1])
+    np.testing.assert_allclose(search.query_vectors(query)[0], expanded, atol=1e-6)
+    similarities, rows = search.search(query, 3)
+    assert rows[0].tolist() == np.argsort(-(search.augmented() @ expanded)).tolist()
+    plain = StoreSearch(_Vectors(database), SearchSettings.from_config(Config()))
+    assert plain.query_vectors(query) is query
 
 
 @pytest.mark.parametrize("bad", [{"QE_TOP_K": -1}, {"DBA_ALPHA": -0.5}, {"NONLANDMARK_RULE": "drop"}])

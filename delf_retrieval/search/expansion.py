@@ -21,11 +21,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from delf_retrieval.config import Config
 from delf_retrieval.features.containers import l2_normalize
 from delf_retrieval.search.index import cosine_topk
 
-__all__ = ["alpha_query_expansion", "database_augmentation", "expand_globals"]
+__all__ = ["alpha_query_expansion", "database_augmentation"]
 
 
 def _weighted_sum(vectors: np.ndarray, database: np.ndarray, sims: np.ndarray, ids: np.ndarray, alpha: float) -> np.ndarray:
@@ -88,20 +87,6 @@ def database_augmentation(
     sims = sims[keep].reshape(count, k)
     ids = ids[keep].reshape(count, k)
     return _weighted_sum(db, db, sims, ids, alpha)
-
-
-def expand_globals(queries: np.ndarray, database: np.ndarray, config: Config) -> tuple[np.ndarray, np.ndarray]:
-    """Global descriptors to search with, per ``config``: DBA (``DBA_TOP_K``, ``DBA_ALPHA``)
-    on ``database``, then alpha-QE (``QE_TOP_K``, ``QE_ALPHA``) of ``queries`` against it.
-
-    Returns the inputs unchanged when both are off.
-    """
-    if config.DBA_TOP_K == 0 and config.QE_TOP_K == 0:
-        return queries, database
-    block = config.SEARCH_BLOCK_SIZE
-    augmented = database_augmentation(database, config.DBA_TOP_K, config.DBA_ALPHA, block_size=block)
-    expanded = alpha_query_expansion(queries, augmented, config.QE_TOP_K, config.QE_ALPHA, block_size=block)
-    return expanded, augmented
 
 
 def _check(top_k: int, alpha: float) -> None:

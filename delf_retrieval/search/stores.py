@@ -158,12 +158,12 @@ def search_store(
     queries: np.ndarray,
     database: FeatureStore,
     k: int,
-    config: Any,
+    settings: SearchSettings,
     index_factory: IndexFactory | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Top-``k`` rows of ``database`` (global cosine) for each query vector, with the
-    config's search settings: one :class:`StoreSearch`, used once.
+    """Top-``k`` rows of ``database`` (global cosine) for each query vector [Q, D], with
+    ``settings`` (block size, alpha-QE/DBA): one :class:`StoreSearch`, used once.
 
     Returns similarities float32 [Q, min(k, N)], descending, and rows int64 [Q, min(k, N)].
     """
-    return StoreSearch(database, SearchSettings.from_config(config), index_factory).search(queries, k)
+    return StoreSearch(database, settings, index_factory).search(queries, k)

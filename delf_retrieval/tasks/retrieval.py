@@ -74,7 +74,7 @@ def retrieve_stores(
     started = time.perf_counter()
     index_ids = index.ids
     similarities, rows = search_store(
-        queries.global_descriptors(), index, config.RETRIEVAL_TOP, config, index_factory
+        queries.global_descriptors(), index, config.RETRIEVAL_TOP, settings.search, index_factory
     )
     seconds = {"search": time.perf_counter() - started}
     query_labels: Labels = [None] * len(queries.ids)
@@ -139,7 +139,7 @@ def predicted_landmarks(
     k = settings.num_candidates if recognise else config.TOP_K
     num_index = len(index.ids)
     vectors = np.concatenate([index.global_descriptors(), queries.global_descriptors()], dtype=np.float32)
-    similarities, rows = search_store(vectors, train, k, config, index_factory)
+    similarities, rows = search_store(vectors, train, k, settings.search, index_factory)
     index_labels = _votes(similarities[:num_index], rows[:num_index], train, labels, settings.scoring)
     if not recognise:
         return _votes(similarities[num_index:], rows[num_index:], train, labels, settings.scoring), index_labels
