@@ -442,6 +442,31 @@ def test_recognize_cli_with_ray_and_shards_matches_the_local_run(cluster, kaggle
     assert "--shards needs --ray" in capsys.readouterr().err
 
 
+def test_recognize_with_ray_runs_the_two_stage_cnn_model(cluster, kaggle, tmp_path):
+    """The [cnn] default's kind of model (CNN global + RootSIFT) on Ray workers: same answers
+    as the local run. Torch's convolutions sum in an order that depends on its thread count
+    (a Ray worker with one CPU runs one thread), so descriptors may differ in their last
+    float bits: landmarks must be equal, confidences equal to 1e-5."""
+    pytest.importorskip("torch", reason="the [cnn] extra is not installed: pip install 'delf_retrieval[cnn]'")
+    pytest.importorskip("timm", reason="the [cnn] extra is not installed: pip install 'delf_retrieval[cnn]'")
+    model = "efficientnet-lite0+opencv-sift"
+    common = ["recognize", str(kaggle), "--model", model, "--no-progress", "--set", "SEARCH_BLOCK_SIZE=4"]
+    assert main([*common, "-o", str(tmp_path / "local.csv"), "--work-dir", str(tmp_path / "w1")]) == 0
+    ray_args = ["-o", str(tmp_path / "ray.csv"), "--work-dir", str(tmp_path / "w2"), "--ray", cluster.address]
+    assert main([*common, *ray_args, "--ray-workers", "2", "--shards", "2"]) == 0
+    local = pd.read_csv(tmp_path / "local.csv", dtype=str, keep_default_na=False)
+    distributed = pd.read_csv(tmp_path / "ray.csv", dtype=str, keep_default_na=False)
+    assert local["id"].tolist() == distributed["id"].tolist()
+    pairs = [(a.split(), b.split()) for a, b in zip(local["landmarks"], distributed["landmarks"], strict=True)]
+    assert [a[:1] for a, _ in pairs] == [b[:1] for _, b in pairs]
+    for a, b in pairs:
+        if a:
+            assert float(a[1]) == pytest.approx(float(b[1]), abs=1e-5)
+    truth = pd.read_csv(kaggle / "solution.csv", dtype=str, keep_default_na=False).set_index("id")["landmarks"]
+    right = sum(a[:1] == [truth[i]] for i, (a, _) in zip(local["id"], pairs, strict=True) if truth[i])
+    assert right >= 4
+
+
 def test_retrieve_with_a_ray_runner_shards_every_search(cluster, kaggle, tmp_path):
     config = load_config("opencv-sift").replace(SEARCH_BLOCK_SIZE=4)
     kwargs = dict(output=None, verify=False, progress=False, log=lambda _: None)
