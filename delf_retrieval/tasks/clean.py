@@ -530,6 +530,8 @@ def clean_dataset(
         similar, message = similarity_evidence(
             store.global_descriptors(), _unverified_rows(plan, inliers, min_inliers), plan.pairs, inliers,
             min_inliers=min_inliers, neighbours=global_neighbours, quantile=global_quantile,
+            index=runner.index(store, config.SEARCH_BLOCK_SIZE) if runner is not None else None,
+            block_size=config.SEARCH_BLOCK_SIZE,
         )
         seconds["global similarity"] = time.perf_counter() - started
         log(message)

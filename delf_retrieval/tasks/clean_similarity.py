@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from delf_retrieval.search.index import cosine_topk
+from delf_retrieval.search.index import CosineIndex, SearchIndex
 
 __all__ = ["MIN_VERIFIED_PAIRS", "SimilarityEvidence", "nearest_others", "similarity_evidence", "verified_pair_threshold"]
 
@@ -105,21 +105,32 @@ def verified_pair_threshold(
 
 
 def nearest_others(
-    descriptors: np.ndarray, rows: np.ndarray, k: int, *, block_size: int = 65536
+    descriptors: np.ndarray,
+    rows: np.ndarray,
+    k: int,
+    *,
+    index: SearchIndex | None = None,
+    block_size: int = 65536,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` nearest other rows of each of ``rows`` by inner product (exact search).
 
     ``descriptors`` float [N, D] (L2-normalised rows; may be memory-mapped: read in
-    blocks). Returns ``neighbours`` int64 [R, min(k, N - 1)] and ``cosines`` float32 of the
-    same shape, most similar first; the row itself is left out even when a duplicate
-    photo ties with it.
+    blocks). ``index`` searches exactly those rows in that order (e.g. a Ray-sharded
+    index from :meth:`delf_retrieval.tasks.run.Runner.index`); default: an exact
+    :class:`~delf_retrieval.search.index.CosineIndex` over ``descriptors`` with
+    ``block_size``. Returns ``neighbours`` int64 [R, min(k, N - 1)] and ``cosines``
+    float32 of the same shape, most similar first; the row itself is left out even when a
+    duplicate photo ties with it.
     """
     rows = np.asarray(rows, np.int64)
     width = min(k, len(descriptors) - 1)
     if len(rows) == 0 or width <= 0:
         return np.zeros((len(rows), max(width, 0)), np.int64), np.zeros((len(rows), max(width, 0)), np.float32)
+    if index is None:
+        index = CosineIndex(block_size=block_size)
+        index.add(descriptors)
     queries = np.asarray(descriptors[rows], np.float32)
-    sims, ids = cosine_topk(queries, descriptors, width + 1, block_size=block_size)
+    sims, ids = index.search(queries, width + 1)
     neighbours = np.empty((len(rows), width), np.int64)
     cosines = np.empty((len(rows), width), np.float32)
     for i, row in enumerate(rows):
@@ -138,12 +149,14 @@ def similarity_evidence(
     min_inliers: int,
     neighbours: int = 2,
     quantile: float = 0.1,
+    index: SearchIndex | None = None,
     block_size: int = 65536,
 ) -> tuple[SimilarityEvidence | None, str]:
     """Evidence for ``rows`` (the photos that failed verification), or None with the reason.
 
     ``descriptors`` float [N, D] L2-normalised global descriptors of the store's rows;
-    ``pairs`` int [P, 2] and ``inliers`` int [P] the verified pairs and their counts.
+    ``pairs`` int [P, 2] and ``inliers`` int [P] the verified pairs and their counts;
+    ``index`` and ``block_size`` as in :func:`nearest_others`.
     Returns ``(evidence, message)``; the message says what was used, or why nothing was.
     """
     if neighbours < 1:
@@ -156,7 +169,7 @@ def similarity_evidence(
             f"global similarity not used: {count} verified pairs, fewer than the "
             f"{MIN_VERIFIED_PAIRS} needed to set its threshold"
         )
-    found, cosines = nearest_others(descriptors, rows, neighbours, block_size=block_size)
+    found, cosines = nearest_others(descriptors, rows, neighbours, index=index, block_size=block_size)
     if found.shape[1] < neighbours:
         return None, f"global similarity not used: {len(descriptors)} photos, fewer than {neighbours + 1}"
     evidence = SimilarityEvidence(np.asarray(rows, np.int64), found, cosines, threshold, quantile)
