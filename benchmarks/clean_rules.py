@@ -50,7 +50,7 @@ from delf_retrieval.matching.verify import MatchingSettings, count_inliers_many
 from delf_retrieval.models.extract import extract_to_store
 from delf_retrieval.models.loader import default_model, load_extractor
 from delf_retrieval.search.vlad import ensure_global_descriptors, searchable
-from delf_retrieval.tasks.clean import plan_pairs
+from delf_retrieval.tasks.clean import best_inliers, plan_pairs
 from delf_retrieval.tasks.clean_similarity import similarity_evidence
 from delf_retrieval.tasks.run import resolve_config
 
@@ -123,9 +123,7 @@ def decisions(pool: Pool, labels: dict[str, str], neighbours: tuple[int, ...]) -
     ids = sorted(labels)
     plan = plan_pairs(labels, ids, pairs="all")
     inliers = pool.inliers(ids, plan.pairs)
-    best = np.full(len(ids), -1, np.int64)
-    np.maximum.at(best, plan.pairs[:, 0], inliers)
-    np.maximum.at(best, plan.pairs[:, 1], inliers)
+    best = best_inliers(plan, inliers)
     verified = best >= MIN_INLIERS
     failing = np.flatnonzero((best >= 0) & ~verified)
     descriptors = pool.descriptors[[pool.row[i] for i in ids]]

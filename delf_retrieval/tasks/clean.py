@@ -56,6 +56,7 @@ __all__ = [
     "SMALL_CLASS_POLICIES",
     "CleanResult",
     "PairPlan",
+    "best_inliers",
     "clean_dataset",
     "decide",
     "parse_pairs",
@@ -391,7 +392,7 @@ def decide(
     first = order[np.r_[True, me[order][1:] != me[order][:-1]]] if len(order) else order
     best = {plan.ids[m]: (int(c), plan.ids[o]) for m, c, o in zip(me[first], both[first], other[first], strict=True)}
     featured = {i for members in plan.classes.values() for i in members}
-    nearest, vouched = _similar_photos(labels, plan, best, min_inliers, similar)
+    nearest, vouched = _similar_photos(labels, plan, inliers, min_inliers, similar)
     rows = []
     for image_id in sorted(labels):
         count, partner = best.get(image_id, (-1, ""))
@@ -422,10 +423,19 @@ def decide(
     return CleanResult(report=report, small_classes=small, pairs=plan.pairs, inliers=inliers)
 
 
+def best_inliers(plan: PairPlan, inliers: np.ndarray) -> np.ndarray:
+    """int64 [N]: the most inliers of each row of ``plan.ids`` with a photo of its class
+    (-1: in no planned pair)."""
+    best = np.full(len(plan.ids), -1, np.int64)
+    np.maximum.at(best, plan.pairs[:, 0], inliers)
+    np.maximum.at(best, plan.pairs[:, 1], inliers)
+    return best
+
+
 def _similar_photos(
     labels: dict[str, str],
     plan: PairPlan,
-    best: dict[str, tuple[int, str]],
+    inliers: np.ndarray,
     min_inliers: int,
     similar: SimilarityEvidence | None,
 ) -> tuple[dict[str, tuple[str, float]], dict[str, str]]:
@@ -433,8 +443,7 @@ def _similar_photos(
     if similar is None:
         return {}, {}
     row_labels = np.array([labels.get(image_id, "") for image_id in plan.ids], dtype=object)
-    verified = np.array([best.get(image_id, (-1, ""))[0] >= min_inliers for image_id in plan.ids], bool)
-    supported = similar.supported(row_labels, verified)
+    supported = similar.supported(row_labels, best_inliers(plan, inliers) >= min_inliers)
     nearest, vouched = {}, {}
     for row, neighbours, cosines, keep in zip(similar.rows, similar.neighbours, similar.cosines, supported, strict=True):
         image_id = plan.ids[row]
@@ -569,9 +578,7 @@ def clean_dataset(
 def _unverified_rows(plan: PairPlan, inliers: np.ndarray, min_inliers: int) -> np.ndarray:
     """int64 rows of the photos that were verified against some photo of their class and
     never reached ``min_inliers``."""
-    best = np.full(len(plan.ids), -1, np.int64)
-    np.maximum.at(best, plan.pairs[:, 0], inliers)
-    np.maximum.at(best, plan.pairs[:, 1], inliers)
+    best = best_inliers(plan, inliers)
     return np.flatnonzero((best >= 0) & (best < min_inliers))
 
 

@@ -50,16 +50,14 @@ class SimilarityEvidence:
     cosines : float32 [R, K]
         The cosines of those neighbours.
     threshold : float
-        Lowest nearest cosine that counts (see the module docstring).
-    quantile : float
-        The quantile of the verified pairs' cosines that ``threshold`` is.
+        Lowest nearest cosine that counts: a quantile of the verified pairs' cosines
+        (:func:`verified_pair_threshold`).
     """
 
     rows: np.ndarray
     neighbours: np.ndarray
     cosines: np.ndarray
     threshold: float
-    quantile: float
 
     def supported(self, row_labels: np.ndarray, verified: np.ndarray) -> np.ndarray:
         """bool [R]: which looked-up rows the rule keeps.
@@ -172,7 +170,7 @@ def similarity_evidence(
     found, cosines = nearest_others(descriptors, rows, neighbours, index=index, block_size=block_size)
     if found.shape[1] < neighbours:
         return None, f"global similarity not used: {len(descriptors)} photos, fewer than {neighbours + 1}"
-    evidence = SimilarityEvidence(np.asarray(rows, np.int64), found, cosines, threshold, quantile)
+    evidence = SimilarityEvidence(np.asarray(rows, np.int64), found, cosines, threshold)
     return evidence, (
         f"global similarity: threshold {threshold:.4f} (quantile {quantile:g} of {count} verified pairs' "
         f"cosines), {neighbours} nearest photos looked up for {len(rows)} unverified photos"
